@@ -1,0 +1,191 @@
+// kept/core/dtype.hpp: element types and the 16-bit float storage types.
+//
+// Compute on the CPU backend is fp32; bf16 and fp16 exist as storage (checkpoints on disk, and
+// device buffers for the CUDA backend). Conversions follow IEEE round-to-nearest-even, the rule
+// PyTorch and CUDA's __float2bfloat16 use, so a bf16 checkpoint loaded into fp32 and saved back
+// is bit-identical, and an fp32 value rounds to the same bf16 that torch would produce.
+//
+// The safetensors dtypes kept does not compute with (F64, integers, BOOL) are still named here
+// so that a reader can validate and copy such tensors, and reject them by name where compute
+// needs a float.
+#pragma once
+
+#include <bit>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "kept/core/error.hpp"
+
+namespace kept {
+
+enum class DType : std::uint8_t { F32, BF16, F16, F64, I64, I32, I16, I8, U8, Bool };
+
+constexpr std::size_t dtype_size(DType dtype) {
+  switch (dtype) {
+    case DType::F64:
+    case DType::I64:
+      return 8;
+    case DType::F32:
+    case DType::I32:
+      return 4;
+    case DType::BF16:
+    case DType::F16:
+    case DType::I16:
+      return 2;
+    case DType::I8:
+    case DType::U8:
+    case DType::Bool:
+      return 1;
+  }
+  return 0;
+}
+
+// The names used by the safetensors format (and by kept's messages).
+constexpr std::string_view dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::F32: return "F32";
+    case DType::BF16: return "BF16";
+    case DType::F16: return "F16";
+    case DType::F64: return "F64";
+    case DType::I64: return "I64";
+    case DType::I32: return "I32";
+    case DType::I16: return "I16";
+    case DType::I8: return "I8";
+    case DType::U8: return "U8";
+    case DType::Bool: return "BOOL";
+  }
+  return "?";
+}
+
+inline std::optional<DType> parse_dtype(std::string_view name) {
+  for (DType dtype : {DType::F32, DType::BF16, DType::F16, DType::F64, DType::I64, DType::I32,
+                      DType::I16, DType::I8, DType::U8, DType::Bool}) {
+    if (dtype_name(dtype) == name) return dtype;
+  }
+  return std::nullopt;
+}
+
+// HF config.json spells dtypes as torch names ("bfloat16").
+inline std::string_view torch_dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::F32: return "float32";
+    case DType::BF16: return "bfloat16";
+    case DType::F16: return "float16";
+    case DType::F64: return "float64";
+    default: fail("dtype ", dtype_name(dtype), " has no torch floating-point name");
+  }
+}
+
+inline std::optional<DType> parse_torch_dtype(std::string_view name) {
+  if (name == "float32" || name == "float") return DType::F32;
+  if (name == "bfloat16") return DType::BF16;
+  if (name == "float16" || name == "half") return DType::F16;
+  if (name == "float64" || name == "double") return DType::F64;
+  return std::nullopt;
+}
+
+constexpr bool is_float(DType dtype) {
+  return dtype == DType::F32 || dtype == DType::BF16 || dtype == DType::F16 ||
+         dtype == DType::F64;
+}
+
+// bfloat16: the top 16 bits of an fp32.
+struct bf16 {
+  std::uint16_t bits = 0;
+};
+
+// IEEE 754 binary16.
+struct f16 {
+  std::uint16_t bits = 0;
+};
+
+inline float to_float(bf16 value) {
+  return std::bit_cast<float>(static_cast<std::uint32_t>(value.bits) << 16);
+}
+
+inline bf16 to_bf16(float value) {
+  std::uint32_t bits = std::bit_cast<std::uint32_t>(value);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) {
+    // NaN: keep the sign, force a quiet-NaN mantissa so truncation cannot make it an infinity.
+    return bf16{static_cast<std::uint16_t>((bits >> 16) | 0x0040u)};
+  }
+  std::uint32_t rounding_bias = 0x7fffu + ((bits >> 16) & 1u);  // ties to even
+  return bf16{static_cast<std::uint16_t>((bits + rounding_bias) >> 16)};
+}
+
+inline float to_float(f16 value) {
+  std::uint32_t sign = static_cast<std::uint32_t>(value.bits & 0x8000u) << 16;
+  std::uint32_t exponent = (value.bits >> 10) & 0x1fu;
+  std::uint32_t mantissa = value.bits & 0x3ffu;
+  std::uint32_t bits;
+  if (exponent == 0x1f) {
+    bits = sign | 0x7f800000u | (mantissa << 13);  // inf or NaN
+  } else if (exponent != 0) {
+    bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+  } else if (mantissa == 0) {
+    bits = sign;
+  } else {
+    // Subnormal half: value = mantissa * 2^-24, exact in fp32.
+    float magnitude = static_cast<float>(mantissa) * 0x1p-24f;
+    bits = sign | std::bit_cast<std::uint32_t>(magnitude);
+  }
+  return std::bit_cast<float>(bits);
+}
+
+inline f16 to_f16(float value) {
+  std::uint32_t bits = std::bit_cast<std::uint32_t>(value);
+  std::uint16_t sign = static_cast<std::uint16_t>((bits >> 16) & 0x8000u);
+  std::uint32_t magnitude = bits & 0x7fffffffu;
+  if (magnitude > 0x7f800000u) return f16{static_cast<std::uint16_t>(sign | 0x7e00u)};  // NaN
+  if (magnitude >= 0x477ff000u) return f16{static_cast<std::uint16_t>(sign | 0x7c00u)};  // overflow
+  if (magnitude < 0x38800000u) {
+    // Result is subnormal (or zero): round |value| * 2^24 to the nearest integer, ties to even.
+    float scaled = std::bit_cast<float>(magnitude) * 0x1p24f;
+    // Adding 2^23 forces rounding at the integer position in the current (nearest-even) mode.
+    float rounded = (scaled + 0x1p23f) - 0x1p23f;
+    return f16{static_cast<std::uint16_t>(sign | static_cast<std::uint16_t>(rounded))};
+  }
+  // Normal: rebias the exponent, round the 13 dropped mantissa bits to nearest even.
+  std::uint32_t rebased = magnitude - (112u << 23);
+  std::uint32_t rounding_bias = 0x0fffu + ((rebased >> 13) & 1u);
+  return f16{static_cast<std::uint16_t>(sign | ((rebased + rounding_bias) >> 13))};
+}
+
+// Maps a C++ element type to its DType, for typed access to type-erased tensors.
+template <class T>
+struct dtype_of;
+template <>
+struct dtype_of<float> {
+  static constexpr DType value = DType::F32;
+};
+template <>
+struct dtype_of<double> {
+  static constexpr DType value = DType::F64;
+};
+template <>
+struct dtype_of<bf16> {
+  static constexpr DType value = DType::BF16;
+};
+template <>
+struct dtype_of<f16> {
+  static constexpr DType value = DType::F16;
+};
+template <>
+struct dtype_of<std::int64_t> {
+  static constexpr DType value = DType::I64;
+};
+template <>
+struct dtype_of<std::int32_t> {
+  static constexpr DType value = DType::I32;
+};
+template <>
+struct dtype_of<std::uint8_t> {
+  static constexpr DType value = DType::U8;
+};
+template <class T>
+inline constexpr DType dtype_of_v = dtype_of<T>::value;
+
+}  // namespace kept

@@ -1,0 +1,121 @@
+// Core types: dtype conversions against independent references, shapes, tensors.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "kept/core/dtype.hpp"
+#include "kept/core/shape.hpp"
+#include "kept/core/tensor.hpp"
+
+using namespace kept;
+
+namespace {
+// Reference bf16 rounding computed with long double arithmetic, independent of the bit trick.
+float reference_round_bf16(float value) {
+  if (value == 0 || !std::isfinite(value)) return value;
+  int exponent;
+  std::frexp(value, &exponent);  // value = m * 2^exponent, 0.5 <= |m| < 1
+  // bf16 has 8 significant bits: the spacing at this exponent is 2^(exponent - 8).
+  long double ulp = std::ldexp(1.0L, std::max(exponent - 8, -133));
+  long double scaled = static_cast<long double>(value) / ulp;
+  long double rounded = std::nearbyint(scaled);  // default mode: ties to even
+  return static_cast<float>(rounded * ulp);
+}
+float reference_round_f16(float value) {
+  if (value == 0 || !std::isfinite(value)) return value;
+  int exponent;
+  std::frexp(value, &exponent);
+  long double ulp = std::ldexp(1.0L, std::max(exponent - 11, -24));  // 11 bits, subnormals at 2^-24
+  long double rounded = std::nearbyint(static_cast<long double>(value) / ulp) * ulp;
+  if (std::fabs(rounded) > 65504.0L) return std::copysign(std::numeric_limits<float>::infinity(), value);
+  return static_cast<float>(rounded);
+}
+}  // namespace
+
+TEST_CASE("bf16 rounds to nearest even like an exact reference", "[core][dtype]") {
+  std::uint32_t state = 12345;
+  for (int i = 0; i < 200000; ++i) {
+    state = state * 1664525u + 1013904223u;
+    float value = std::bit_cast<float>(state);
+    if (!std::isfinite(value)) continue;
+    float expected = reference_round_bf16(value);
+    if (std::isinf(expected)) continue;  // overflow to inf is covered below
+    REQUIRE(to_float(to_bf16(value)) == expected);
+  }
+  REQUIRE(to_float(to_bf16(1.0f + 0x1p-8f)) == 1.0f);             // tie -> even (down)
+  REQUIRE(to_float(to_bf16(1.0f + 3 * 0x1p-8f)) == 1.0f + 0x1p-6f);  // tie -> even (up)
+  REQUIRE(std::isnan(to_float(to_bf16(std::numeric_limits<float>::quiet_NaN()))));
+  REQUIRE(std::isinf(to_float(to_bf16(std::numeric_limits<float>::infinity()))));
+}
+
+TEST_CASE("every bf16 and f16 bit pattern survives a float round trip", "[core][dtype]") {
+  for (std::uint32_t bits = 0; bits <= 0xffff; ++bits) {
+    bf16 b{static_cast<std::uint16_t>(bits)};
+    f16 h{static_cast<std::uint16_t>(bits)};
+    float fb = to_float(b), fh = to_float(h);
+    if (std::isnan(fb)) {
+      REQUIRE(std::isnan(to_float(to_bf16(fb))));
+    } else {
+      REQUIRE(to_bf16(fb).bits == b.bits);
+    }
+    if (std::isnan(fh)) {
+      REQUIRE(std::isnan(to_float(to_f16(fh))));
+    } else {
+      REQUIRE(to_f16(fh).bits == h.bits);
+    }
+  }
+}
+
+TEST_CASE("f16 conversion matches an exact reference, subnormals and overflow included", "[core][dtype]") {
+  REQUIRE(to_float(f16{0x3c00}) == 1.0f);
+  REQUIRE(to_float(f16{0x0001}) == 0x1p-24f);
+  REQUIRE(to_float(f16{0x7bff}) == 65504.0f);
+  REQUIRE(std::isinf(to_float(to_f16(65520.0f))));
+  REQUIRE(to_float(to_f16(65519.0f)) == 65504.0f);
+  std::uint32_t state = 777;
+  for (int i = 0; i < 200000; ++i) {
+    state = state * 1664525u + 1013904223u;
+    // Magnitudes spread over the f16 range and a bit beyond.
+    float value = std::ldexp(static_cast<float>(state & 0xffffff) / 0x1p24f + 0.5f,
+                             static_cast<int>(state >> 27) - 26 + static_cast<int>((state >> 24) & 7));
+    if (state & 0x800000u) value = -value;
+    REQUIRE(to_float(to_f16(value)) == reference_round_f16(value));
+  }
+}
+
+TEST_CASE("shapes count elements, strides and reject bad dimensions", "[core][shape]") {
+  Shape shape{2, 3, 4};
+  REQUIRE(shape.rank() == 3);
+  REQUIRE(shape.numel() == 24);
+  auto strides = shape.strides();
+  REQUIRE(strides[0] == 12);
+  REQUIRE(strides[1] == 4);
+  REQUIRE(strides[2] == 1);
+  REQUIRE(shape.to_string() == "[2, 3, 4]");
+  REQUIRE(Shape{}.numel() == 1);
+  REQUIRE_THROWS_AS((Shape{-1, 2}), Error);
+  REQUIRE_THROWS_AS((Shape{1LL << 40, 1LL << 40}), Error);
+  REQUIRE_THROWS_AS(shape[3], Error);
+}
+
+TEST_CASE("tensors convert between float dtypes and check typed access", "[core][tensor]") {
+  Tensor t = Tensor::empty(DType::F32, {2, 3});
+  for (int i = 0; i < 6; ++i) t.data<float>()[i] = 0.1f * static_cast<float>(i) - 0.2f;
+  Tensor b = t.to(DType::BF16);
+  REQUIRE(b.dtype() == DType::BF16);
+  REQUIRE(b.nbytes() == 12);
+  Tensor back = b.to(DType::F32);
+  for (int i = 0; i < 6; ++i) {
+    REQUIRE(back.data<float>()[i] == reference_round_bf16(t.data<float>()[i]));
+  }
+  REQUIRE_THROWS_AS(t.data<bf16>(), Error);
+  REQUIRE_THROWS_AS(t.reshape({4, 2}).reshape({5}), Error);
+  Tensor ints = Tensor::zeros(DType::I64, {3});
+  REQUIRE_THROWS_WITH(ints.to(DType::F32), Catch::Contains("I64"));
+  auto m = as_matrix<float>(t);
+  REQUIRE(m.rows == 2);
+  REQUIRE(m.cols == 3);
+  REQUIRE(m(1, 2) == t.data<float>()[5]);
+}
