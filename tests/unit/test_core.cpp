@@ -29,7 +29,8 @@ float reference_round_f16(float value) {
   std::frexp(value, &exponent);
   long double ulp = std::ldexp(1.0L, std::max(exponent - 11, -24));  // 11 bits, subnormals at 2^-24
   long double rounded = std::nearbyint(static_cast<long double>(value) / ulp) * ulp;
-  if (std::fabs(rounded) > 65504.0L) return std::copysign(std::numeric_limits<float>::infinity(), value);
+  if (std::fabs(rounded) > 65504.0L)
+    return std::copysign(std::numeric_limits<float>::infinity(), value);
   return static_cast<float>(rounded);
 }
 }  // namespace
@@ -44,7 +45,7 @@ TEST_CASE("bf16 rounds to nearest even like an exact reference", "[core][dtype]"
     if (std::isinf(expected)) continue;  // overflow to inf is covered below
     REQUIRE(to_float(to_bf16(value)) == expected);
   }
-  REQUIRE(to_float(to_bf16(1.0f + 0x1p-8f)) == 1.0f);             // tie -> even (down)
+  REQUIRE(to_float(to_bf16(1.0f + 0x1p-8f)) == 1.0f);                // tie -> even (down)
   REQUIRE(to_float(to_bf16(1.0f + 3 * 0x1p-8f)) == 1.0f + 0x1p-6f);  // tie -> even (up)
   REQUIRE(std::isnan(to_float(to_bf16(std::numeric_limits<float>::quiet_NaN()))));
   REQUIRE(std::isinf(to_float(to_bf16(std::numeric_limits<float>::infinity()))));
@@ -68,7 +69,8 @@ TEST_CASE("every bf16 and f16 bit pattern survives a float round trip", "[core][
   }
 }
 
-TEST_CASE("f16 conversion matches an exact reference, subnormals and overflow included", "[core][dtype]") {
+TEST_CASE("f16 conversion matches an exact reference, subnormals and overflow included",
+          "[core][dtype]") {
   REQUIRE(to_float(f16{0x3c00}) == 1.0f);
   REQUIRE(to_float(f16{0x0001}) == 0x1p-24f);
   REQUIRE(to_float(f16{0x7bff}) == 65504.0f);
@@ -78,8 +80,9 @@ TEST_CASE("f16 conversion matches an exact reference, subnormals and overflow in
   for (int i = 0; i < 200000; ++i) {
     state = state * 1664525u + 1013904223u;
     // Magnitudes spread over the f16 range and a bit beyond.
-    float value = std::ldexp(static_cast<float>(state & 0xffffff) / 0x1p24f + 0.5f,
-                             static_cast<int>(state >> 27) - 26 + static_cast<int>((state >> 24) & 7));
+    float value =
+        std::ldexp(static_cast<float>(state & 0xffffff) / 0x1p24f + 0.5f,
+                   static_cast<int>(state >> 27) - 26 + static_cast<int>((state >> 24) & 7));
     if (state & 0x800000u) value = -value;
     REQUIRE(to_float(to_f16(value)) == reference_round_f16(value));
   }
@@ -102,7 +105,8 @@ TEST_CASE("shapes count elements, strides and reject bad dimensions", "[core][sh
 
 TEST_CASE("tensors convert between float dtypes and check typed access", "[core][tensor]") {
   Tensor t = Tensor::empty(DType::F32, {2, 3});
-  for (int i = 0; i < 6; ++i) t.data<float>()[i] = 0.1f * static_cast<float>(i) - 0.2f;
+  for (int i = 0; i < 6; ++i)
+    t.data<float>()[i] = 0.1f * static_cast<float>(i) - 0.2f;
   Tensor b = t.to(DType::BF16);
   REQUIRE(b.dtype() == DType::BF16);
   REQUIRE(b.nbytes() == 12);

@@ -46,16 +46,26 @@ constexpr std::size_t dtype_size(DType dtype) {
 // The names used by the safetensors format (and by kept's messages).
 constexpr std::string_view dtype_name(DType dtype) {
   switch (dtype) {
-    case DType::F32: return "F32";
-    case DType::BF16: return "BF16";
-    case DType::F16: return "F16";
-    case DType::F64: return "F64";
-    case DType::I64: return "I64";
-    case DType::I32: return "I32";
-    case DType::I16: return "I16";
-    case DType::I8: return "I8";
-    case DType::U8: return "U8";
-    case DType::Bool: return "BOOL";
+    case DType::F32:
+      return "F32";
+    case DType::BF16:
+      return "BF16";
+    case DType::F16:
+      return "F16";
+    case DType::F64:
+      return "F64";
+    case DType::I64:
+      return "I64";
+    case DType::I32:
+      return "I32";
+    case DType::I16:
+      return "I16";
+    case DType::I8:
+      return "I8";
+    case DType::U8:
+      return "U8";
+    case DType::Bool:
+      return "BOOL";
   }
   return "?";
 }
@@ -71,11 +81,16 @@ inline std::optional<DType> parse_dtype(std::string_view name) {
 // HF config.json spells dtypes as torch names ("bfloat16").
 inline std::string_view torch_dtype_name(DType dtype) {
   switch (dtype) {
-    case DType::F32: return "float32";
-    case DType::BF16: return "bfloat16";
-    case DType::F16: return "float16";
-    case DType::F64: return "float64";
-    default: fail("dtype ", dtype_name(dtype), " has no torch floating-point name");
+    case DType::F32:
+      return "float32";
+    case DType::BF16:
+      return "bfloat16";
+    case DType::F16:
+      return "float16";
+    case DType::F64:
+      return "float64";
+    default:
+      fail("dtype ", dtype_name(dtype), " has no torch floating-point name");
   }
 }
 
@@ -88,8 +103,7 @@ inline std::optional<DType> parse_torch_dtype(std::string_view name) {
 }
 
 constexpr bool is_float(DType dtype) {
-  return dtype == DType::F32 || dtype == DType::BF16 || dtype == DType::F16 ||
-         dtype == DType::F64;
+  return dtype == DType::F32 || dtype == DType::BF16 || dtype == DType::F16 || dtype == DType::F64;
 }
 
 // bfloat16: the top 16 bits of an fp32.
@@ -139,7 +153,7 @@ inline f16 to_f16(float value) {
   std::uint32_t bits = std::bit_cast<std::uint32_t>(value);
   std::uint16_t sign = static_cast<std::uint16_t>((bits >> 16) & 0x8000u);
   std::uint32_t magnitude = bits & 0x7fffffffu;
-  if (magnitude > 0x7f800000u) return f16{static_cast<std::uint16_t>(sign | 0x7e00u)};  // NaN
+  if (magnitude > 0x7f800000u) return f16{static_cast<std::uint16_t>(sign | 0x7e00u)};   // NaN
   if (magnitude >= 0x477ff000u) return f16{static_cast<std::uint16_t>(sign | 0x7c00u)};  // overflow
   if (magnitude < 0x38800000u) {
     // Result is subnormal (or zero): round |value| * 2^24 to the nearest integer, ties to even.

@@ -36,7 +36,7 @@ template <class... Parts>
 }  // namespace kept
 
 // KEPT_CHECK(condition, message parts...): throws kept::Error when the condition is false.
-#define KEPT_CHECK(condition, ...)          \
-  do {                                      \
+#define KEPT_CHECK(condition, ...)               \
+  do {                                           \
     if (!(condition)) ::kept::fail(__VA_ARGS__); \
   } while (0)

@@ -34,7 +34,8 @@ class Shape {
   // Product of the dimensions; 1 for a scalar (rank 0).
   std::int64_t numel() const {
     std::int64_t count = 1;
-    for (int axis = 0; axis < rank_; ++axis) count *= dims_[axis];
+    for (int axis = 0; axis < rank_; ++axis)
+      count *= dims_[axis];
     return count;
   }
 

@@ -67,7 +67,8 @@ class Tensor {
 
   // Uninitialised host tensor.
   static Tensor empty(DType dtype, Shape shape) {
-    auto storage = Storage::allocate_host(static_cast<std::size_t>(shape.numel()) * dtype_size(dtype));
+    auto storage =
+        Storage::allocate_host(static_cast<std::size_t>(shape.numel()) * dtype_size(dtype));
     return Tensor(dtype, shape, std::move(storage), 0);
   }
   static Tensor zeros(DType dtype, Shape shape) {
@@ -79,9 +80,10 @@ class Tensor {
   static Tensor from_storage(DType dtype, Shape shape, std::shared_ptr<Storage> storage,
                              std::size_t offset = 0) {
     KEPT_CHECK(storage, "tensor storage is null");
-    KEPT_CHECK(offset + static_cast<std::size_t>(shape.numel()) * dtype_size(dtype) <= storage->bytes(),
-               "tensor of shape ", shape, " and dtype ", dtype_name(dtype), " at offset ", offset,
-               " exceeds its storage of ", storage->bytes(), " bytes");
+    KEPT_CHECK(
+        offset + static_cast<std::size_t>(shape.numel()) * dtype_size(dtype) <= storage->bytes(),
+        "tensor of shape ", shape, " and dtype ", dtype_name(dtype), " at offset ", offset,
+        " exceeds its storage of ", storage->bytes(), " bytes");
     return Tensor(dtype, shape, std::move(storage), offset);
   }
 
@@ -163,20 +165,34 @@ class Tensor {
 namespace detail {
 inline float load_as_float(const void* data, DType dtype, std::int64_t index) {
   switch (dtype) {
-    case DType::F32: return static_cast<const float*>(data)[index];
-    case DType::BF16: return to_float(static_cast<const bf16*>(data)[index]);
-    case DType::F16: return to_float(static_cast<const f16*>(data)[index]);
-    case DType::F64: return static_cast<float>(static_cast<const double*>(data)[index]);
-    default: fail("dtype ", dtype_name(dtype), " is not a floating-point type");
+    case DType::F32:
+      return static_cast<const float*>(data)[index];
+    case DType::BF16:
+      return to_float(static_cast<const bf16*>(data)[index]);
+    case DType::F16:
+      return to_float(static_cast<const f16*>(data)[index]);
+    case DType::F64:
+      return static_cast<float>(static_cast<const double*>(data)[index]);
+    default:
+      fail("dtype ", dtype_name(dtype), " is not a floating-point type");
   }
 }
 inline void store_from_float(void* data, DType dtype, std::int64_t index, float value) {
   switch (dtype) {
-    case DType::F32: static_cast<float*>(data)[index] = value; return;
-    case DType::BF16: static_cast<bf16*>(data)[index] = to_bf16(value); return;
-    case DType::F16: static_cast<f16*>(data)[index] = to_f16(value); return;
-    case DType::F64: static_cast<double*>(data)[index] = value; return;
-    default: fail("dtype ", dtype_name(dtype), " is not a floating-point type");
+    case DType::F32:
+      static_cast<float*>(data)[index] = value;
+      return;
+    case DType::BF16:
+      static_cast<bf16*>(data)[index] = to_bf16(value);
+      return;
+    case DType::F16:
+      static_cast<f16*>(data)[index] = to_f16(value);
+      return;
+    case DType::F64:
+      static_cast<double*>(data)[index] = value;
+      return;
+    default:
+      fail("dtype ", dtype_name(dtype), " is not a floating-point type");
   }
 }
 }  // namespace detail
@@ -191,7 +207,8 @@ inline Tensor Tensor::to(DType target) const {
   if (dtype_ == DType::F64 && target == DType::F32) {
     const double* source = data<double>();
     float* destination = result.data<float>();
-    for (std::int64_t i = 0; i < count; ++i) destination[i] = static_cast<float>(source[i]);
+    for (std::int64_t i = 0; i < count; ++i)
+      destination[i] = static_cast<float>(source[i]);
   } else if (target == DType::F64) {
     double* destination = result.data<double>();
     for (std::int64_t i = 0; i < count; ++i)
@@ -203,6 +220,9 @@ inline Tensor Tensor::to(DType target) const {
   }
   return result;
 }
+
+// Whether a GEMM operand is used as stored or transposed.
+enum class Transpose : bool { No = false, Yes = true };
 
 // A non-owning, row-major matrix view with a row stride (leading dimension), the shape every
 // kernel and GEMM in kept takes. A head of a [tokens, heads*head_dim] activation is a
@@ -221,8 +241,7 @@ struct MatrixView {
       : data(data_), rows(rows_), cols(cols_), stride(stride_) {}
   // A MatrixView<const T> from a MatrixView<T>.
   template <class U>
-    requires std::is_same_v<const U, T>
-  MatrixView(const MatrixView<U>& other)
+  requires std::is_same_v<const U, T> MatrixView(const MatrixView<U>& other)
       : data(other.data), rows(other.rows), cols(other.cols), stride(other.stride) {}
 
   T* row(std::int64_t r) const { return data + r * stride; }

@@ -19,9 +19,12 @@ enum class Architecture : std::uint8_t { Orion, StableLm, Llama };
 
 constexpr const char* architecture_name(Architecture arch) {
   switch (arch) {
-    case Architecture::Orion: return "orion";
-    case Architecture::StableLm: return "stablelm";
-    case Architecture::Llama: return "llama";
+    case Architecture::Orion:
+      return "orion";
+    case Architecture::StableLm:
+      return "stablelm";
+    case Architecture::Llama:
+      return "llama";
   }
   return "?";
 }
@@ -39,7 +42,7 @@ struct ModelConfig {
   std::int64_t head_dim = 0;      // hidden_size / num_heads
   std::int64_t max_position_embeddings = 4096;
   double rope_theta = 10000.0;
-  double norm_eps = 1e-5;  // LayerNorm eps for Orion/StableLM, RMSNorm eps for Llama
+  double norm_eps = 1e-5;       // LayerNorm eps for Orion/StableLM, RMSNorm eps for Llama
   bool attention_bias = false;  // Llama: bias on q, k, v and o
   bool mlp_bias = false;        // Llama: bias on gate, up and down
   DType dtype = DType::BF16;    // storage dtype of the checkpoint (config "torch_dtype")

@@ -1,0 +1,197 @@
+// kept/model/decoder.hpp: the whole decoder, Decoder<LayerNorm> (Orion) and Decoder<RMSNorm>
+// (Llama).
+//
+//   h_0 = E[tokens]                               model.embed_tokens
+//   h_{l+1} = DecoderBlock_l(h_l), l < L          model.layers.l
+//   hidden = FinalNorm(h_L)                       model.norm
+//   logits = hidden W_lm^T                        lm_head (untied)
+// h_0 .. h_L are the L+1 residual-stream states that the hidden-state distillation objective
+// (the paper's Eq. 1) compares; they are kept when asked for.
+//
+// The LM head is applied by the caller, chunk by chunk where the vocabulary is large (a loss
+// never needs all [tokens x vocab] logits at once); logits() is the convenience for small jobs.
+// Backward takes dL/d(hidden) and optional dL/dh_l for each residual-stream slot, and
+// accumulates every trainable parameter's gradient (call zero_grad() between steps).
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "kept/layers/embedding.hpp"
+#include "kept/layers/linear.hpp"
+#include "kept/layers/norm.hpp"
+#include "kept/model/block.hpp"
+#include "kept/model/config.hpp"
+
+namespace kept {
+
+enum class ForwardMode {
+  Inference,  // keep only what the next layer needs (and the states if asked)
+  Training,   // keep every layer's cache for backward
+};
+
+template <class NormTag, class Backend>
+class Decoder {
+ public:
+  using Scalar = typename Backend::Scalar;
+
+  using Block = DecoderBlock<NormTag, Backend>;
+  using NormType = Norm<NormTag, Backend>;
+
+  struct Activations {
+    std::int64_t batch = 0, seq = 0;
+    std::vector<std::int32_t> tokens;
+    ForwardMode mode = ForwardMode::Inference;
+    bool keep_states = false;
+    std::vector<Tensor> states;  // Training or keep_states: L+1 slots; else two, ping-pong
+    std::vector<typename Block::Cache> blocks;  // Training: one per layer; else one, reused
+    typename NormType::Cache final_norm;
+    Tensor hidden;  // final-norm output [tokens, hidden]
+
+    std::int64_t tokens_count() const { return batch * seq; }
+    // Residual-stream slot l (0 = embedding output, L = last layer's output).
+    const Tensor& state(std::size_t slot) const {
+      KEPT_CHECK(slot < states.size() && (mode == ForwardMode::Training || keep_states),
+                 "residual-stream state ", slot, " was not kept by this forward pass");
+      return states[slot];
+    }
+  };
+
+  Decoder() = default;
+  Decoder(Backend& backend, const ModelConfig& config) : config_(config) {
+    config.validate("model config");
+    embed_tokens =
+        Embedding<Backend>(backend, "model.embed_tokens", config.vocab_size, config.hidden_size);
+    layers.reserve(static_cast<std::size_t>(config.num_layers));
+    for (std::int64_t l = 0; l < config.num_layers; ++l)
+      layers.emplace_back(backend, config, l);
+    norm = NormType(backend, "model.norm", config.hidden_size, config.norm_eps);
+    lm_head = Linear<Backend>(backend, "lm_head", config.hidden_size, config.vocab_size, false);
+  }
+
+  const ModelConfig& config() const { return config_; }
+  std::int64_t num_layers() const { return config_.num_layers; }
+
+  // Runs the stack on `batch` sequences of `seq` tokens (row-major [batch, seq]).
+  void forward(Backend& backend, std::span<const std::int32_t> tokens, std::int64_t batch,
+               std::int64_t seq, Activations& acts, ForwardMode mode, bool keep_states = false) {
+    KEPT_CHECK(batch > 0 && seq > 0 && static_cast<std::int64_t>(tokens.size()) == batch * seq,
+               "forward: got ", tokens.size(), " tokens for batch ", batch, " x seq ", seq);
+    ensure_rope(seq);
+    const std::int64_t count = batch * seq, hidden = config_.hidden_size;
+    const std::size_t num_layers = layers.size();
+    acts.batch = batch;
+    acts.seq = seq;
+    acts.tokens.assign(tokens.begin(), tokens.end());
+    acts.mode = mode;
+    acts.keep_states = keep_states;
+    const bool all_states = mode == ForwardMode::Training || keep_states;
+    acts.states.resize(all_states ? num_layers + 1 : 2);
+    acts.blocks.resize(mode == ForwardMode::Training ? num_layers : 1);
+    for (Tensor& state : acts.states)
+      backend.ensure(state, {count, hidden});
+    backend.ensure(acts.hidden, {count, hidden});
+
+    embed_tokens.forward(backend, acts.tokens, as_matrix<Scalar>(acts.states[0]));
+    for (std::size_t l = 0; l < num_layers; ++l) {
+      Tensor& input = acts.states[all_states ? l : l % 2];
+      Tensor& output = acts.states[all_states ? l + 1 : (l + 1) % 2];
+      auto& cache = acts.blocks[mode == ForwardMode::Training ? l : 0];
+      layers[l].forward(backend, as_matrix<const Scalar>(input), batch, seq, rope_,
+                        as_matrix<Scalar>(output), cache);
+    }
+    const Tensor& last = acts.states[all_states ? num_layers : num_layers % 2];
+    norm.forward(backend, as_matrix<const Scalar>(last), as_matrix<Scalar>(acts.hidden),
+                 acts.final_norm);
+  }
+
+  // Full logits [tokens, vocab] from a forward pass.
+  void logits(Backend& backend, const Activations& acts, Tensor& out) const {
+    backend.ensure(out, {acts.tokens_count(), config_.vocab_size});
+    lm_head.forward(backend, as_matrix<const Scalar>(acts.hidden), as_matrix<Scalar>(out));
+  }
+
+  // Backpropagates d_hidden = dL/d(final-norm output) (the LM head's input; may be undefined
+  // when only states carry gradient) and, when given, d_states[l] = dL/dh_l for the L+1
+  // residual-stream slots (undefined tensors are skipped). Parameter gradients accumulate.
+  void backward(Backend& backend, Activations& acts, const Tensor& d_hidden,
+                const std::vector<Tensor>* d_states = nullptr) {
+    KEPT_CHECK(acts.mode == ForwardMode::Training, "backward needs a forward in Training mode");
+    const std::int64_t count = acts.tokens_count(), hidden = config_.hidden_size;
+    const std::size_t num_layers = layers.size();
+    KEPT_CHECK(!d_states || d_states->size() == num_layers + 1, "backward: got ",
+               d_states ? d_states->size() : 0, " state gradients for ", num_layers + 1, " slots");
+    backend.ensure(grad_[0], {count, hidden});
+    backend.ensure(grad_[1], {count, hidden});
+    // grad_[cur] holds dL/dh_l while walking down the stack.
+    int cur = 0;
+    backend.fill_zero(grad_[cur]);
+    if (d_hidden.defined()) {
+      KEPT_CHECK(d_hidden.shape() == Shape({count, hidden}), "backward: d_hidden has shape ",
+                 d_hidden.shape(), ", expected ", Shape({count, hidden}));
+      norm.backward(backend, as_matrix<const Scalar>(acts.states[num_layers]),
+                    as_matrix<const Scalar>(d_hidden), as_matrix<Scalar>(grad_[cur]),
+                    acts.final_norm);
+    }
+    for (std::size_t l = num_layers + 1; l-- > 0;) {
+      if (d_states && (*d_states)[l].defined())
+        backend.accumulate((*d_states)[l].template data<Scalar>(),
+                           grad_[cur].template data<Scalar>(), count * hidden);
+      if (l == 0) break;
+      layers[l - 1].backward(backend, as_matrix<const Scalar>(acts.states[l - 1]), acts.batch,
+                             acts.seq, rope_, as_matrix<const Scalar>(grad_[cur]),
+                             as_matrix<Scalar>(grad_[1 - cur]), acts.blocks[l - 1], scratch_);
+      cur = 1 - cur;
+    }
+    embed_tokens.backward(backend, acts.tokens, as_matrix<const Scalar>(grad_[cur]));
+  }
+
+  // Allocates (once) and zeroes the gradient of every trainable parameter.
+  void zero_grad(Backend& backend) {
+    visit_parameters([&](Parameter& p) {
+      if (!p.trainable) {
+        p.grad = Tensor();
+        return;
+      }
+      if (!p.grad.defined() || !(p.grad.shape() == p.value.shape()))
+        p.grad = backend.zeros(p.value.shape());
+      else
+        backend.fill_zero(p.grad);
+    });
+  }
+
+  // Visits every parameter in checkpoint order: embedding, layers, final norm, LM head.
+  template <class Visitor>
+  void visit_parameters(Visitor&& visitor) {
+    embed_tokens.visit(visitor);
+    for (Block& block : layers)
+      block.visit(visitor);
+    norm.visit(visitor);
+    lm_head.visit(visitor);
+  }
+
+  Embedding<Backend> embed_tokens;
+  std::vector<Block> layers;
+  NormType norm;
+  Linear<Backend> lm_head;
+
+ private:
+  void ensure_rope(std::int64_t seq) {
+    if (rope_.positions() < seq)
+      rope_ = typename Backend::RopeTable(config_.head_dim, config_.rope_theta, seq);
+  }
+
+  ModelConfig config_;
+  typename Backend::RopeTable rope_;
+  Tensor grad_[2];
+  typename Block::Scratch scratch_;
+};
+
+template <class Backend>
+using OrionDecoder = Decoder<LayerNorm, Backend>;
+template <class Backend>
+using LlamaDecoder = Decoder<RMSNorm, Backend>;
+
+}  // namespace kept

@@ -1,0 +1,60 @@
+// kept/model/init.hpp: random initialisation of a decoder.
+//
+// Matches the HF convention for these models: linear and embedding weights ~ N(0, std)
+// (initializer_range, 0.02 by default), biases 0, norm weights 1 and norm biases 0. Each
+// parameter draws from its own stream seeded by (seed, name), so adding a layer or changing
+// visit order leaves the other parameters' values unchanged.
+#pragma once
+
+#include <cstdint>
+
+#include "kept/core/random.hpp"
+#include "kept/layers/parameter.hpp"
+
+namespace kept {
+
+struct InitOptions {
+  std::uint64_t seed = 0;
+  double std = 0.02;
+};
+
+namespace detail {
+template <class T>
+void init_values(T* values, std::int64_t count, const Parameter& parameter,
+                 const InitOptions& options) {
+  switch (parameter.role) {
+    case ParamRole::Weight:
+    case ParamRole::Embedding: {
+      Random random(Random::derive(options.seed, parameter.name));
+      // Drawn in double and rounded once, so fp32 and fp64 models start from the same values.
+      for (std::int64_t i = 0; i < count; ++i)
+        values[i] = static_cast<T>(static_cast<float>(options.std * random.normal()));
+      break;
+    }
+    case ParamRole::NormWeight:
+      for (std::int64_t i = 0; i < count; ++i)
+        values[i] = T(1);
+      break;
+    case ParamRole::Bias:
+    case ParamRole::NormBias:
+      for (std::int64_t i = 0; i < count; ++i)
+        values[i] = T(0);
+      break;
+  }
+}
+}  // namespace detail
+
+inline void init_parameter(Parameter& parameter, const InitOptions& options) {
+  Tensor& value = parameter.value;
+  if (value.dtype() == DType::F64)
+    detail::init_values(value.data<double>(), value.numel(), parameter, options);
+  else
+    detail::init_values(value.data<float>(), value.numel(), parameter, options);
+}
+
+template <class Model>
+void init_parameters(Model& model, const InitOptions& options) {
+  model.visit_parameters([&](Parameter& parameter) { init_parameter(parameter, options); });
+}
+
+}  // namespace kept
