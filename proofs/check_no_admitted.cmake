@@ -1,0 +1,20 @@
+# cmake -DOPM_V=path/to/opm.v -P check_no_admitted.cmake
+# Fails if the Coq file leaves a proof unfinished (Admitted, admit, give_up)
+# or declares its own axioms (Axiom, Conjecture, Parameter at a line start).
+if(NOT DEFINED OPM_V OR NOT EXISTS "${OPM_V}")
+  message(FATAL_ERROR "check_no_admitted: OPM_V not set or missing: '${OPM_V}'")
+endif()
+file(STRINGS "${OPM_V}" lines)
+set(bad "")
+set(n 0)
+foreach(line IN LISTS lines)
+  math(EXPR n "${n} + 1")
+  if(line MATCHES "(^|[^A-Za-z0-9_'])(Admitted|admit|give_up)([^A-Za-z0-9_']|$)"
+     OR line MATCHES "^[ \t]*(Local[ \t]+|Global[ \t]+)?(Axiom|Axioms|Conjecture|Parameter|Parameters)[ \t]")
+    string(APPEND bad "  line ${n}: ${line}\n")
+  endif()
+endforeach()
+if(bad)
+  message(FATAL_ERROR "${OPM_V} contains unfinished proofs or axioms:\n${bad}")
+endif()
+message(STATUS "${OPM_V}: no Admitted/admit/give_up/Axiom/Parameter")
