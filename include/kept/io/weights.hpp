@@ -1,0 +1,91 @@
+// kept/io/weights.hpp: moving a decoder's parameters to and from an HF checkpoint.
+//
+// Loading is strict, because a silently ignored tensor is a wrong model: every parameter the
+// config implies must be present with exactly the shape the config implies and a float
+// dtype, and every tensor in the checkpoint must be used. Errors name the checkpoint file
+// and the tensor. bf16/fp16 tensors are widened into the model's compute dtype; saving
+// rounds back (round-to-nearest-even), so a bf16 checkpoint loaded and saved unchanged is
+// bit-identical.
+#pragma once
+
+#include <filesystem>
+#include <regex>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "kept/io/atomic_file.hpp"
+#include "kept/io/checkpoint.hpp"
+#include "kept/io/hf_config.hpp"
+#include "kept/io/safetensors.hpp"
+#include "kept/layers/parameter.hpp"
+#include "kept/model/config.hpp"
+
+namespace kept {
+
+// Tensors that HF checkpoints may carry but that hold no parameter (older exports saved the
+// RoPE frequency buffer).
+inline bool is_ignorable_checkpoint_tensor(const std::string& name) {
+  static const std::regex rotary_buffer(R"(model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq)");
+  return std::regex_match(name, rotary_buffer);
+}
+
+// Fills every parameter of `model` from `reader`.
+template <class Model>
+void load_weights(Model& model, const CheckpointReader& reader) {
+  std::set<std::string> used;
+  model.visit_parameters([&](Parameter& parameter) {
+    const std::string& name = parameter.name;
+    if (!reader.contains(name))
+      fail(reader.directory().string(), ": tensor \"", name,
+           "\" is missing from the checkpoint (the config implies it)");
+    const std::string where = (reader.directory() / reader.file_of(name)).string();
+    const Tensor& stored = reader.tensor(name);
+    KEPT_CHECK(is_float(stored.dtype()), where, ": tensor \"", name, "\" has dtype ",
+               dtype_name(stored.dtype()), "; expected a float dtype (F32, BF16, F16 or F64)");
+    KEPT_CHECK(stored.shape() == parameter.value.shape(), where, ": tensor \"", name,
+               "\" has shape ", stored.shape(), ", but config.json implies ",
+               parameter.value.shape());
+    parameter.value = stored.to(parameter.value.dtype());
+    used.insert(name);
+  });
+  std::vector<std::string> unexpected;
+  for (const std::string& name : reader.names())
+    if (!used.count(name) && !is_ignorable_checkpoint_tensor(name)) unexpected.push_back(name);
+  if (!unexpected.empty()) {
+    std::string list;
+    for (std::size_t i = 0; i < unexpected.size() && i < 5; ++i)
+      list += (i ? ", \"" : "\"") + unexpected[i] + "\"";
+    if (unexpected.size() > 5) list += ", ... (" + std::to_string(unexpected.size()) + " in all)";
+    fail(reader.directory().string(), ": unexpected tensor ", list, " in ",
+         reader.file_of(unexpected[0]), "; the config does not describe it");
+  }
+}
+
+// The model's parameters as checkpoint tensors in `dtype`, in checkpoint order.
+template <class Model>
+std::vector<NamedTensor> collect_weights(Model& model, DType dtype) {
+  std::vector<NamedTensor> tensors;
+  model.visit_parameters([&](Parameter& parameter) {
+    tensors.push_back({parameter.name, parameter.value.to(dtype)});
+  });
+  return tensors;
+}
+
+// Writes a loadable HF checkpoint directory: config.json, generation_config.json and the
+// weights in config.dtype (sharded above `max_shard_bytes`). The directory is built under a
+// temporary name and renamed into place, so `destination` is either the old content or the
+// complete new one; an existing destination is replaced only with `force`.
+template <class Model>
+void save_pretrained(Model& model, const ModelConfig& config,
+                     const std::filesystem::path& destination, bool force,
+                     std::uint64_t max_shard_bytes = kDefaultMaxShardBytes) {
+  AtomicDirectory directory(destination, force);
+  write_hf_config(directory.path() / "config.json", config);
+  write_generation_config(directory.path() / "generation_config.json", config);
+  const std::vector<NamedTensor> tensors = collect_weights(model, config.dtype);
+  write_checkpoint(directory.path(), tensors, max_shard_bytes);
+  directory.commit();
+}
+
+}  // namespace kept

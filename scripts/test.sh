@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The test command (README, .ci/run): installs what is missing, builds kept with every part
+# (CUDA translation units included when nvcc is present), and runs
+#   1. ctest on the Release build: Catch2 unit tests, the HF transformers parity tests, the
+#      Coq proof check, the install-and-build-the-examples test, the CUDA tests (skipped with
+#      a message when no GPU is present);
+#   2. the unit tests again under AddressSanitizer + UndefinedBehaviorSanitizer;
+#   3. the libFuzzer targets for a short budget (clang).
+# Exits non-zero if anything fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+jobs="${KEPT_JOBS:-$(nproc)}"
+[[ -d /usr/local/cuda/bin ]] && export PATH="/usr/local/cuda/bin:$PATH"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
+start=$SECONDS
+stage() { printf '\n==== kept: %s (%ds) ====\n' "$1" $((SECONDS - start)); }
+
+stage "dependencies"
+bash scripts/install_deps.sh
+
+stage "Release build"
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DKEPT_CUDA=AUTO >/dev/null
+cmake --build build -j "$jobs"
+
+stage "ctest (Release)"
+ctest --test-dir build --output-on-failure -j "$jobs"
+
+stage "unit tests under AddressSanitizer + UBSan"
+cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKEPT_CUDA=OFF \
+  -DKEPT_SANITIZE=address,undefined -DKEPT_BUILD_BENCH=OFF >/dev/null
+cmake --build build-asan -j "$jobs" --target kept_tests kept
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+  ./build-asan/tests/kept_tests
+
+stage "fuzz targets (short budget)"
+CC=clang CXX=clang++ cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKEPT_CUDA=OFF \
+  -DKEPT_BUILD_FUZZ=ON -DKEPT_BUILD_REFERENCE=OFF -DKEPT_BUILD_BENCH=OFF >/dev/null
+cmake --build build-fuzz -j "$jobs"
+ctest --test-dir build-fuzz --output-on-failure -R '^fuzz_'
+
+stage "all tests passed"
