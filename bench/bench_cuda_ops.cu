@@ -1,0 +1,219 @@
+// bench/bench_cuda_ops.cu: the CUDA slice's speed, measured with CUDA events on the backend stream.
+//
+// - Norms (LayerNorm, RMSNorm; forward and backward) with bf16 storage at rows x cols =
+//   16384 x {1024, 4096, 5120, 8192}: achieved GB/s counting the bytes the op must move
+//   (forward: read x, write y; backward: read dy, x, dx and write dx; plus the fp32 parameters,
+//   gradients and per-row statistics), beside a device copy-bandwidth probe (cudaMemcpy
+//   device-to-device, read + write) measured in the same run, and the ratio of the two.
+// - bf16 GEMM with fp32 accumulation, y = x w^T (the nn.Linear layout), at 4096^3 and at
+//   M x N x K = 5120 x 15360 x 5120 (a 14B MLP up-projection over 5120 tokens): TFLOP/s.
+//
+// Usage: bench_cuda_ops [--iters N] [--quick]   (--quick: 3 iterations, for smoke tests)
+// Without a GPU it prints "no CUDA device: skipped" and exits 0.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "kept/backend/cuda.cuh"
+
+namespace {
+
+using kept::bf16;
+using kept::DType;
+using kept::MatrixView;
+using kept::Shape;
+using kept::Tensor;
+
+// Deterministic pseudo-random values in [-1, 1) (x hashed), so no input is NaN or denormal.
+template <class T>
+__global__ void fill_kernel(T* data, std::int64_t count, std::uint32_t seed, float scale,
+                            float offset) {
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    std::uint32_t h = static_cast<std::uint32_t>(i) * 2654435761u ^ seed;
+    h ^= h >> 16;
+    h *= 0x7feb352du;
+    h ^= h >> 15;
+    const float value = offset + scale * (static_cast<float>(h >> 8) * 0x1p-23f - 1.0f);
+    if constexpr (std::is_same_v<T, float>) {
+      data[i] = value;
+    } else {
+      data[i] = __float2bfloat16_rn(value);
+    }
+  }
+}
+
+template <class T>
+void fill(kept::cuda::Cuda& cuda, void* data, std::int64_t count, std::uint32_t seed,
+          float scale = 1.0f, float offset = 0.0f) {
+  fill_kernel<<<1024, 256, 0, cuda.stream()>>>(static_cast<T*>(data), count, seed, scale, offset);
+  KEPT_CUDA_CHECK(cudaGetLastError());
+}
+
+// Mean milliseconds per call of `op` over `iters` calls, after 2 warm-up calls.
+template <class Op>
+double time_ms(kept::cuda::Cuda& cuda, int iters, Op&& op) {
+  for (int i = 0; i < 2; ++i)
+    op();
+  cudaEvent_t start, stop;
+  KEPT_CUDA_CHECK(cudaEventCreate(&start));
+  KEPT_CUDA_CHECK(cudaEventCreate(&stop));
+  KEPT_CUDA_CHECK(cudaEventRecord(start, cuda.stream()));
+  for (int i = 0; i < iters; ++i)
+    op();
+  KEPT_CUDA_CHECK(cudaEventRecord(stop, cuda.stream()));
+  KEPT_CUDA_CHECK(cudaEventSynchronize(stop));
+  float ms = 0;
+  KEPT_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+  KEPT_CUDA_CHECK(cudaEventDestroy(start));
+  KEPT_CUDA_CHECK(cudaEventDestroy(stop));
+  cuda.check_last_error();
+  return static_cast<double>(ms) / iters;
+}
+
+int run(int iters) {
+  kept::cuda::Cuda cuda(0);
+  cudaDeviceProp prop{};
+  KEPT_CUDA_CHECK(cudaGetDeviceProperties(&prop, cuda.device()));
+  int runtime = 0, driver = 0;
+  KEPT_CUDA_CHECK(cudaRuntimeGetVersion(&runtime));
+  KEPT_CUDA_CHECK(cudaDriverGetVersion(&driver));
+  std::printf("device: %s, sm_%d%d, %d SMs, %.1f GiB; CUDA runtime %d, driver %d; %d iterations\n",
+              prop.name, prop.major, prop.minor, prop.multiProcessorCount,
+              static_cast<double>(prop.totalGlobalMem) / (1 << 30), runtime, driver, iters);
+
+  // ---- copy bandwidth probe: 1 GiB device-to-device, bytes read + written.
+  const std::size_t copy_bytes = std::size_t{1} << 30;
+  Tensor copy_src = cuda.empty(DType::U8, Shape{static_cast<std::int64_t>(copy_bytes)});
+  Tensor copy_dst = cuda.empty(DType::U8, Shape{static_cast<std::int64_t>(copy_bytes)});
+  KEPT_CUDA_CHECK(cudaMemsetAsync(copy_src.raw(), 1, copy_bytes, cuda.stream()));
+  const double copy_ms = time_ms(cuda, iters, [&] {
+    KEPT_CUDA_CHECK(cudaMemcpyAsync(copy_dst.raw(), copy_src.raw(), copy_bytes,
+                                    cudaMemcpyDeviceToDevice, cuda.stream()));
+  });
+  const double copy_gbs = 2.0 * static_cast<double>(copy_bytes) / (copy_ms * 1e-3) / 1e9;
+  std::printf("copy  cudaMemcpy D2D 1 GiB: %.3f ms, %.1f GB/s (read + write)\n\n", copy_ms,
+              copy_gbs);
+  copy_src = Tensor();
+  copy_dst = Tensor();
+
+  // ---- norms, bf16 storage.
+  std::printf("%-16s %6s %6s %10s %9s %8s\n", "op", "rows", "cols", "time_us", "GB/s", "of_copy");
+  const std::int64_t rows = 16384;
+  for (const std::int64_t cols : {1024, 4096, 5120, 8192}) {
+    const std::int64_t count = rows * cols;
+    Tensor x = cuda.empty(DType::BF16, Shape{rows, cols});
+    Tensor y = cuda.empty(DType::BF16, Shape{rows, cols});
+    Tensor dy = cuda.empty(DType::BF16, Shape{rows, cols});
+    Tensor dx = cuda.empty(DType::BF16, Shape{rows, cols});
+    Tensor weight = cuda.empty(DType::F32, Shape{cols});
+    Tensor bias = cuda.empty(DType::F32, Shape{cols});
+    Tensor dweight = cuda.zeros(DType::F32, Shape{cols});
+    Tensor dbias = cuda.zeros(DType::F32, Shape{cols});
+    Tensor mean = cuda.empty(DType::F32, Shape{rows});
+    Tensor rstd = cuda.empty(DType::F32, Shape{rows});
+    fill<__nv_bfloat16>(cuda, x.raw(), count, 1, 2.0f, 0.1f);
+    fill<__nv_bfloat16>(cuda, dy.raw(), count, 2);
+    fill<__nv_bfloat16>(cuda, dx.raw(), count, 3, 0.01f);
+    fill<float>(cuda, weight.raw(), cols, 4, 0.5f, 1.0f);
+    fill<float>(cuda, bias.raw(), cols, 5, 0.1f);
+
+    const bf16* xp = x.data<bf16>();
+    const bf16* dyp = dy.data<bf16>();
+    bf16* yp = y.data<bf16>();
+    bf16* dxp = dx.data<bf16>();
+    const float* wp = weight.data<float>();
+    const float* bp = bias.data<float>();
+    float* mp = mean.data<float>();
+    float* rp = rstd.data<float>();
+    float* dwp = dweight.data<float>();
+    float* dbp = dbias.data<float>();
+    const double act = static_cast<double>(count) * sizeof(bf16);
+    const double stats = static_cast<double>(rows) * sizeof(float);
+    const double param = static_cast<double>(cols) * sizeof(float);
+
+    const auto report = [&](const char* name, double ms, double bytes) {
+      const double gbs = bytes / (ms * 1e-3) / 1e9;
+      std::printf("%-16s %6lld %6lld %10.1f %9.1f %7.1f%%\n", name, static_cast<long long>(rows),
+                  static_cast<long long>(cols), ms * 1e3, gbs, 100.0 * gbs / copy_gbs);
+    };
+    report("layernorm_fwd",
+           time_ms(cuda, iters,
+                   [&] { cuda.layernorm_forward(xp, wp, bp, yp, mp, rp, rows, cols, 1e-5f); }),
+           2 * act + 2 * param + 2 * stats);
+    report(
+        "layernorm_bwd",
+        time_ms(cuda, iters,
+                [&] { cuda.layernorm_backward(dyp, xp, wp, mp, rp, dxp, dwp, dbp, rows, cols); }),
+        4 * act + 2 * stats + 5 * param);
+    report("rmsnorm_fwd",
+           time_ms(cuda, iters, [&] { cuda.rmsnorm_forward(xp, wp, yp, rp, rows, cols, 1e-5f); }),
+           2 * act + param + stats);
+    report(
+        "rmsnorm_bwd",
+        time_ms(cuda, iters, [&] { cuda.rmsnorm_backward(dyp, xp, wp, rp, dxp, dwp, rows, cols); }),
+        4 * act + stats + 3 * param);
+  }
+
+  // ---- bf16 GEMM, fp32 accumulation: y[M,N] = x[M,K] w[N,K]^T.
+  std::printf("\n%-16s %6s %6s %6s %10s %9s\n", "gemm", "M", "N", "K", "time_us", "TFLOP/s");
+  struct GemmShape {
+    const char* name;
+    std::int64_t m, n, k;
+  };
+  for (const GemmShape& s : {GemmShape{"bf16 x w^T", 4096, 4096, 4096},
+                             GemmShape{"bf16 x w^T mlp", 5120, 15360, 5120}}) {
+    Tensor a = cuda.empty(DType::BF16, Shape{s.m, s.k});
+    Tensor b = cuda.empty(DType::BF16, Shape{s.n, s.k});
+    Tensor c = cuda.empty(DType::BF16, Shape{s.m, s.n});
+    fill<__nv_bfloat16>(cuda, a.raw(), a.numel(), 11);
+    fill<__nv_bfloat16>(cuda, b.raw(), b.numel(), 12, 0.05f);
+    const MatrixView<const bf16> av = kept::as_matrix<bf16>(std::as_const(a));
+    const MatrixView<const bf16> bv = kept::as_matrix<bf16>(std::as_const(b));
+    const MatrixView<bf16> cv = kept::as_matrix<bf16>(c);
+    const double ms = time_ms(cuda, iters, [&] { cuda.matmul(av, false, bv, true, cv); });
+    const double tflops = 2.0 * static_cast<double>(s.m) * static_cast<double>(s.n) *
+                          static_cast<double>(s.k) / (ms * 1e-3) / 1e12;
+    std::printf("%-16s %6lld %6lld %6lld %10.1f %9.1f\n", s.name, static_cast<long long>(s.m),
+                static_cast<long long>(s.n), static_cast<long long>(s.k), ms * 1e3, tflops);
+  }
+  cuda.synchronize();
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int iters = 20;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--quick") == 0) {
+      iters = 3;
+    } else if (std::strcmp(argv[i], "--iters") == 0 && i + 1 < argc) {
+      iters = std::atoi(argv[++i]);
+    } else {
+      std::fprintf(stderr, "usage: %s [--iters N] [--quick]\n", argv[0]);
+      return 2;
+    }
+  }
+  if (iters < 1) iters = 1;
+  const kept::cuda::DeviceProbe probe = kept::cuda::probe_devices();
+  if (probe.count == 0) {
+    std::printf("no CUDA device: skipped (%s)\n", probe.describe().c_str());
+    return 0;
+  }
+  try {
+    return run(iters);
+  } catch (const std::exception& error) {
+    std::fprintf(stderr, "bench_cuda_ops: %s\n", error.what());
+    return 1;
+  }
+}

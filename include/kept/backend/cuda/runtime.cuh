@@ -1,0 +1,368 @@
+// kept/backend/cuda/runtime.cuh: CUDA error handling, device discovery, device tensors, and the
+// `Cuda` backend context.
+//
+// Conventions of the CUDA backend (flashinfer style):
+// - Kernels take raw pointers and are started by a host launcher that returns the cudaError_t of
+//   the launch (never throws, never synchronises), so launchers compose in graphs and streams.
+// - The `Cuda` struct is what layers use: its member functions have the same argument order as
+//   the CPU reference (kept::cpu, e.g. layernorm_forward(x, weight, bias, y, mean, rstd, rows,
+//   cols, eps)), validate their arguments, run on the context's stream, and throw kept::Error
+//   naming the failed API call with file:line. Layers are templates over the backend and call
+//   backend.matmul(...), backend.layernorm_forward(...), whatever the backend.
+// - Device tensors are ordinary kept::Tensor objects whose Storage lives in MemorySpace::Cuda and
+//   is released with cudaFree (which waits for the device, so freeing a tensor that a queued
+//   kernel still reads is safe).
+//
+// This header declares the op members of `Cuda`; their definitions live next to their kernels
+// (gemm.cuh, layernorm.cuh, rmsnorm.cuh). Include kept/backend/cuda.cuh to get all of them.
+//
+// Environment note: without a GPU (or without a driver), cudaGetDeviceCount returns
+// cudaErrorInsufficientDriver (35) or cudaErrorNoDevice (100) and leaves the count unchanged;
+// cuda_device_count() maps both to 0 devices, so callers can skip instead of failing.
+#pragma once
+
+#include <cublasLt.h>
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+#include "kept/core/dtype.hpp"
+#include "kept/core/error.hpp"
+#include "kept/core/shape.hpp"
+#include "kept/core/tensor.hpp"
+
+namespace kept::cuda {
+
+// ---- errors -------------------------------------------------------------------------------------
+
+[[noreturn]] inline void throw_error(cudaError_t status, const char* call, const char* file,
+                                     int line) {
+  fail(file, ":", line, ": ", call, " failed: ", cudaGetErrorName(status), " (",
+       static_cast<int>(status), "): ", cudaGetErrorString(status));
+}
+
+[[noreturn]] inline void throw_error(cublasStatus_t status, const char* call, const char* file,
+                                     int line) {
+  fail(file, ":", line, ": ", call, " failed: ", cublasLtGetStatusName(status), " (",
+       static_cast<int>(status), "): ", cublasLtGetStatusString(status));
+}
+
+inline void check(cudaError_t status, const char* call, const char* file, int line) {
+  if (status != cudaSuccess) throw_error(status, call, file, line);
+}
+
+inline void check(cublasStatus_t status, const char* call, const char* file, int line) {
+  if (status != CUBLAS_STATUS_SUCCESS) throw_error(status, call, file, line);
+}
+
+}  // namespace kept::cuda
+
+// KEPT_CUDA_CHECK(call): throws kept::Error "file:line: call failed: NAME (code): description"
+// when `call` returns anything but cudaSuccess / CUBLAS_STATUS_SUCCESS.
+#define KEPT_CUDA_CHECK(call) ::kept::cuda::check((call), #call, __FILE__, __LINE__)
+
+// KEPT_CUDA_RETURN_IF_ERROR(call): for launchers that return cudaError_t instead of throwing.
+#define KEPT_CUDA_RETURN_IF_ERROR(call)                             \
+  do {                                                              \
+    const cudaError_t kept_cuda_status_ = (call);                   \
+    if (kept_cuda_status_ != cudaSuccess) return kept_cuda_status_; \
+  } while (0)
+
+namespace kept::cuda {
+
+// ---- devices ------------------------------------------------------------------------------------
+
+// The raw outcome of cudaGetDeviceCount, for messages ("no CUDA device (...)").
+struct DeviceProbe {
+  int count = 0;
+  cudaError_t status = cudaSuccess;
+
+  // "cudaGetDeviceCount: CUDA driver version is insufficient for CUDA runtime version (35)".
+  std::string describe() const {
+    return ::kept::detail::concat("cudaGetDeviceCount: ", cudaGetErrorString(status), " (",
+                                  static_cast<int>(status), "), ", count, " device(s)");
+  }
+};
+
+inline DeviceProbe probe_devices() {
+  DeviceProbe probe;
+  int count = 0;  // cudaGetDeviceCount leaves it unchanged on error 35
+  probe.status = cudaGetDeviceCount(&count);
+  if (probe.status != cudaSuccess) {
+    (void)cudaGetLastError();  // do not leave the error for the next cudaGetLastError()
+    count = 0;
+  }
+  probe.count = count;
+  return probe;
+}
+
+// True for the statuses that mean "this machine has no usable GPU" rather than a fault.
+constexpr bool is_no_device_status(cudaError_t status) {
+  return status == cudaErrorInsufficientDriver || status == cudaErrorNoDevice;
+}
+
+// Number of CUDA devices; 0 when there is no GPU or no driver (errors 35 and 100). Any other
+// failure of cudaGetDeviceCount throws.
+inline int cuda_device_count() {
+  const DeviceProbe probe = probe_devices();
+  if (probe.status == cudaSuccess) return probe.count;
+  if (is_no_device_status(probe.status)) return 0;
+  throw_error(probe.status, "cudaGetDeviceCount(&count)", __FILE__, __LINE__);
+}
+
+// ---- element types ------------------------------------------------------------------------------
+
+// kept::bf16 (host storage type) and __nv_bfloat16 (CUDA type) have the same bits; kernels take
+// the CUDA type, the Cuda struct accepts either.
+template <class T>
+struct device_element {
+  using type = T;
+};
+template <>
+struct device_element<kept::bf16> {
+  using type = __nv_bfloat16;
+};
+template <class T>
+using device_element_t = typename device_element<std::remove_cv_t<T>>::type;
+
+static_assert(sizeof(kept::bf16) == sizeof(__nv_bfloat16) &&
+              alignof(kept::bf16) == alignof(__nv_bfloat16));
+
+// The CUDA pointer for a kept pointer, constness preserved.
+template <class T>
+auto device_ptr(T* pointer) {
+  using Element = device_element_t<T>;
+  using Result = std::conditional_t<std::is_const_v<T>, const Element, Element>;
+  return reinterpret_cast<Result*>(pointer);
+}
+
+// ---- device memory ------------------------------------------------------------------------------
+
+// A cudaMalloc'd block owned by a kept::Storage (MemorySpace::Cuda, released with cudaFree).
+inline std::shared_ptr<Storage> allocate_device(std::size_t bytes) {
+  void* data = nullptr;
+  if (bytes) KEPT_CUDA_CHECK(cudaMalloc(&data, bytes));
+  try {
+    return std::make_shared<Storage>(data, bytes, MemorySpace::Cuda, [](void* pointer) {
+      if (pointer) (void)cudaFree(pointer);  // a destructor cannot throw; the error is sticky
+    });
+  } catch (...) {
+    if (data) (void)cudaFree(data);
+    throw;
+  }
+}
+
+// Uninitialised device tensor on the current device (cudaMalloc alignment: 256 bytes).
+inline Tensor device_empty(DType dtype, Shape shape) {
+  const std::size_t bytes = static_cast<std::size_t>(shape.numel()) * dtype_size(dtype);
+  return Tensor::from_storage(dtype, shape, allocate_device(bytes));
+}
+
+inline Tensor device_zeros(DType dtype, Shape shape) {
+  Tensor tensor = device_empty(dtype, shape);
+  if (tensor.nbytes()) KEPT_CUDA_CHECK(cudaMemset(tensor.raw(), 0, tensor.nbytes()));
+  return tensor;
+}
+
+// Copies between tensors of the same dtype and shape, in any memory spaces (synchronous with
+// respect to the host; ordered after work queued on the legacy default stream and on blocking
+// streams such as the one `Cuda` owns).
+inline void copy(Tensor& destination, const Tensor& source) {
+  KEPT_CHECK(destination.dtype() == source.dtype() && destination.shape() == source.shape(),
+             "copy from ", dtype_name(source.dtype()), source.shape(), " to ",
+             dtype_name(destination.dtype()), destination.shape(), ": dtype or shape differ");
+  if (source.nbytes())
+    KEPT_CUDA_CHECK(
+        cudaMemcpy(destination.raw(), source.raw(), source.nbytes(), cudaMemcpyDefault));
+}
+
+// A device copy of a tensor (host or device).
+inline Tensor to_device(const Tensor& tensor) {
+  Tensor result = device_empty(tensor.dtype(), tensor.shape());
+  copy(result, tensor);
+  return result;
+}
+
+// A host copy of a tensor (device or host).
+inline Tensor to_host(const Tensor& tensor) {
+  Tensor result = Tensor::empty(tensor.dtype(), tensor.shape());
+  copy(result, tensor);
+  return result;
+}
+
+// ---- RAII for runtime objects
+// ----------------------------------------------------------------------
+
+// A grow-only device buffer (not a tensor: workspaces and scratch).
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  explicit DeviceBuffer(std::size_t bytes) { reserve(bytes); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  DeviceBuffer(DeviceBuffer&& other) noexcept
+      : data_(std::exchange(other.data_, nullptr)), bytes_(std::exchange(other.bytes_, 0)) {}
+  DeviceBuffer& operator=(DeviceBuffer&& other) noexcept {
+    if (this != &other) {
+      release();
+      data_ = std::exchange(other.data_, nullptr);
+      bytes_ = std::exchange(other.bytes_, 0);
+    }
+    return *this;
+  }
+  ~DeviceBuffer() { release(); }
+
+  // Ensures at least `bytes`; the contents are lost when it grows. The caller must make sure no
+  // queued work still uses the old block (cudaFree waits for the device anyway).
+  void reserve(std::size_t bytes) {
+    if (bytes <= bytes_) return;
+    release();
+    KEPT_CUDA_CHECK(cudaMalloc(&data_, bytes));
+    bytes_ = bytes;
+  }
+  void* data() const { return data_; }
+  std::size_t bytes() const { return bytes_; }
+
+ private:
+  void release() noexcept {
+    if (data_) (void)cudaFree(data_);
+    data_ = nullptr;
+    bytes_ = 0;
+  }
+  void* data_ = nullptr;
+  std::size_t bytes_ = 0;
+};
+
+namespace detail {
+struct StreamDeleter {
+  void operator()(CUstream_st* stream) const noexcept { (void)cudaStreamDestroy(stream); }
+};
+struct LtHandleDeleter {
+  void operator()(cublasLtContext* handle) const noexcept { (void)cublasLtDestroy(handle); }
+};
+struct CublasHandleDeleter {
+  void operator()(cublasContext* handle) const noexcept { (void)cublasDestroy(handle); }
+};
+// The cuBLASLt matmul plans (descriptors + chosen algorithm) per GEMM shape; defined in gemm.cuh.
+struct GemmPlanCache;
+}  // namespace detail
+
+// ---- the backend context
+// ----------------------------------------------------------------------------
+
+// One device, one stream, one cuBLASLt handle, one GEMM workspace, and scratch for the norms'
+// parameter-gradient partial sums. Non-copyable and non-movable (kernels in flight hold its
+// buffers). Every op is queued on stream(); call synchronize() before reading results on the host
+// with anything but kept::cuda::copy/to_host (which wait for this blocking stream).
+class Cuda {
+ public:
+  static constexpr std::size_t kDefaultWorkspaceBytes = std::size_t{32} << 20;  // 32 MiB
+
+  explicit Cuda(int device = 0, std::size_t gemm_workspace_bytes = kDefaultWorkspaceBytes)
+      : device_(device) {
+    const int count = cuda_device_count();
+    KEPT_CHECK(device >= 0 && device < count, "CUDA device ", device, " requested, but ", count,
+               " device(s) are present");
+    KEPT_CUDA_CHECK(cudaSetDevice(device));
+    KEPT_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device));
+    cudaStream_t stream = nullptr;
+    KEPT_CUDA_CHECK(cudaStreamCreate(&stream));  // blocking: cudaMemcpy on stream 0 waits for it
+    stream_.reset(stream);
+    cublasLtHandle_t lt = nullptr;
+    KEPT_CUDA_CHECK(cublasLtCreate(&lt));
+    lt_.reset(lt);
+    workspace_.reserve(gemm_workspace_bytes);
+  }
+  Cuda(const Cuda&) = delete;
+  Cuda& operator=(const Cuda&) = delete;
+  Cuda(Cuda&&) = delete;
+  Cuda& operator=(Cuda&&) = delete;
+  ~Cuda() {
+    (void)cudaStreamSynchronize(stream_.get());
+    gemm_plans_.reset();  // descriptors first, then the handles they were used with
+  }
+
+  static constexpr const char* name() { return "cuda"; }
+  int device() const { return device_; }
+  int sm_count() const { return sm_count_; }
+  cudaStream_t stream() const { return stream_.get(); }
+  cublasLtHandle_t lt_handle() const { return lt_.get(); }
+  void* workspace() const { return workspace_.data(); }
+  std::size_t workspace_bytes() const { return workspace_.bytes(); }
+
+  void synchronize() const { KEPT_CUDA_CHECK(cudaStreamSynchronize(stream_.get())); }
+
+  // Throws if a kernel queued earlier failed asynchronously (a sticky error) or a launch failed.
+  void check_last_error() const { KEPT_CUDA_CHECK(cudaGetLastError()); }
+
+  // Device scratch of at least `bytes`, valid until the next call (stream-ordered reuse).
+  void* scratch(std::size_t bytes) {
+    if (bytes > scratch_.bytes()) {
+      synchronize();  // queued kernels may still read the old block
+      scratch_.reserve(bytes);
+    }
+    return scratch_.data();
+  }
+
+  // Tensors on this context's device.
+  Tensor empty(DType dtype, Shape shape) const { return device_empty(dtype, shape); }
+  Tensor zeros(DType dtype, Shape shape) const { return device_zeros(dtype, shape); }
+  Tensor upload(const Tensor& host) const { return to_device(host); }
+  Tensor download(const Tensor& device_tensor) const { return to_host(device_tensor); }
+
+  // ---- GEMM (defined in gemm.cuh) -------------------------------------------------------------
+  // Row-major C[M,N] = alpha * op(A) op(B) + beta * C, fp32 accumulation (CUBLAS_COMPUTE_32F).
+  // A view's rows/cols are the stored matrix; op(X) = X^T when transpose_x. op(A) is [M,K],
+  // op(B) is [K,N], C is [M,N]; strides are the leading dimensions (any value >= cols). C must
+  // not overlap A or B. With beta == 0, C is not read (it may hold NaNs).
+  void matmul(MatrixView<const bf16> a, bool transpose_a, MatrixView<const bf16> b,
+              bool transpose_b, MatrixView<bf16> c, float alpha = 1.0f, float beta = 0.0f);
+  void matmul(MatrixView<const bf16> a, bool transpose_a, MatrixView<const bf16> b,
+              bool transpose_b, MatrixView<float> c, float alpha = 1.0f, float beta = 0.0f);
+  // fp32 inputs and output, true fp32 math (no TF32): for tests and for small exact work.
+  void matmul(MatrixView<const float> a, bool transpose_a, MatrixView<const float> b,
+              bool transpose_b, MatrixView<float> c, float alpha = 1.0f, float beta = 0.0f);
+
+  // ---- norms (defined in layernorm.cuh, rmsnorm.cuh) -------------------------------------------
+  // T is the activation storage type: float, kept::bf16 or __nv_bfloat16. Weights, biases,
+  // parameter gradients and the per-row mean/rstd are fp32. Pointers are device pointers to
+  // contiguous [rows, cols] (activations) and [cols] (parameters) arrays. Same semantics as
+  // kept::cpu: mean/rstd may be null in the forward; backward ACCUMULATES into dx, dweight and
+  // dbias (dweight/dbias may be null).
+  template <class T>
+  void layernorm_forward(const T* x, const float* weight, const float* bias, T* y, float* mean,
+                         float* rstd, std::int64_t rows, std::int64_t cols, float eps);
+  template <class T>
+  void layernorm_backward(const T* dy, const T* x, const float* weight, const float* mean,
+                          const float* rstd, T* dx, float* dweight, float* dbias, std::int64_t rows,
+                          std::int64_t cols);
+  template <class T>
+  void rmsnorm_forward(const T* x, const float* weight, T* y, float* rstd, std::int64_t rows,
+                       std::int64_t cols, float eps);
+  template <class T>
+  void rmsnorm_backward(const T* dy, const T* x, const float* weight, const float* rstd, T* dx,
+                        float* dweight, std::int64_t rows, std::int64_t cols);
+
+ private:
+  detail::GemmPlanCache& gemm_plans();
+
+  int device_ = 0;
+  int sm_count_ = 0;
+  std::unique_ptr<CUstream_st, detail::StreamDeleter> stream_;
+  std::unique_ptr<cublasLtContext, detail::LtHandleDeleter> lt_;
+  DeviceBuffer workspace_;
+  DeviceBuffer scratch_;
+  // Created on the first matmul; a function-pointer deleter so GemmPlanCache may be incomplete
+  // here.
+  std::unique_ptr<detail::GemmPlanCache, void (*)(detail::GemmPlanCache*)> gemm_plans_{nullptr,
+                                                                                       nullptr};
+};
+
+}  // namespace kept::cuda
