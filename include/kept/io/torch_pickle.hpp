@@ -106,9 +106,8 @@ class TorchPickleVm {
 
   TorchPickle run() {
     for (;;) {
-      const std::size_t at = pos_;
+      op_offset_ = pos_;
       const auto op = static_cast<unsigned char>(read_byte("an opcode"));
-      op_offset_ = at;
       switch (op) {
         case 0x80: {  // PROTO
           const auto version = static_cast<unsigned char>(read_byte("PROTO"));
