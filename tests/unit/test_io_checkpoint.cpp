@@ -139,7 +139,7 @@ TEST_CASE("shard names and the split follow huggingface_hub", "[io][checkpoint]"
   CHECK(plan_shards(tensors, 100) ==
         std::vector<std::vector<std::size_t>>{{0, 1}, {2}, {3}, {4, 5}});
   CHECK(plan_shards(tensors, 10000) == std::vector<std::vector<std::size_t>>{{0, 1, 2, 3, 4, 5}});
-  CHECK(plan_shards({}, 10) == std::vector<std::vector<std::size_t>>{{}});
+  CHECK(plan_shards(std::span<const NamedTensor>{}, 10) == std::vector<std::vector<std::size_t>>{{}});
 }
 
 TEST_CASE("a checkpoint that fits one shard is model.safetensors", "[io][checkpoint]") {

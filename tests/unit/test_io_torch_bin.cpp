@@ -19,6 +19,7 @@
 #include <nlohmann/json.hpp>
 
 #include "kept/core/tensor.hpp"
+#include "kept/io/checkpoint.hpp"
 #include "kept/io/torch_checkpoint.hpp"
 #include "kept/io/torch_pickle.hpp"
 #include "kept/io/zip.hpp"
@@ -374,7 +375,7 @@ TEST_CASE("torch .bin: checkpoint directories, single and sharded", "[io][torch_
   for (const std::string layout : {"single", "sharded"}) {
     INFO("layout " << layout);
     const nlohmann::json& want = expected()["dirs"][layout];
-    TorchCheckpointReader reader = TorchCheckpointReader::open(kFixtures / layout);
+    CheckpointReader reader = CheckpointReader::open(kFixtures / layout);
     CHECK(reader.directory() == kFixtures / layout);
     CHECK(reader.sharded() == (layout == "sharded"));
     CHECK(reader.files() == want["files"].get<std::vector<std::string>>());
@@ -406,9 +407,9 @@ TEST_CASE("torch .bin: bad checkpoint directories are refused up front", "[io][t
   };
   auto index = nlohmann::json::parse(std::ifstream(shards / "pytorch_model.bin.index.json"));
 
-  CHECK_THAT(error_of([&] { TorchCheckpointReader::open(dir / "missing"); }),
+  CHECK_THAT(error_of([&] { CheckpointReader::open(dir / "missing"); }),
              Contains("does not exist"));
-  CHECK_THAT(error_of([&] { TorchCheckpointReader::open(dir.path()); }),
+  CHECK_THAT(error_of([&] { CheckpointReader::open(dir.path()); }),
              Contains("no pytorch_model.bin or pytorch_model.bin.index.json"));
 
   std::filesystem::copy_file(shards / shard1, dir / shard1);
@@ -417,13 +418,13 @@ TEST_CASE("torch .bin: bad checkpoint directories are refused up front", "[io][t
     write_index(index["weight_map"]);
     std::filesystem::copy_file(kFixtures / "single" / "pytorch_model.bin",
                                dir / "pytorch_model.bin");
-    CHECK_THAT(error_of([&] { TorchCheckpointReader::open(dir.path()); }), Contains("ambiguous"));
+    CHECK_THAT(error_of([&] { CheckpointReader::open(dir.path()); }), Contains("ambiguous"));
   }
   SECTION("an index that maps a tensor to the wrong shard") {
     auto map = index["weight_map"];
     map["model.embed_tokens.weight"] = shard2;
     write_index(map);
-    CHECK_THAT(error_of([&] { TorchCheckpointReader::open(dir.path()); }),
+    CHECK_THAT(error_of([&] { CheckpointReader::open(dir.path()); }),
                StartsWith((dir / shard1).string()) &&
                    Contains("\"model.embed_tokens.weight\", which pytorch_model.bin.index.json "
                             "maps to " +
@@ -433,28 +434,28 @@ TEST_CASE("torch .bin: bad checkpoint directories are refused up front", "[io][t
     auto map = index["weight_map"];
     map["extra.weight"] = shard2;
     write_index(map);
-    CHECK_THAT(error_of([&] { TorchCheckpointReader::open(dir.path()); }),
+    CHECK_THAT(error_of([&] { CheckpointReader::open(dir.path()); }),
                StartsWith((dir / shard2).string()) && Contains("\"extra.weight\" is missing"));
   }
   SECTION("an index that misses a tensor") {
     auto map = index["weight_map"];
     map.erase("model.norm.weight");
     write_index(map);
-    CHECK_THAT(error_of([&] { TorchCheckpointReader::open(dir.path()); }),
+    CHECK_THAT(error_of([&] { CheckpointReader::open(dir.path()); }),
                Contains("\"model.norm.weight\", which pytorch_model.bin.index.json does not list"));
   }
   SECTION("an index that points outside the directory") {
     auto map = index["weight_map"];
     map["lm_head.weight"] = "../" + shard2;
     write_index(map);
-    CHECK_THAT(error_of([&] { TorchCheckpointReader::open(dir.path()); }),
+    CHECK_THAT(error_of([&] { CheckpointReader::open(dir.path()); }),
                Contains("must be a plain file name"));
   }
   SECTION("a shard that is malicious") {
     std::filesystem::remove(dir / shard2);
     std::filesystem::copy_file(kFixtures / "evil_os_system.bin", dir / shard2);
     write_index(index["weight_map"]);
-    CHECK_THAT(error_of([&] { TorchCheckpointReader::open(dir.path()); }),
+    CHECK_THAT(error_of([&] { CheckpointReader::open(dir.path()); }),
                StartsWith((dir / shard2).string()) && Contains("'os system'"));
   }
 }

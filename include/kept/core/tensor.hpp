@@ -54,11 +54,18 @@ class Storage {
   std::size_t bytes() const { return bytes_; }
   MemorySpace space() const { return space_; }
 
+  // A read-only file mapping can give its pages back to the kernel once they have been used
+  // (they are re-read from the file if touched again); a streaming converter does that after
+  // each tensor so its resident memory stays at a few tensors, not the whole checkpoint.
+  void mark_file_mapping() { file_mapping_ = true; }
+  bool file_mapping() const { return file_mapping_; }
+
  private:
   void* data_;
   std::size_t bytes_;
   MemorySpace space_;
   std::function<void(void*)> release_;
+  bool file_mapping_ = false;
 };
 
 class Tensor {
@@ -86,6 +93,10 @@ class Tensor {
         " exceeds its storage of ", storage->bytes(), " bytes");
     return Tensor(dtype, shape, std::move(storage), offset);
   }
+
+  // A tensor with a dtype and shape but no storage, like torch's "meta" device: what a
+  // planner needs to lay out a checkpoint or count parameters without allocating them.
+  static Tensor meta(DType dtype, Shape shape) { return Tensor(dtype, shape, nullptr, 0); }
 
   bool defined() const { return storage_ != nullptr; }
   DType dtype() const { return dtype_; }

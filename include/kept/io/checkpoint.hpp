@@ -1,4 +1,5 @@
-// kept/io/checkpoint.hpp: Hugging Face checkpoint directories of safetensors files.
+// kept/io/checkpoint.hpp: Hugging Face checkpoint directories: safetensors (read and write)
+// and PyTorch .bin (read).
 //
 // HF stores weights either as one `model.safetensors` or, when they exceed the shard size, as
 // shards `model-00001-of-00003.safetensors` ... plus `model.safetensors.index.json`:
@@ -35,6 +36,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <variant>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -44,6 +46,7 @@
 #include "kept/io/atomic_file.hpp"
 #include "kept/io/json.hpp"
 #include "kept/io/safetensors.hpp"
+#include "kept/io/torch_checkpoint.hpp"
 
 namespace kept {
 
@@ -63,14 +66,14 @@ inline std::string shard_file_name(std::size_t shard, std::size_t shard_count) {
 
 // Splits `tensors` into shards of at most `max_shard_bytes` of tensor data each (a larger
 // tensor gets a shard of its own), keeping the order. Returns the indices in each shard.
-inline std::vector<std::vector<std::size_t>> plan_shards(std::span<const NamedTensor> tensors,
+inline std::vector<std::vector<std::size_t>> plan_shards(std::span<const TensorSpec> tensors,
                                                          std::uint64_t max_shard_bytes) {
   KEPT_CHECK(max_shard_bytes > 0, "max_shard_bytes must be positive");
   std::vector<std::vector<std::size_t>> shards;
   std::vector<std::size_t> current;
   std::uint64_t current_bytes = 0;
   for (std::size_t i = 0; i < tensors.size(); ++i) {
-    const std::uint64_t bytes = tensors[i].tensor.nbytes();
+    const std::uint64_t bytes = tensors[i].nbytes();
     if (!current.empty() && current_bytes + bytes > max_shard_bytes) {
       shards.push_back(std::move(current));
       current.clear();
@@ -81,6 +84,10 @@ inline std::vector<std::vector<std::size_t>> plan_shards(std::span<const NamedTe
   }
   if (!current.empty() || shards.empty()) shards.push_back(std::move(current));
   return shards;
+}
+inline std::vector<std::vector<std::size_t>> plan_shards(std::span<const NamedTensor> tensors,
+                                                         std::uint64_t max_shard_bytes) {
+  return plan_shards(specs_of(tensors), max_shard_bytes);
 }
 
 namespace detail {
@@ -109,10 +116,24 @@ inline bool is_checkpoint_weight_file(const std::string& name) {
 
 }  // namespace detail
 
+// The two on-disk layouts HF uses for weights; a reader accepts either.
+struct CheckpointFormat {
+  std::string_view single_file;
+  std::string_view index_file;
+  std::string_view description;
+};
+inline constexpr CheckpointFormat kSafetensorsFormat{kCheckpointSingleFile, kCheckpointIndexFile,
+                                                     "safetensors"};
+inline constexpr CheckpointFormat kTorchBinFormat{kTorchCheckpointSingleFile,
+                                                  kTorchCheckpointIndexFile, "PyTorch .bin"};
+
 class CheckpointReader {
  public:
   CheckpointReader() = default;
 
+  // Opens a safetensors checkpoint, or a PyTorch .bin one (read without executing code, see
+  // torch_checkpoint.hpp) when the directory has no safetensors: transformers prefers
+  // safetensors the same way.
   static CheckpointReader open(const std::filesystem::path& directory) {
     CheckpointReader reader;
     reader.directory_ = directory;
@@ -121,45 +142,64 @@ class CheckpointReader {
     if (!std::filesystem::is_directory(directory, error))
       fail(where, ": not a checkpoint directory (",
            std::filesystem::exists(directory, error) ? "not a directory" : "does not exist", ")");
-    const bool has_single = std::filesystem::exists(directory / kCheckpointSingleFile, error);
-    const bool has_index = std::filesystem::exists(directory / kCheckpointIndexFile, error);
-    if (has_single && has_index)
-      fail(where, ": holds both ", kCheckpointSingleFile, " and ", kCheckpointIndexFile,
-           "; it is ambiguous which one is the checkpoint");
-    if (!has_single && !has_index)
-      fail(where, ": no ", kCheckpointSingleFile, " or ", kCheckpointIndexFile,
-           " (not a safetensors checkpoint directory)");
-    if (has_single) {
-      reader.add_file(std::string(kCheckpointSingleFile), nullptr);
-    } else {
-      reader.sharded_ = true;
-      reader.open_sharded();
+    for (const CheckpointFormat* format : {&kSafetensorsFormat, &kTorchBinFormat}) {
+      const bool has_single = std::filesystem::exists(directory / format->single_file, error);
+      const bool has_index = std::filesystem::exists(directory / format->index_file, error);
+      if (has_single && has_index)
+        fail(where, ": holds both ", format->single_file, " and ", format->index_file,
+             "; it is ambiguous which one is the checkpoint");
+      if (!has_single && !has_index) continue;
+      reader.format_ = format;
+      if (has_single) {
+        reader.add_file(std::string(format->single_file), nullptr);
+      } else {
+        reader.sharded_ = true;
+        reader.open_sharded();
+      }
+      return reader;
     }
-    return reader;
+    fail(where, ": no ", kCheckpointSingleFile, " or ", kCheckpointIndexFile, ", and no ",
+         kTorchCheckpointSingleFile, " or ", kTorchCheckpointIndexFile,
+         " (not a checkpoint directory)");
   }
 
   const std::filesystem::path& directory() const { return directory_; }
   bool sharded() const { return sharded_; }
-  // The safetensors files, in the order names() visits them.
+  // "safetensors" or "PyTorch .bin".
+  std::string_view format() const { return format_ ? format_->description : ""; }
+  // The index file of a sharded checkpoint ("model.safetensors.index.json").
+  std::string_view index_file() const { return format_ ? format_->index_file : ""; }
+  // The weight files, in the order names() visits them.
   const std::vector<std::string>& files() const { return file_names_; }
   std::size_t size() const { return names_.size(); }
   // All tensor names: files in order, data order within each file.
   const std::vector<std::string>& names() const { return names_; }
   bool contains(std::string_view name) const { return file_of_.find(name) != file_of_.end(); }
 
-  const Tensor& tensor(std::string_view name) const { return files_[locate(name)].tensor(name); }
+  const Tensor& tensor(std::string_view name) const {
+    return std::visit([&](const auto& file) -> const Tensor& { return file.tensor(name); },
+                      files_[locate(name)]);
+  }
   // The file (name within the directory) that holds `name`.
   const std::string& file_of(std::string_view name) const { return file_names_[locate(name)]; }
 
  private:
+  using WeightFile = std::variant<SafetensorsFile, TorchCheckpointFile>;
+
   std::size_t locate(std::string_view name) const {
     auto found = file_of_.find(name);
     if (found == file_of_.end())
       fail(directory_.string(), ": tensor ", detail::quote_json(name),
            " not found in the checkpoint (",
-           sharded_ ? std::string(kCheckpointIndexFile) + " maps " : file_names_[0] + " holds ",
+           sharded_ ? std::string(index_file()) + " maps " : file_names_[0] + " holds ",
            names_.size(), " tensors)");
     return found->second;
+  }
+
+  WeightFile open_file(const std::filesystem::path& path) const {
+    if (format_ == &kTorchBinFormat)
+      return WeightFile(std::in_place_type<TorchCheckpointFile>, path);
+    return WeightFile(std::in_place_type<SafetensorsFile>, path);
   }
 
   // Opens `file_name`; with an index, checks it holds exactly `expected` (the tensors the index
@@ -167,25 +207,27 @@ class CheckpointReader {
   void add_file(const std::string& file_name, const std::set<std::string>* expected,
                 const std::map<std::string, std::string>* index = nullptr) {
     const std::filesystem::path path = directory_ / file_name;
-    SafetensorsFile file(path);
+    WeightFile file = open_file(path);
     const std::size_t position = files_.size();
-    for (const std::string& name : file.names()) {
+    const std::vector<std::string> file_names =
+        std::visit([](const auto& f) { return std::vector<std::string>(f.names()); }, file);
+    for (const std::string& name : file_names) {
       if (expected && !expected->count(name)) {
         auto mapped = index->find(name);
         if (mapped == index->end())
-          fail(path.string(), ": holds tensor ", detail::quote_json(name), ", which ",
-               kCheckpointIndexFile, " does not list");
-        fail(path.string(), ": holds tensor ", detail::quote_json(name), ", which ",
-             kCheckpointIndexFile, " maps to ", mapped->second, " (a tensor in two shards)");
+          fail(path.string(), ": holds tensor ", detail::quote_json(name), ", which ", index_file(),
+               " does not list");
+        fail(path.string(), ": holds tensor ", detail::quote_json(name), ", which ", index_file(),
+             " maps to ", mapped->second, " (a tensor in two shards)");
       }
       file_of_.emplace(name, position);
       names_.push_back(name);
     }
     if (expected) {
       for (const std::string& name : *expected) {
-        if (!file.contains(name))
+        if (!std::visit([&](const auto& f) { return f.contains(name); }, file))
           fail(path.string(), ": tensor ", detail::quote_json(name), " is missing, but ",
-               kCheckpointIndexFile, " maps it to this file");
+               index_file(), " maps it to this file");
       }
     }
     files_.push_back(std::move(file));
@@ -193,7 +235,7 @@ class CheckpointReader {
   }
 
   void open_sharded() {
-    const std::filesystem::path index_path = directory_ / kCheckpointIndexFile;
+    const std::filesystem::path index_path = directory_ / index_file();
     const std::string where = index_path.string();
     std::string text = detail::read_text_file(index_path, kMaxCheckpointIndexBytes);
     // Generous depth: "metadata" may carry nested values kept does not read.
@@ -233,9 +275,10 @@ class CheckpointReader {
   }
 
   std::filesystem::path directory_;
+  const CheckpointFormat* format_ = nullptr;
   bool sharded_ = false;
   std::vector<std::string> file_names_;
-  std::vector<SafetensorsFile> files_;  // parallel to file_names_
+  std::vector<WeightFile> files_;  // parallel to file_names_
   std::map<std::string, std::size_t, std::less<>> file_of_;
   std::vector<std::string> names_;
 };
@@ -245,39 +288,42 @@ class CheckpointReader {
 // Weight files from an earlier write that the new layout does not use are removed, so the
 // directory never holds two layouts. Returns the file names written, index last.
 inline std::vector<std::string> write_checkpoint(
-    const std::filesystem::path& directory, std::span<const NamedTensor> tensors,
-    std::uint64_t max_shard_bytes = kDefaultMaxShardBytes) {
+    const std::filesystem::path& directory, std::span<const TensorSpec> specs,
+    const TensorProducer& produce, std::uint64_t max_shard_bytes = kDefaultMaxShardBytes) {
   const std::string where = directory.string();
   KEPT_CHECK(max_shard_bytes > 0, where, ": max_shard_bytes must be positive");
   // Check names across all shards before writing anything.
   std::set<std::string_view> seen;
-  for (const NamedTensor& named : tensors) {
-    if (!seen.insert(named.name).second)
-      fail(where, ": tensor ", detail::quote_json(named.name), ": name given twice");
+  for (const TensorSpec& spec : specs) {
+    if (!seen.insert(spec.name).second)
+      fail(where, ": tensor ", detail::quote_json(spec.name), ": name given twice");
   }
   std::error_code error;
   std::filesystem::create_directories(directory, error);
   if (error) fail(where, ": cannot create the checkpoint directory: ", error.message());
 
   const SafetensorsMetadata metadata{{"format", "pt"}};
-  const std::vector<std::vector<std::size_t>> shards = plan_shards(tensors, max_shard_bytes);
+  const std::vector<std::vector<std::size_t>> shards = plan_shards(specs, max_shard_bytes);
   std::vector<std::string> written;
   if (shards.size() == 1) {
-    write_safetensors(directory / kCheckpointSingleFile, tensors, metadata);
+    write_safetensors(directory / kCheckpointSingleFile, specs, produce, metadata);
     written.emplace_back(kCheckpointSingleFile);
   } else {
     nlohmann::json weight_map = nlohmann::json::object();
     std::uint64_t total_size = 0;
     for (std::size_t shard = 0; shard < shards.size(); ++shard) {
       const std::string file_name = shard_file_name(shard + 1, shards.size());
-      std::vector<NamedTensor> members;
+      std::vector<TensorSpec> members;
       members.reserve(shards[shard].size());
       for (std::size_t index : shards[shard]) {
-        members.push_back(tensors[index]);
-        weight_map[tensors[index].name] = file_name;
-        total_size += tensors[index].tensor.nbytes();
+        members.push_back(specs[index]);
+        weight_map[specs[index].name] = file_name;
+        total_size += specs[index].nbytes();
       }
-      write_safetensors(directory / file_name, members, metadata);
+      const std::vector<std::size_t>& global = shards[shard];
+      write_safetensors(
+          directory / file_name, members, [&](std::size_t i) { return produce(global[i]); },
+          metadata);
       written.push_back(file_name);
     }
     nlohmann::json index = {{"metadata", {{"total_size", total_size}}},
@@ -297,6 +343,15 @@ inline std::vector<std::string> write_checkpoint(
     }
   }
   return written;
+}
+
+// The same for tensors already in memory.
+inline std::vector<std::string> write_checkpoint(
+    const std::filesystem::path& directory, std::span<const NamedTensor> tensors,
+    std::uint64_t max_shard_bytes = kDefaultMaxShardBytes) {
+  const std::vector<TensorSpec> specs = specs_of(tensors);
+  return write_checkpoint(
+      directory, specs, [&](std::size_t i) { return tensors[i].tensor; }, max_shard_bytes);
 }
 
 }  // namespace kept

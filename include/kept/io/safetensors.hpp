@@ -40,6 +40,7 @@
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <limits>
 #include <map>
 #include <memory>
@@ -59,6 +60,7 @@
 #include "kept/core/tensor.hpp"
 #include "kept/io/atomic_file.hpp"
 #include "kept/io/json.hpp"
+#include "kept/io/mapped_file.hpp"
 
 namespace kept {
 
@@ -90,6 +92,30 @@ struct NamedTensor {
   std::string name;
   Tensor tensor;
 };
+
+// What a writer needs to lay out a tensor before its values exist: the streaming writers
+// take specs up front and ask a producer for each tensor only when its bytes are due, so a
+// conversion holds one tensor at a time, never the whole model.
+struct TensorSpec {
+  std::string name;
+  DType dtype = DType::F32;
+  Shape shape;
+  std::uint64_t nbytes() const {
+    return static_cast<std::uint64_t>(shape.numel()) * dtype_size(dtype);
+  }
+};
+
+// Returns the tensor for spec `index`; called once per tensor, in order.
+using TensorProducer = std::function<Tensor(std::size_t index)>;
+
+inline std::vector<TensorSpec> specs_of(std::span<const NamedTensor> tensors) {
+  std::vector<TensorSpec> specs;
+  specs.reserve(tensors.size());
+  for (const NamedTensor& named : tensors) {
+    specs.push_back({named.name, named.tensor.dtype(), named.tensor.shape()});
+  }
+  return specs;
+}
 
 namespace detail {
 
@@ -279,33 +305,11 @@ class SafetensorsFile {
 
   explicit SafetensorsFile(const std::filesystem::path& path) : path_(path) {
     const std::string where = path.string();
-    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) fail(where, ": cannot open: ", detail::errno_text(errno));
-    struct FdCloser {
-      int fd;
-      ~FdCloser() { ::close(fd); }
-    } closer{fd};
-    struct stat info {};
-    if (::fstat(fd, &info) != 0) fail(where, ": cannot stat: ", detail::errno_text(errno));
-    if (!S_ISREG(info.st_mode)) fail(where, ": not a regular file");
-    const auto size = static_cast<std::size_t>(info.st_size);
-
-    // mmap cannot map an empty file; the parser gives the proper "too short" message.
-    if (size == 0) parse_safetensors_header({}, where);
-    KEPT_CHECK(size > 0, where, ": empty file");
-    std::shared_ptr<Storage> mapping;
-    {
-      void* base =
-          ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, fd, 0);
-      if (base == MAP_FAILED) fail(where, ": cannot mmap: ", detail::errno_text(errno));
-      try {
-        mapping = std::make_shared<Storage>(base, size, MemorySpace::Host,
-                                            [size](void* data) { ::munmap(data, size); });
-      } catch (...) {
-        ::munmap(base, size);
-        throw;
-      }
-    }
+    const std::shared_ptr<Storage> mapping = map_file_private(path);
+    // An empty file: the parser gives the proper "too short" message.
+    if (!mapping) parse_safetensors_header({}, where);
+    KEPT_CHECK(mapping, where, ": empty file");
+    const std::size_t size = mapping->bytes();
     std::span<const std::byte> bytes(static_cast<const std::byte*>(mapping->data()), size);
     header_ = parse_safetensors_header(bytes, where);
 
@@ -355,7 +359,7 @@ namespace detail {
 
 // The 8-byte length prefix and the padded JSON header for `tensors` laid out in order.
 inline std::string safetensors_header_bytes(const std::string& where,
-                                            std::span<const NamedTensor> tensors,
+                                            std::span<const TensorSpec> tensors,
                                             const SafetensorsMetadata& metadata) {
   auto json_string = [&](const std::string& text, const std::string& what) {
     try {
@@ -377,21 +381,17 @@ inline std::string safetensors_header_bytes(const std::string& where,
   }
   std::set<std::string_view> seen;
   std::uint64_t offset = 0;
-  for (const NamedTensor& named : tensors) {
+  for (const TensorSpec& named : tensors) {
     const std::string tensor = where + ": tensor " + quote_json(named.name);
     if (named.name == "__metadata__") fail(tensor, ": the name is reserved for the metadata");
     if (!seen.insert(named.name).second) fail(tensor, ": name given twice");
-    if (!named.tensor.defined()) fail(tensor, ": tensor is undefined (has no storage)");
-    if (named.tensor.space() != MemorySpace::Host)
-      fail(tensor, ": tensor is in ", memory_space_name(named.tensor.space()),
-           " memory; copy it to the host before writing");
     if (json.size() > 1) json += ",";
-    const std::uint64_t nbytes = named.tensor.nbytes();
+    const std::uint64_t nbytes = named.nbytes();
     json += json_string(named.name, "tensor name");
-    json += ":{\"dtype\":\"" + std::string(dtype_name(named.tensor.dtype())) + "\",\"shape\":[";
-    for (int axis = 0; axis < named.tensor.rank(); ++axis) {
+    json += ":{\"dtype\":\"" + std::string(dtype_name(named.dtype)) + "\",\"shape\":[";
+    for (int axis = 0; axis < named.shape.rank(); ++axis) {
       if (axis) json += ",";
-      json += std::to_string(named.tensor.dim(axis));
+      json += std::to_string(named.shape[axis]);
     }
     json += "],\"data_offsets\":[" + std::to_string(offset) + "," +
             std::to_string(offset + nbytes) + "]}";
@@ -409,16 +409,38 @@ inline std::string safetensors_header_bytes(const std::string& where,
 
 }  // namespace detail
 
+// Writes the tensors `specs` describes, in order, atomically; `produce(i)` supplies tensor i
+// (host memory, exactly the spec's dtype and shape) just before its bytes are written, and
+// the writer drops it right after.
+inline void write_safetensors(const std::filesystem::path& path, std::span<const TensorSpec> specs,
+                              const TensorProducer& produce,
+                              const SafetensorsMetadata& metadata = {}) {
+  const std::string where = path.string();
+  std::string header = detail::safetensors_header_bytes(where, specs, metadata);
+  AtomicFile file(path);
+  file.write(header);
+  for (std::size_t i = 0; i < specs.size(); ++i) {
+    const std::string tensor_name = where + ": tensor " + detail::quote_json(specs[i].name);
+    const Tensor tensor = produce(i);
+    if (!tensor.defined()) fail(tensor_name, ": tensor is undefined (has no storage)");
+    if (tensor.space() != MemorySpace::Host)
+      fail(tensor_name, ": tensor is in ", memory_space_name(tensor.space()),
+           " memory; copy it to the host before writing");
+    if (tensor.dtype() != specs[i].dtype || !(tensor.shape() == specs[i].shape))
+      fail(tensor_name, ": produced ", dtype_name(tensor.dtype()), " ", tensor.shape(),
+           ", but the header says ", dtype_name(specs[i].dtype), " ", specs[i].shape);
+    file.write(tensor.bytes());
+  }
+  file.commit();
+}
+
 // Writes `tensors` (names unique, host memory) in the given order, atomically.
 inline void write_safetensors(const std::filesystem::path& path,
                               std::span<const NamedTensor> tensors,
                               const SafetensorsMetadata& metadata = {}) {
-  std::string header = detail::safetensors_header_bytes(path.string(), tensors, metadata);
-  AtomicFile file(path);
-  file.write(header);
-  for (const NamedTensor& named : tensors)
-    file.write(named.tensor.bytes());
-  file.commit();
+  const std::vector<TensorSpec> specs = specs_of(tensors);
+  write_safetensors(
+      path, specs, [&](std::size_t i) { return tensors[i].tensor; }, metadata);
 }
 
 }  // namespace kept

@@ -17,11 +17,9 @@
 // torch (a slice of another) are two views of the same mapped bytes. The old pre-1.6 format
 // (a bare pickle stream, not a zip) is refused with a message saying so.
 //
-// TorchCheckpointReader reads an HF checkpoint directory in the .bin layout, pytorch_model.bin
-// or pytorch_model.bin.index.json plus shards, with the same public API and the same up-front
-// validation as CheckpointReader (checkpoint.hpp) does for safetensors: exactly one layout, a
-// weight_map of plain file names inside the directory, each shard holding exactly the tensors
-// the index assigns to it.
+// Directories in the .bin layout (pytorch_model.bin, or pytorch_model.bin.index.json plus
+// shards) are read by CheckpointReader (checkpoint.hpp), with the same validation as for
+// safetensors.
 #pragma once
 
 #include <cstddef>
@@ -134,9 +132,9 @@ class TorchCheckpointFile {
   TorchCheckpointFile() = default;
 
   explicit TorchCheckpointFile(const std::filesystem::path& path) : path_(path) {
-    const std::shared_ptr<Storage> mapping = detail::map_file_private(path);
+    const std::shared_ptr<Storage> mapping = map_file_private(path);
     TorchArchiveTensors contents =
-        read_torch_archive(detail::mapped_bytes(mapping), mapping, path.string());
+        read_torch_archive(mapped_bytes(mapping), mapping, path.string());
     names_ = std::move(contents.names);
     tensors_ = std::move(contents.tensors);
     for (std::size_t i = 0; i < names_.size(); ++i)
@@ -162,144 +160,6 @@ class TorchCheckpointFile {
   std::vector<std::string> names_;
   std::vector<Tensor> tensors_;  // parallel to names_
   std::map<std::string, std::size_t, std::less<>> index_;
-};
-
-namespace detail {
-// A weight_map value must name a file inside the checkpoint directory.
-inline bool torch_plain_file_name(std::string_view name) {
-  return !name.empty() && name != "." && name != ".." &&
-         name.find_first_of(std::string_view("/\\\0", 3)) == std::string_view::npos;
-}
-}  // namespace detail
-
-// An HF checkpoint directory in the .bin layout; the same API as CheckpointReader.
-class TorchCheckpointReader {
- public:
-  TorchCheckpointReader() = default;
-
-  static TorchCheckpointReader open(const std::filesystem::path& directory) {
-    TorchCheckpointReader reader;
-    reader.directory_ = directory;
-    const std::string where = directory.string();
-    std::error_code error;
-    if (!std::filesystem::is_directory(directory, error))
-      fail(where, ": not a checkpoint directory (",
-           std::filesystem::exists(directory, error) ? "not a directory" : "does not exist", ")");
-    const bool has_single = std::filesystem::exists(directory / kTorchCheckpointSingleFile, error);
-    const bool has_index = std::filesystem::exists(directory / kTorchCheckpointIndexFile, error);
-    if (has_single && has_index)
-      fail(where, ": holds both ", kTorchCheckpointSingleFile, " and ", kTorchCheckpointIndexFile,
-           "; it is ambiguous which one is the checkpoint");
-    if (!has_single && !has_index)
-      fail(where, ": no ", kTorchCheckpointSingleFile, " or ", kTorchCheckpointIndexFile,
-           " (not a PyTorch .bin checkpoint directory)");
-    if (has_single) {
-      reader.add_file(std::string(kTorchCheckpointSingleFile), nullptr);
-    } else {
-      reader.sharded_ = true;
-      reader.open_sharded();
-    }
-    return reader;
-  }
-
-  const std::filesystem::path& directory() const { return directory_; }
-  bool sharded() const { return sharded_; }
-  // The .bin files, in the order names() visits them.
-  const std::vector<std::string>& files() const { return file_names_; }
-  std::size_t size() const { return names_.size(); }
-  // All tensor names: files in order, state-dict order within each file.
-  const std::vector<std::string>& names() const { return names_; }
-  bool contains(std::string_view name) const { return file_of_.find(name) != file_of_.end(); }
-
-  const Tensor& tensor(std::string_view name) const { return files_[locate(name)].tensor(name); }
-  // The file (name within the directory) that holds `name`.
-  const std::string& file_of(std::string_view name) const { return file_names_[locate(name)]; }
-
- private:
-  std::size_t locate(std::string_view name) const {
-    auto found = file_of_.find(name);
-    if (found == file_of_.end())
-      fail(
-          directory_.string(), ": tensor ", detail::quote_json(name),
-          " not found in the checkpoint (",
-          sharded_ ? std::string(kTorchCheckpointIndexFile) + " maps " : file_names_[0] + " holds ",
-          names_.size(), " tensors)");
-    return found->second;
-  }
-
-  void add_file(const std::string& file_name, const std::set<std::string>* expected,
-                const std::map<std::string, std::string>* index = nullptr) {
-    const std::filesystem::path path = directory_ / file_name;
-    TorchCheckpointFile file(path);
-    const std::size_t position = files_.size();
-    for (const std::string& name : file.names()) {
-      if (expected && !expected->count(name)) {
-        auto mapped = index->find(name);
-        if (mapped == index->end())
-          fail(path.string(), ": holds tensor ", detail::quote_json(name), ", which ",
-               kTorchCheckpointIndexFile, " does not list");
-        fail(path.string(), ": holds tensor ", detail::quote_json(name), ", which ",
-             kTorchCheckpointIndexFile, " maps to ", mapped->second, " (a tensor in two shards)");
-      }
-      file_of_.emplace(name, position);
-      names_.push_back(name);
-    }
-    if (expected) {
-      for (const std::string& name : *expected) {
-        if (!file.contains(name))
-          fail(path.string(), ": tensor ", detail::quote_json(name), " is missing, but ",
-               kTorchCheckpointIndexFile, " maps it to this file");
-      }
-    }
-    files_.push_back(std::move(file));
-    file_names_.push_back(file_name);
-  }
-
-  void open_sharded() {
-    const std::filesystem::path index_path = directory_ / kTorchCheckpointIndexFile;
-    const std::string where = index_path.string();
-    std::string text = detail::read_text_file(index_path, 100ull << 20);
-    nlohmann::json index = detail::parse_json_strict(text, where, 16);
-    if (!index.is_object())
-      fail(where, ": top level must be a JSON object, found ", detail::describe_json(index));
-    if (index.contains("metadata") && !index["metadata"].is_object() &&
-        !index["metadata"].is_null())
-      fail(where, ": \"metadata\" must be an object, found ",
-           detail::describe_json(index["metadata"]));
-    if (!index.contains("weight_map")) fail(where, ": missing \"weight_map\"");
-    const nlohmann::json& weight_map = index["weight_map"];
-    if (!weight_map.is_object())
-      fail(where, ": \"weight_map\" must be an object of tensor name to file name, found ",
-           detail::describe_json(weight_map));
-    if (weight_map.empty()) fail(where, ": \"weight_map\" is empty");
-
-    std::map<std::string, std::string> file_of_tensor;
-    std::map<std::string, std::set<std::string>> tensors_of_file;  // sorted by file name
-    for (const auto& [name, file] : weight_map.items()) {
-      const std::string tensor = where + ": weight_map: tensor " + detail::quote_json(name);
-      if (!file.is_string())
-        fail(tensor, ": file must be a string, found ", detail::describe_json(file));
-      const std::string& file_name = file.get_ref<const std::string&>();
-      if (!detail::torch_plain_file_name(file_name))
-        fail(tensor, ": file ", detail::quote_json(file_name),
-             " must be a plain file name inside the checkpoint directory (no '/' or '..')");
-      std::error_code error;
-      if (!std::filesystem::is_regular_file(directory_ / file_name, error))
-        fail(tensor, ": mapped to ", detail::quote_json(file_name), ", which does not exist in ",
-             directory_.string());
-      file_of_tensor.emplace(name, file_name);
-      tensors_of_file[file_name].insert(name);
-    }
-    for (const auto& [file_name, names] : tensors_of_file)
-      add_file(file_name, &names, &file_of_tensor);
-  }
-
-  std::filesystem::path directory_;
-  bool sharded_ = false;
-  std::vector<std::string> file_names_;
-  std::vector<TorchCheckpointFile> files_;  // parallel to file_names_
-  std::map<std::string, std::size_t, std::less<>> file_of_;
-  std::vector<std::string> names_;
 };
 
 }  // namespace kept

@@ -30,6 +30,15 @@ inline bool is_ignorable_checkpoint_tensor(const std::string& name) {
   return std::regex_match(name, rotary_buffer);
 }
 
+// Where a reader looks tensors up: its one weight file, or the index of a sharded checkpoint.
+template <class Reader>
+std::string checkpoint_location(const Reader& reader) {
+  const auto& files = reader.files();
+  if (reader.sharded() || files.size() != 1)
+    return (reader.directory() / reader.index_file()).string();
+  return (reader.directory() / files[0]).string();
+}
+
 // Fills every parameter of `model` from `reader`.
 template <class Model>
 void load_weights(Model& model, const CheckpointReader& reader) {
@@ -37,7 +46,7 @@ void load_weights(Model& model, const CheckpointReader& reader) {
   model.visit_parameters([&](Parameter& parameter) {
     const std::string& name = parameter.name;
     if (!reader.contains(name))
-      fail(reader.directory().string(), ": tensor \"", name,
+      fail(checkpoint_location(reader), ": tensor \"", name,
            "\" is missing from the checkpoint (the config implies it)");
     const std::string where = (reader.directory() / reader.file_of(name)).string();
     const Tensor& stored = reader.tensor(name);
@@ -62,16 +71,6 @@ void load_weights(Model& model, const CheckpointReader& reader) {
   }
 }
 
-// The model's parameters as checkpoint tensors in `dtype`, in checkpoint order.
-template <class Model>
-std::vector<NamedTensor> collect_weights(Model& model, DType dtype) {
-  std::vector<NamedTensor> tensors;
-  model.visit_parameters([&](Parameter& parameter) {
-    tensors.push_back({parameter.name, parameter.value.to(dtype)});
-  });
-  return tensors;
-}
-
 // Writes a loadable HF checkpoint directory: config.json, generation_config.json and the
 // weights in config.dtype (sharded above `max_shard_bytes`). The directory is built under a
 // temporary name and renamed into place, so `destination` is either the old content or the
@@ -83,8 +82,16 @@ void save_pretrained(Model& model, const ModelConfig& config,
   AtomicDirectory directory(destination, force);
   write_hf_config(directory.path() / "config.json", config);
   write_generation_config(directory.path() / "generation_config.json", config);
-  const std::vector<NamedTensor> tensors = collect_weights(model, config.dtype);
-  write_checkpoint(directory.path(), tensors, max_shard_bytes);
+  // Each parameter is converted to the storage dtype only when its bytes are written.
+  std::vector<const Parameter*> parameters;
+  std::vector<TensorSpec> specs;
+  model.visit_parameters([&](Parameter& parameter) {
+    parameters.push_back(&parameter);
+    specs.push_back({parameter.name, config.dtype, parameter.value.shape()});
+  });
+  write_checkpoint(
+      directory.path(), specs, [&](std::size_t i) { return parameters[i]->value.to(config.dtype); },
+      max_shard_bytes);
   directory.commit();
 }
 

@@ -65,6 +65,7 @@
 
 #include "kept/core/error.hpp"
 #include "kept/core/tensor.hpp"
+#include "kept/io/mapped_file.hpp"
 
 namespace kept {
 
@@ -386,45 +387,13 @@ class ZipReader {
   std::map<std::string, std::size_t, std::less<>> index_;
 };
 
-namespace detail {
-
-// Maps `path` read-only into memory, private and copy-on-write (like SafetensorsFile: tensors
-// viewing it can be written to without touching the file). Null for an empty file. The Storage
-// munmaps when the last view of it goes away.
-inline std::shared_ptr<Storage> map_file_private(const std::filesystem::path& path) {
-  const std::string where = path.string();
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) fail(where, ": cannot open: ", std::system_category().message(errno));
-  struct FdCloser {
-    int fd;
-    ~FdCloser() { ::close(fd); }
-  } closer{fd};
-  struct stat info {};
-  if (::fstat(fd, &info) != 0)
-    fail(where, ": cannot stat: ", std::system_category().message(errno));
-  if (!S_ISREG(info.st_mode)) fail(where, ": not a regular file");
-  const auto size = static_cast<std::size_t>(info.st_size);
-  if (size == 0) return nullptr;
-  void* base = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, fd, 0);
-  if (base == MAP_FAILED) fail(where, ": cannot mmap: ", std::system_category().message(errno));
-  return std::make_shared<Storage>(base, size, MemorySpace::Host,
-                                   [size](void* data) { ::munmap(data, size); });
-}
-
-inline std::span<const std::byte> mapped_bytes(const std::shared_ptr<Storage>& mapping) {
-  if (!mapping) return {};
-  return {static_cast<const std::byte*>(mapping->data()), mapping->bytes()};
-}
-
-}  // namespace detail
-
-// A zip file on disk, mmapped (see detail::map_file_private), with its directory parsed.
+// A zip file on disk, mmapped (see map_file_private in mapped_file.hpp), with its directory parsed.
 class ZipFile {
  public:
   ZipFile() = default;
 
   explicit ZipFile(const std::filesystem::path& path)
-      : path_(path), mapping_(detail::map_file_private(path)) {
+      : path_(path), mapping_(map_file_private(path)) {
     reader_ = ZipReader(bytes(), path.string());
   }
 
@@ -432,7 +401,7 @@ class ZipFile {
   const ZipReader& reader() const { return reader_; }
   // The whole file; tensors viewing it hold this Storage. Null for an empty file.
   const std::shared_ptr<Storage>& mapping() const { return mapping_; }
-  std::span<const std::byte> bytes() const { return detail::mapped_bytes(mapping_); }
+  std::span<const std::byte> bytes() const { return mapped_bytes(mapping_); }
 
  private:
   std::filesystem::path path_;

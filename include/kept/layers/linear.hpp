@@ -22,7 +22,7 @@ class Linear {
   Linear() = default;
   Linear(Backend& backend, std::string name, std::int64_t in_features, std::int64_t out_features,
          bool with_bias)
-      : in_features_(in_features), out_features_(out_features) {
+      : in_features_(in_features), out_features_(out_features), has_bias_(with_bias) {
     weight.name = name + ".weight";
     weight.value = backend.zeros({out_features, in_features});
     weight.role = ParamRole::Weight;
@@ -35,7 +35,7 @@ class Linear {
 
   std::int64_t in_features() const { return in_features_; }
   std::int64_t out_features() const { return out_features_; }
-  bool has_bias() const { return bias.value.defined(); }
+  bool has_bias() const { return has_bias_; }
 
   void forward(Backend& backend, MatrixView<const Scalar> x, MatrixView<Scalar> y) const {
     backend.gemm(x, Transpose::No, weight_view(), Transpose::Yes, y);
@@ -70,6 +70,7 @@ class Linear {
   }
   std::int64_t in_features_ = 0;
   std::int64_t out_features_ = 0;
+  bool has_bias_ = false;
 };
 
 }  // namespace kept

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include "kept/layers/attention.hpp"
@@ -16,6 +17,13 @@
 #include "kept/model/config.hpp"
 
 namespace kept {
+
+// Sees the input of every norm during a forward pass (the pre-norm activations), named by the
+// norm's checkpoint prefix ("model.layers.3.input_layernorm"). OPM calibration feeds its
+// accumulators from here without the decoder keeping anything extra.
+template <class Scalar>
+using NormInputObserver =
+    std::function<void(const std::string& norm, MatrixView<const Scalar> input)>;
 
 template <class NormTag, class Backend>
 class DecoderBlock {
@@ -51,17 +59,19 @@ class DecoderBlock {
   }
 
   void forward(Backend& backend, MatrixView<const Scalar> h, std::int64_t batch, std::int64_t seq,
-               const typename Backend::RopeTable& rope, MatrixView<Scalar> out,
-               Cache& cache) const {
+               const typename Backend::RopeTable& rope, MatrixView<Scalar> out, Cache& cache,
+               const NormInputObserver<Scalar>* observer = nullptr) const {
     const Shape shape{h.rows, h.cols};
     for (Tensor* t : {&cache.normed1, &cache.normed2, &cache.mid})
       backend.ensure(*t, shape);
     auto normed1 = as_matrix<Scalar>(cache.normed1);
     auto normed2 = as_matrix<Scalar>(cache.normed2);
     auto mid = as_matrix<Scalar>(cache.mid);
+    if (observer) (*observer)(norm_name(input_layernorm), h);
     input_layernorm.forward(backend, h, normed1, cache.norm1);
     self_attn.forward(backend, normed1, batch, seq, rope, mid, cache.attention);
     backend.add(h.data, mid.data, mid.data, h.rows * h.cols);
+    if (observer) (*observer)(norm_name(post_attention_layernorm), mid);
     post_attention_layernorm.forward(backend, mid, normed2, cache.norm2);
     mlp.forward(backend, normed2, out, cache.mlp);
     backend.add(mid.data, out.data, out.data, h.rows * h.cols);
@@ -98,6 +108,12 @@ class DecoderBlock {
     self_attn.visit(visitor);
     post_attention_layernorm.visit(visitor);
     mlp.visit(visitor);
+  }
+
+  // "model.layers.3.input_layernorm" from the weight's name.
+  static std::string norm_name(const Norm<NormTag, Backend>& norm) {
+    const std::string& weight = norm.weight.name;
+    return weight.substr(0, weight.size() - std::string_view(".weight").size());
   }
 
   Norm<NormTag, Backend> input_layernorm;

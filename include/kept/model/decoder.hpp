@@ -75,8 +75,10 @@ class Decoder {
   std::int64_t num_layers() const { return config_.num_layers; }
 
   // Runs the stack on `batch` sequences of `seq` tokens (row-major [batch, seq]).
+  // `observer`, when given, sees the input of every norm (see NormInputObserver).
   void forward(Backend& backend, std::span<const std::int32_t> tokens, std::int64_t batch,
-               std::int64_t seq, Activations& acts, ForwardMode mode, bool keep_states = false) {
+               std::int64_t seq, Activations& acts, ForwardMode mode, bool keep_states = false,
+               const NormInputObserver<Scalar>* observer = nullptr) {
     KEPT_CHECK(batch > 0 && seq > 0 && static_cast<std::int64_t>(tokens.size()) == batch * seq,
                "forward: got ", tokens.size(), " tokens for batch ", batch, " x seq ", seq);
     ensure_rope(seq);
@@ -100,9 +102,10 @@ class Decoder {
       Tensor& output = acts.states[all_states ? l + 1 : (l + 1) % 2];
       auto& cache = acts.blocks[mode == ForwardMode::Training ? l : 0];
       layers[l].forward(backend, as_matrix<const Scalar>(input), batch, seq, rope_,
-                        as_matrix<Scalar>(output), cache);
+                        as_matrix<Scalar>(output), cache, observer);
     }
     const Tensor& last = acts.states[all_states ? num_layers : num_layers % 2];
+    if (observer) (*observer)("model.norm", as_matrix<const Scalar>(last));
     norm.forward(backend, as_matrix<const Scalar>(last), as_matrix<Scalar>(acts.hidden),
                  acts.final_norm);
   }

@@ -1,0 +1,321 @@
+// kept/convert/convert.hpp: NPM + OPM, a LayerNorm decoder checkpoint -> a Llama checkpoint.
+//
+// NPM. Orion and StableLM use the Llama tensor names for everything Llama has (embedding,
+// q/k/v/o, gate/up/down, the three norm weights per model, lm_head), so the name map is the
+// identity and the layouts agree (rotate-half RoPE on both sides, so q/k need no
+// permutation). Copied tensors keep their dtype and bytes: a bf16 tensor is bit-identical.
+//
+// OPM, three modes for each LayerNorm (weight g, bias b, eps) -> RMSNorm (weight w, same eps):
+//   paper       w = g, b dropped (the report's mapping).
+//   calibrated  w = w* = g A + b B, the closed-form optimum of sum_t ||LN(x_t) - RMS_w(x_t)||^2
+//               over calibration activations (kept/opm.hpp); the caller supplies w* per site.
+//   exact       the centred conversion. LayerNorm(h) = LayerNorm(h - mean h), and the residual
+//               stream is read only through norms, so subtracting the mean over the hidden
+//               dimension from everything written into the stream (embedding rows; the output
+//               rows of o_proj and down_proj, i.e. each column minus its mean) changes nothing
+//               and makes mean(h) = 0. Then LayerNorm(h) = RMSNorm_g(h) + b exactly, and b folds
+//               into the next linear layer: bias_q = W_q b1 (likewise k, v; gate, up with b2),
+//               o/down biases zero (Llama's attention_bias / mlp_bias put biases on all four /
+//               three projections). What Llama cannot hold is the final norm's W_lm b_final: a
+//               constant per-vocabulary logit offset, reported. --no-bias-fold keeps the pure
+//               template (no biases): centring only, which removes the mean error and leaves
+//               the bias terms to distillation.
+// The centring and folding run in float64 and round once to the tensor's dtype.
+//
+// Streaming. Every target tensor is planned from the config first (names, shapes, dtypes),
+// then produced one at a time while its bytes are written: a copied tensor is a view of the
+// mmapped source, a computed one lives only while it is written, and the source pages a
+// tensor used are released after it, so peak memory is a few tensors, not the model.
+#pragma once
+
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <optional>
+#include <set>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "kept/io/checkpoint.hpp"
+#include "kept/io/safetensors.hpp"
+#include "kept/io/weights.hpp"
+#include "kept/model/config.hpp"
+#include "kept/model/parameter_specs.hpp"
+
+namespace kept {
+
+enum class OpmMode : std::uint8_t { Paper, Calibrated, Exact };
+
+constexpr const char* opm_mode_name(OpmMode mode) {
+  switch (mode) {
+    case OpmMode::Paper:
+      return "paper";
+    case OpmMode::Calibrated:
+      return "calibrated";
+    case OpmMode::Exact:
+      return "exact";
+  }
+  return "?";
+}
+
+inline std::optional<OpmMode> parse_opm_mode(std::string_view name) {
+  for (OpmMode mode : {OpmMode::Paper, OpmMode::Calibrated, OpmMode::Exact})
+    if (name == opm_mode_name(mode)) return mode;
+  return std::nullopt;
+}
+
+struct ConversionOptions {
+  OpmMode mode = OpmMode::Paper;
+  bool bias_fold = true;  // exact mode: fold the LayerNorm biases into q/k/v and gate/up biases
+  // Calibrated mode: w* for every norm weight, keyed by its name ("model.norm.weight", ...).
+  std::map<std::string, std::vector<double>> calibrated_norm_weights;
+  std::uint64_t max_shard_bytes = kDefaultMaxShardBytes;
+  // Called after each tensor is written.
+  std::function<void(std::size_t done, std::size_t total, std::uint64_t bytes)> progress;
+};
+
+struct ConversionReport {
+  ModelConfig target;
+  std::size_t tensors = 0;
+  std::uint64_t bytes = 0;
+  std::size_t copied = 0;    // tensors written as bit-identical copies of the source
+  std::size_t computed = 0;  // tensors computed (centred, folded, calibrated)
+  std::size_t dropped = 0;   // source tensors with no Llama slot (the LayerNorm biases)
+  double seconds = 0;
+  // Exact mode: the final-norm term W_lm b_final that the Llama template cannot hold.
+  double final_bias_logit_max_abs = 0;  // max_v |(W_lm b_final)_v|
+  double final_bias_logit_range = 0;    // max_v - min_v: what changes the distributions
+};
+
+// The Llama config the conversion writes for `source`: same dimensions, rope_theta,
+// max_position_embeddings, dtype and token ids; rms_norm_eps = the LayerNorm eps; biases only
+// in exact mode with folding.
+inline ModelConfig llama_config_for(const ModelConfig& source, const ConversionOptions& options) {
+  ModelConfig target = source;
+  target.architecture = Architecture::Llama;
+  target.attention_bias = target.mlp_bias = options.mode == OpmMode::Exact && options.bias_fold;
+  return target;
+}
+
+// Checks that `source` holds exactly the tensors `config` implies for a LayerNorm decoder:
+// every one present, of that shape, of a float dtype, and nothing else. Throws naming the file
+// and tensor.
+template <class Reader>
+void validate_source_checkpoint(const Reader& source, const ModelConfig& config) {
+  KEPT_CHECK(config.norm_kind() == NormKind::LayerNorm, source.directory().string(),
+             "/config.json: architecture '", architecture_name(config.architecture),
+             "' is not a LayerNorm decoder; kept converts orion or stablelm checkpoints to llama");
+  std::set<std::string, std::less<>> expected;
+  for (const ParameterSpec& spec : parameter_specs(config)) {
+    expected.insert(spec.name);
+    if (!source.contains(spec.name)) {
+      const bool norm_bias = spec.role == ParamRole::NormBias;
+      fail(checkpoint_location(source), ": tensor \"", spec.name, "\" is missing",
+           norm_bias ? " (a LayerNorm without bias: not the LayerNorm decoder kept converts; "
+                       "if it is an RMSNorm model there is nothing to convert)"
+                     : "");
+    }
+    const Tensor& tensor = source.tensor(spec.name);
+    const std::string where = (source.directory() / source.file_of(spec.name)).string();
+    KEPT_CHECK(is_float(tensor.dtype()), where, ": tensor \"", spec.name, "\" has dtype ",
+               dtype_name(tensor.dtype()), "; expected F32, BF16, F16 or F64");
+    KEPT_CHECK(tensor.shape() == spec.shape, where, ": tensor \"", spec.name, "\" has shape ",
+               tensor.shape(), ", but config.json implies ", spec.shape);
+  }
+  for (const std::string& name : source.names())
+    if (!expected.count(name) && !is_ignorable_checkpoint_tensor(name))
+      fail((source.directory() / source.file_of(name)).string(), ": unexpected tensor \"", name,
+           "\"; config.json does not describe it (a different architecture?)");
+}
+
+namespace convert_detail {
+
+// Row r of `matrix` [rows, cols] minus its mean over the columns (embedding rows).
+inline Tensor centre_rows(const Tensor& matrix) {
+  Tensor values = matrix.to(DType::F64);
+  const std::int64_t rows = matrix.dim(0), cols = matrix.dim(1);
+  double* data = values.data<double>();
+#pragma omp parallel for schedule(static)
+  for (std::int64_t r = 0; r < rows; ++r) {
+    double mean = 0;
+    for (std::int64_t c = 0; c < cols; ++c)
+      mean += data[r * cols + c];
+    mean /= static_cast<double>(cols);
+    for (std::int64_t c = 0; c < cols; ++c)
+      data[r * cols + c] -= mean;
+  }
+  return values.to(matrix.dtype());
+}
+
+// W [out, in] with each column minus its mean over the output dimension, so W x has zero
+// mean over the output for every x (o_proj, down_proj).
+inline Tensor centre_output_dimension(const Tensor& matrix) {
+  Tensor values = matrix.to(DType::F64);
+  const std::int64_t rows = matrix.dim(0), cols = matrix.dim(1);
+  double* data = values.data<double>();
+  std::vector<double> column_mean(static_cast<std::size_t>(cols), 0.0);
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (std::int64_t c = 0; c < cols; ++c)
+      column_mean[c] += data[r * cols + c];
+  for (double& mean : column_mean)
+    mean /= static_cast<double>(rows);
+#pragma omp parallel for schedule(static)
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (std::int64_t c = 0; c < cols; ++c)
+      data[r * cols + c] -= column_mean[c];
+  return values.to(matrix.dtype());
+}
+
+// W [out, in] b [in] in float64, as a tensor of `dtype`.
+inline Tensor matrix_vector(const Tensor& matrix, const Tensor& vector, DType dtype) {
+  const Tensor w = matrix.to(DType::F64), b = vector.to(DType::F64);
+  const std::int64_t rows = matrix.dim(0), cols = matrix.dim(1);
+  Tensor result = Tensor::empty(DType::F64, {rows});
+#pragma omp parallel for schedule(static)
+  for (std::int64_t r = 0; r < rows; ++r) {
+    double sum = 0;
+    for (std::int64_t c = 0; c < cols; ++c)
+      sum += w.data<double>()[r * cols + c] * b.data<double>()[c];
+    result.data<double>()[r] = sum;
+  }
+  return result.to(dtype);
+}
+
+inline Tensor from_doubles(const std::vector<double>& values, DType dtype) {
+  Tensor result = Tensor::empty(DType::F64, {static_cast<std::int64_t>(values.size())});
+  std::copy(values.begin(), values.end(), result.data<double>());
+  return result.to(dtype);
+}
+
+// "model.layers.3.self_attn.q_proj.bias" -> ("model.layers.3.", "self_attn.q_proj.bias").
+inline std::pair<std::string, std::string> split_layer_prefix(const std::string& name) {
+  const std::string_view layers = "model.layers.";
+  if (!name.starts_with(layers)) return {"", name};
+  const std::size_t dot = name.find('.', layers.size());
+  return {name.substr(0, dot + 1), name.substr(dot + 1)};
+}
+
+}  // namespace convert_detail
+
+// Converts `source` (validated against `source_config`) into a Llama checkpoint in
+// `directory` (which the caller created, normally an AtomicDirectory's temporary path):
+// config.json, generation_config.json and the safetensors weights. Tokenizer files are the
+// caller's (they are not tensors).
+template <class Reader>
+ConversionReport convert_checkpoint(const Reader& source, const ModelConfig& source_config,
+                                    const std::filesystem::path& directory,
+                                    const ConversionOptions& options) {
+  using namespace convert_detail;
+  const auto start = std::chrono::steady_clock::now();
+  validate_source_checkpoint(source, source_config);
+  ConversionReport report;
+  report.target = llama_config_for(source_config, options);
+  const ModelConfig& target = report.target;
+  const bool exact = options.mode == OpmMode::Exact;
+
+  // Plan: every target tensor, its dtype (the dtype of the source tensor it derives from) and
+  // how to produce it.
+  std::vector<TensorSpec> specs;
+  std::vector<std::function<Tensor()>> producers;
+  std::vector<bool> copies;
+  std::vector<std::vector<std::string>> inputs;  // source tensors each one reads
+  for (const ParameterSpec& spec : parameter_specs(target)) {
+    const std::string& name = spec.name;
+    const auto [layer, local] = split_layer_prefix(name);
+    std::function<Tensor()> produce;
+    std::string origin = name;  // the source tensor whose dtype the target keeps
+    std::vector<std::string> reads{name};
+    bool copy = false;
+    if (spec.role == ParamRole::NormWeight) {
+      if (options.mode == OpmMode::Calibrated) {
+        auto found = options.calibrated_norm_weights.find(name);
+        KEPT_CHECK(found != options.calibrated_norm_weights.end(),
+                   "calibrated conversion: no calibrated weights for \"", name, "\"");
+        KEPT_CHECK(static_cast<std::int64_t>(found->second.size()) == spec.shape[0],
+                   "calibrated conversion: \"", name, "\" has ", found->second.size(),
+                   " weights for ", spec.shape[0], " features");
+        produce = [&source, name, &weights = found->second] {
+          return from_doubles(weights, source.tensor(name).dtype());
+        };
+      } else {
+        copy = true;  // paper and exact: w = g
+      }
+    } else if (spec.role == ParamRole::Bias) {
+      // Only in exact mode with folding: q/k/v fold input_layernorm's bias, gate/up fold
+      // post_attention_layernorm's; o and down get zeros.
+      const std::string weight = name.substr(0, name.size() - 4) + "weight";
+      origin = weight;
+      const bool attention_input = local.starts_with("self_attn.q_proj") ||
+                                   local.starts_with("self_attn.k_proj") ||
+                                   local.starts_with("self_attn.v_proj");
+      const bool mlp_input = local.starts_with("mlp.gate_proj") || local.starts_with("mlp.up_proj");
+      if (attention_input || mlp_input) {
+        const std::string norm_bias =
+            layer + (attention_input ? "input_layernorm.bias" : "post_attention_layernorm.bias");
+        produce = [&source, weight, norm_bias] {
+          const Tensor& w = source.tensor(weight);
+          return matrix_vector(w, source.tensor(norm_bias), w.dtype());
+        };
+        reads = {weight, norm_bias};
+      } else {
+        produce = [&source, weight, shape = spec.shape] {
+          return Tensor::zeros(source.tensor(weight).dtype(), shape);
+        };
+        reads.clear();
+      }
+    } else if (exact && name == "model.embed_tokens.weight") {
+      produce = [&source, name] { return centre_rows(source.tensor(name)); };
+    } else if (exact && (local == "self_attn.o_proj.weight" || local == "mlp.down_proj.weight")) {
+      produce = [&source, name] { return centre_output_dimension(source.tensor(name)); };
+    } else {
+      copy = true;
+    }
+    if (copy) produce = [&source, name] { return source.tensor(name); };
+    specs.push_back({name, source.tensor(origin).dtype(), spec.shape});
+    producers.push_back(std::move(produce));
+    copies.push_back(copy);
+    inputs.push_back(std::move(reads));
+  }
+  for (const ParameterSpec& spec : parameter_specs(source_config))
+    if (spec.role == ParamRole::NormBias) ++report.dropped;
+
+  ModelConfig written = target;
+  write_hf_config(directory / "config.json", written);
+  write_generation_config(directory / "generation_config.json", written);
+  std::size_t done = 0;
+  write_checkpoint(
+      directory, specs,
+      [&](std::size_t i) {
+        Tensor tensor = producers[i]();
+        // The previous tensor is written: give back the source pages it read.
+        if (i > 0)
+          for (const std::string& input : inputs[i - 1])
+            release_file_pages(source.tensor(input));
+        report.bytes += specs[i].nbytes();
+        (copies[i] ? report.copied : report.computed)++;
+        if (options.progress) options.progress(++done, specs.size(), report.bytes);
+        return tensor;
+      },
+      options.max_shard_bytes);
+  report.tensors = specs.size();
+
+  if (exact) {
+    const Tensor term = matrix_vector(source.tensor("lm_head.weight"),
+                                      source.tensor("model.norm.bias"), DType::F64);
+    double lowest = INFINITY, highest = -INFINITY;
+    for (double value : term.span<double>()) {
+      report.final_bias_logit_max_abs = std::max(report.final_bias_logit_max_abs, std::fabs(value));
+      lowest = std::min(lowest, value);
+      highest = std::max(highest, value);
+    }
+    report.final_bias_logit_range = highest - lowest;
+  }
+  report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return report;
+}
+
+}  // namespace kept

@@ -1,0 +1,60 @@
+// kept/model/parameter_specs.hpp: the names, shapes and roles of a decoder's parameters,
+// without allocating them.
+//
+// The decoder's constructor is the one place that knows which tensors a config implies; the
+// planners (the converter, the checkpoint validator, parameter counting) get that list by
+// building the decoder over MetaBackend, whose tensors carry a shape and no storage, so a 14B
+// model is planned in microseconds and no memory.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "kept/backend/cpu/rope.hpp"
+#include "kept/core/tensor.hpp"
+#include "kept/layers/parameter.hpp"
+#include "kept/model/config.hpp"
+#include "kept/model/decoder.hpp"
+
+namespace kept {
+
+struct MetaBackend {
+  using Scalar = float;
+  using RopeTable = cpu::RopeTable<float>;
+  static constexpr DType dtype = DType::F32;
+  Tensor zeros(const Shape& shape) { return Tensor::meta(dtype, shape); }
+};
+
+struct ParameterSpec {
+  std::string name;
+  Shape shape;
+  ParamRole role = ParamRole::Weight;
+};
+
+// Every parameter the config implies, in checkpoint order (embedding, layers, norm, head).
+inline std::vector<ParameterSpec> parameter_specs(const ModelConfig& config) {
+  std::vector<ParameterSpec> specs;
+  MetaBackend meta;
+  auto collect = [&](auto& model) {
+    model.visit_parameters([&](Parameter& p) {
+      specs.push_back({p.name, p.value.shape(), p.role});
+    });
+  };
+  if (config.norm_kind() == NormKind::LayerNorm) {
+    Decoder<LayerNorm, MetaBackend> model(meta, config);
+    collect(model);
+  } else {
+    Decoder<RMSNorm, MetaBackend> model(meta, config);
+    collect(model);
+  }
+  return specs;
+}
+
+inline std::int64_t parameter_count(const ModelConfig& config) {
+  std::int64_t count = 0;
+  for (const ParameterSpec& spec : parameter_specs(config))
+    count += spec.shape.numel();
+  return count;
+}
+
+}  // namespace kept
