@@ -30,8 +30,8 @@ TokenBatch read_input_ids(const std::string& path, std::int64_t vocab_size) {
   SafetensorsFile file(path);
   KEPT_CHECK(file.contains("input_ids"), path, ": no tensor \"input_ids\"");
   const Tensor& ids = file.tensor("input_ids");
-  KEPT_CHECK(ids.rank() == 1 || ids.rank() == 2, path, ": tensor \"input_ids\" has shape ", ids.shape(),
-             ", expected [batch, seq] or [seq]");
+  KEPT_CHECK(ids.rank() == 1 || ids.rank() == 2, path, ": tensor \"input_ids\" has shape ",
+             ids.shape(), ", expected [batch, seq] or [seq]");
   KEPT_CHECK(ids.dtype() == DType::I64 || ids.dtype() == DType::I32, path,
              ": tensor \"input_ids\" has dtype ", dtype_name(ids.dtype()), ", expected I64 or I32");
   TokenBatch batch;
@@ -39,9 +39,10 @@ TokenBatch read_input_ids(const std::string& path, std::int64_t vocab_size) {
   batch.seq = ids.dim(ids.rank() - 1);
   KEPT_CHECK(batch.batch > 0 && batch.seq > 0, path, ": tensor \"input_ids\" is empty");
   for (std::int64_t i = 0; i < ids.numel(); ++i) {
-    const std::int64_t id = ids.dtype() == DType::I64 ? ids.data<std::int64_t>()[i] : ids.data<std::int32_t>()[i];
-    KEPT_CHECK(id >= 0 && id < vocab_size, path, ": tensor \"input_ids\": token id ", id, " at index ", i,
-               " is outside the model's vocabulary of ", vocab_size);
+    const std::int64_t id =
+        ids.dtype() == DType::I64 ? ids.data<std::int64_t>()[i] : ids.data<std::int32_t>()[i];
+    KEPT_CHECK(id >= 0 && id < vocab_size, path, ": tensor \"input_ids\": token id ", id,
+               " at index ", i, " is outside the model's vocabulary of ", vocab_size);
     batch.ids.push_back(static_cast<std::int32_t>(id));
   }
   return batch;
@@ -57,7 +58,8 @@ void run_forward(const std::string& model_dir, const std::string& input, const s
   with_decoder(model, [&](auto& decoder) {
     load_weights(decoder, CheckpointReader::open(model_dir));
     typename std::remove_reference_t<decltype(decoder)>::Activations acts;
-    decoder.forward(backend, tokens.ids, tokens.batch, tokens.seq, acts, ForwardMode::Inference, hidden_states);
+    decoder.forward(backend, tokens.ids, tokens.batch, tokens.seq, acts, ForwardMode::Inference,
+                    hidden_states);
     std::vector<NamedTensor> outputs;
     Tensor logits;
     decoder.logits(backend, acts, logits);
@@ -65,7 +67,8 @@ void run_forward(const std::string& model_dir, const std::string& input, const s
     if (hidden_states)
       for (std::int64_t l = 0; l <= config.num_layers; ++l)
         outputs.push_back({"hidden_states." + std::to_string(l),
-                           acts.state(static_cast<std::size_t>(l)).reshape({tokens.batch, tokens.seq, config.hidden_size})});
+                           acts.state(static_cast<std::size_t>(l))
+                               .reshape({tokens.batch, tokens.seq, config.hidden_size})});
     write_safetensors(output, outputs);
   });
 }
@@ -78,16 +81,22 @@ void register_forward(CLI::App& app) {
     bool hidden_states = false;
   };
   auto options = std::make_shared<Options>();
-  CLI::App* command = app.add_subcommand("forward", "Run a checkpoint on token ids; save logits (and states)");
+  CLI::App* command =
+      app.add_subcommand("forward", "Run a checkpoint on token ids; save logits (and states)");
   command->add_option("model", options->model, "Checkpoint directory (config.json + safetensors)")
       ->required()
       ->check(CLI::ExistingDirectory);
-  command->add_option("--input", options->input, "safetensors file with an integer \"input_ids\" [batch, seq]")
+  command
+      ->add_option("--input", options->input,
+                   "safetensors file with an integer \"input_ids\" [batch, seq]")
       ->required()
       ->check(CLI::ExistingFile);
   command->add_option("--out", options->output, "Output safetensors file")->required();
-  command->add_flag("--hidden-states", options->hidden_states, "Also save the L+1 residual-stream states");
-  command->add_option("--precision", options->precision, "fp32 (the CPU backend) or fp64 (the reference)")
+  command->add_flag("--hidden-states", options->hidden_states,
+                    "Also save the L+1 residual-stream states");
+  command
+      ->add_option("--precision", options->precision,
+                   "fp32 (the CPU backend) or fp64 (the reference)")
       ->check(CLI::IsMember({"fp32", "fp64"}))
       ->capture_default_str();
   command->callback([options] {

@@ -25,13 +25,15 @@ void register_init(CLI::App& app) {
     bool force = false;
   };
   auto options = std::make_shared<Options>();
-  CLI::App* command = app.add_subcommand("init", "Write a randomly initialised checkpoint for a config.json");
+  CLI::App* command =
+      app.add_subcommand("init", "Write a randomly initialised checkpoint for a config.json");
   command->add_option("--config", options->config_path, "HF config.json (llama, orion or stablelm)")
       ->required()
       ->check(CLI::ExistingFile);
   command->add_option("output", options->output, "Checkpoint directory to create")->required();
   command->add_option("--seed", options->seed, "Random seed")->capture_default_str();
-  command->add_option("--init-std", options->init_std, "Standard deviation of weights")->capture_default_str();
+  command->add_option("--init-std", options->init_std, "Standard deviation of weights")
+      ->capture_default_str();
   command->add_option("--dtype", options->dtype, "Storage dtype (default: the config's)")
       ->check(CLI::IsMember({"f32", "bf16", "f16"}));
   command->add_flag("--force", options->force, "Replace an existing output directory");
@@ -48,7 +50,8 @@ void register_init(CLI::App& app) {
     });
     std::printf("wrote %s: %s, %lld layers, hidden %lld, vocab %lld, %s\n", options->output.c_str(),
                 architecture_name(config.architecture), static_cast<long long>(config.num_layers),
-                static_cast<long long>(config.hidden_size), static_cast<long long>(config.vocab_size),
+                static_cast<long long>(config.hidden_size),
+                static_cast<long long>(config.vocab_size),
                 std::string(dtype_name(config.dtype)).c_str());
   });
 }

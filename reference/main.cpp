@@ -10,12 +10,18 @@
 #include "kept/core/error.hpp"
 
 int main(int argc, char** argv) {
-  CLI::App app{"kept: LayerNorm-to-Llama conversion (NPM, OPM) and cross-architecture distillation (XKD)"};
+  CLI::App app{
+      "kept: LayerNorm-to-Llama conversion (NPM, OPM) and cross-architecture distillation (XKD)"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "kept 0.1.0");
   kept::cli::register_init(app);
   kept::cli::register_forward(app);
   kept::cli::register_inspect(app);
+  kept::cli::register_convert(app);
+  kept::cli::register_opm(app);
+  kept::cli::register_train(app);
+  kept::cli::register_eval(app);
+  kept::cli::register_tokenizer(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& error) {

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 packages=(
   build-essential cmake ninja-build pkg-config
   catch2 libopenblas-openmp-dev nlohmann-json3-dev libcli11-dev
-  libsentencepiece-dev sentencepiece
+  libsentencepiece-dev sentencepiece libgd-dev
   coq                              # checks proofs/opm.v
   clang libclang-rt-14-dev         # the libFuzzer target
   python3-venv python3-pip

@@ -1,0 +1,427 @@
+// kept/train/adamw.hpp: AdamW with decoupled weight decay, gradient clipping and helpers.
+//
+// The update (Loshchilov & Hutter, "Decoupled Weight Decay Regularization"), written exactly as
+// torch.optim.AdamW's single-tensor path computes it (torch/optim/adam.py, _single_tensor_adam
+// with decoupled_weight_decay=True; the path torch takes for CPU tensors), so that a run here
+// matches a torch run to rounding. Per parameter p with gradient g, in fp32, with the scalars
+// computed in double the way Python computes them and then rounded once to fp32:
+//
+//   t   += 1                                         (per parameter, like torch's state["step"])
+//   p    = p * f32(1 - lr * wd)                      only when this parameter decays and wd != 0
+//   m    = fma(f32(1 - b1), g - m, m)                torch: exp_avg.lerp_(g, 1 - b1)
+//   v    = v * f32(b2);  v = fma(f32(1 - b2) * g, g, v)   torch: mul_(b2).addcmul_(g, g, 1 - b2)
+//   bc1  = 1 - b1^t,  bc2 = 1 - b2^t                 (double, std::pow like Python's **)
+//   step = lr / bc1                                  (double)
+//   den  = sqrt(v) / f32(bc2^0.5) + f32(eps)          torch: (v.sqrt() / bc2_sqrt).add_(eps)
+//   p    = p + (f32(-step) * m) / den                torch: p.addcdiv_(m, den, value=-step)
+//
+// The fused multiply-adds are deliberate: torch's CPU lerp and addcmul kernels compile to FMAs
+// (measured against torch 2.x: with plain mul+add ~25% of lerp results differ by an ulp, with
+// FMA none do), and std::fma is exactly specified by IEEE 754, so the result is also the same
+// on every compiler and platform. For |1 - b1| >= 0.5 torch's lerp switches to the other form,
+// fma(w - 1, g - m, g), reproduced here. What cannot be reproduced is torch's CPU sqrt, which
+// is not always correctly rounded (measured with torch 2.15: 1 ulp off on ~20% of elements,
+// small tensors included). That changes `den` by an ulp, which the parameter almost never sees
+// (the update is far below the parameter's own ulp): the reference trajectories in
+// tests/data/train_reference.json match to the bit, and the moments always do. kept's sqrt is
+// the correctly rounded std::sqrt, so kept itself is deterministic to the bit everywhere.
+//
+// Parameter groups. Weight decay applies by role: by default Weight and Embedding decay, Bias,
+// NormWeight and NormBias do not (the usual GPT/Llama recipe; decaying a norm gain pulls it
+// towards 0, which is not a prior anyone wants). DecayRoles changes the flags, or a predicate
+// overrides them per parameter. A decayed and an undecayed parameter see the same lr, so the two
+// groups are just one weight-decay bit per parameter.
+//
+// Frozen parameters (trainable == false, or no gradient allocated) are skipped entirely: no
+// state is created for them and their step count does not advance, exactly as torch skips a
+// parameter whose .grad is None. That is why the step count is per parameter: a parameter
+// unfrozen half-way starts its own bias correction at t = 1 (the Appendix-A pilot freezes all
+// but the norm weights).
+//
+// State, per parameter and keyed by its name: exp_avg (m) and exp_avg_sq (v) as fp32 tensors of
+// the parameter's shape and its step count. state_tensors() exports it, with the optimizer's own
+// counter and hyper-parameters, as NamedTensors for a safetensors file:
+//   "adamw.steps_taken"   I64 [1]   calls to step() so far
+//   "adamw.beta1" / "adamw.beta2" / "adamw.eps"   F64 [1]   checked on load: m and v mean
+//                                                           nothing under other betas
+//   "exp_avg/<name>", "exp_avg_sq/<name>"   F32, the parameter's shape
+//   "step/<name>"         I64 [1]
+// load_state() copies everything back, so the continued run is bit-identical to one that never
+// stopped. lr and weight decay are not checked: a schedule changes lr every step anyway.
+//
+// clip_grad_norm follows torch.nn.utils.clip_grad_norm_ (scale = max_norm / (norm + 1e-6),
+// applied only when below 1) but accumulates the squares in double in parameter order: the
+// same total on every run and every thread count, and no fp32 overflow for large gradients.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <set>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "kept/core/error.hpp"
+#include "kept/core/tensor.hpp"
+#include "kept/io/safetensors.hpp"
+#include "kept/layers/parameter.hpp"
+
+namespace kept {
+
+// Which roles get weight decay (the defaults: matrices and embeddings, not norms or biases).
+struct DecayRoles {
+  bool weight = true;
+  bool bias = false;
+  bool norm_weight = false;
+  bool norm_bias = false;
+  bool embedding = true;
+
+  bool decays(ParamRole role) const {
+    switch (role) {
+      case ParamRole::Weight:
+        return weight;
+      case ParamRole::Bias:
+        return bias;
+      case ParamRole::NormWeight:
+        return norm_weight;
+      case ParamRole::NormBias:
+        return norm_bias;
+      case ParamRole::Embedding:
+        return embedding;
+    }
+    return false;
+  }
+};
+
+// torch.optim.AdamW's defaults.
+struct AdamWConfig {
+  double lr = 1e-3;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 1e-2;
+  DecayRoles decay{};
+  // When set, decides per parameter instead of `decay` (e.g. "no decay on the LM head").
+  std::function<bool(const Parameter&)> decay_predicate{};
+};
+
+// The parameters of anything with visit_parameters (a Decoder, a layer), in visiting order.
+template <class Model>
+std::vector<Parameter*> parameters_of(Model& model) {
+  std::vector<Parameter*> params;
+  model.visit_parameters([&](Parameter& p) { params.push_back(&p); });
+  return params;
+}
+
+namespace detail {
+
+// Optimizers and clipping compute on host fp32 tensors; anything else is named and refused.
+inline void train_require_host_f32(const Parameter& p, const Tensor& tensor, const char* what,
+                                   const char* context) {
+  KEPT_CHECK(tensor.space() == MemorySpace::Host, context, ": parameter ", p.name, ": ", what,
+             " is in ", memory_space_name(tensor.space()), " memory, expected host");
+  KEPT_CHECK(tensor.dtype() == DType::F32, context, ": parameter ", p.name, ": ", what, " is ",
+             dtype_name(tensor.dtype()), ", expected F32");
+  KEPT_CHECK(tensor.shape() == p.value.shape(), context, ": parameter ", p.name, ": ", what,
+             " has shape ", tensor.shape(), ", the parameter ", p.value.shape());
+}
+
+inline Tensor train_scalar_i64(std::int64_t value) {
+  Tensor t = Tensor::empty(DType::I64, {1});
+  t.data<std::int64_t>()[0] = value;
+  return t;
+}
+inline Tensor train_scalar_f64(double value) {
+  Tensor t = Tensor::empty(DType::F64, {1});
+  t.data<double>()[0] = value;
+  return t;
+}
+
+}  // namespace detail
+
+class AdamW {
+ public:
+  explicit AdamW(AdamWConfig config = {}) : config_(std::move(config)) {
+    KEPT_CHECK(config_.beta1 >= 0 && config_.beta1 < 1, "AdamW: beta1 must be in [0, 1), got ",
+               config_.beta1);
+    KEPT_CHECK(config_.beta2 >= 0 && config_.beta2 < 1, "AdamW: beta2 must be in [0, 1), got ",
+               config_.beta2);
+    KEPT_CHECK(config_.eps >= 0, "AdamW: eps must be >= 0, got ", config_.eps);
+    KEPT_CHECK(config_.weight_decay >= 0, "AdamW: weight_decay must be >= 0, got ",
+               config_.weight_decay);
+  }
+
+  const AdamWConfig& config() const { return config_; }
+  // The trainer sets the scheduled rate before each step.
+  void set_lr(double lr) { config_.lr = lr; }
+  double lr() const { return config_.lr; }
+  // Calls to step() so far (including steps where every parameter was frozen).
+  std::int64_t steps_taken() const { return steps_taken_; }
+
+  bool decays(const Parameter& p) const {
+    return config_.decay_predicate ? config_.decay_predicate(p) : config_.decay.decays(p.role);
+  }
+
+  // One update of every parameter that has a gradient, at the current lr().
+  void step(std::span<Parameter* const> params) {
+    check_unique_names(params, "AdamW step");
+    const double lr = config_.lr, b1 = config_.beta1, b2 = config_.beta2;
+    // Scalars as torch forms them: Python doubles, rounded to fp32 when they meet the tensor.
+    const float w1 = static_cast<float>(1.0 - b1);
+    const float b2f = static_cast<float>(b2);
+    const float w2 = static_cast<float>(1.0 - b2);
+    const float epsf = static_cast<float>(config_.eps);
+    const bool small_w1 = std::fabs(w1) < 0.5f;  // torch's lerp: is_lerp_weight_small
+    for (Parameter* p : params) {
+      KEPT_CHECK(p != nullptr, "AdamW step: null parameter pointer");
+      if (!p->has_grad()) continue;
+      detail::train_require_host_f32(*p, p->value, "value", "AdamW step");
+      detail::train_require_host_f32(*p, p->grad, "gradient", "AdamW step");
+      State& state = state_for(*p);
+      state.step += 1;
+      const std::int64_t n = p->value.numel();
+      float* value = p->value.data<float>();
+      const float* grad = p->grad.data<float>();
+      float* m = state.exp_avg.data<float>();
+      float* v = state.exp_avg_sq.data<float>();
+
+      if (config_.weight_decay != 0 && decays(*p)) {
+        const float keep = static_cast<float>(1.0 - lr * config_.weight_decay);
+        for (std::int64_t i = 0; i < n; ++i)
+          value[i] = value[i] * keep;
+      }
+      const double t = static_cast<double>(state.step);
+      const double bias_correction1 = 1.0 - std::pow(b1, t);
+      const double bias_correction2 = 1.0 - std::pow(b2, t);
+      const double step_size = lr / bias_correction1;
+      const float bc2_sqrt = static_cast<float>(std::pow(bias_correction2, 0.5));
+      const float neg_step = static_cast<float>(-step_size);
+      for (std::int64_t i = 0; i < n; ++i) {
+        const float g = grad[i];
+        m[i] = small_w1 ? std::fma(w1, g - m[i], m[i]) : std::fma(w1 - 1.0f, g - m[i], g);
+        const float decayed = v[i] * b2f;
+        v[i] = std::fma(w2 * g, g, decayed);
+        const float denom = std::sqrt(v[i]) / bc2_sqrt + epsf;
+        value[i] = value[i] + (neg_step * m[i]) / denom;
+      }
+    }
+    ++steps_taken_;
+  }
+
+  // Per-parameter state, for tests and diagnostics; null / 0 before the parameter's first step.
+  const Tensor* exp_avg(std::string_view name) const {
+    auto found = states_.find(name);
+    return found == states_.end() ? nullptr : &found->second.exp_avg;
+  }
+  const Tensor* exp_avg_sq(std::string_view name) const {
+    auto found = states_.find(name);
+    return found == states_.end() ? nullptr : &found->second.exp_avg_sq;
+  }
+  std::int64_t parameter_step(std::string_view name) const {
+    auto found = states_.find(name);
+    return found == states_.end() ? 0 : found->second.step;
+  }
+
+  // The whole state (see the top comment for the names). The tensors are copies.
+  std::vector<NamedTensor> state_tensors() const {
+    std::vector<NamedTensor> out;
+    out.push_back({"adamw.steps_taken", detail::train_scalar_i64(steps_taken_)});
+    out.push_back({"adamw.beta1", detail::train_scalar_f64(config_.beta1)});
+    out.push_back({"adamw.beta2", detail::train_scalar_f64(config_.beta2)});
+    out.push_back({"adamw.eps", detail::train_scalar_f64(config_.eps)});
+    for (const auto& [name, state] : states_) {
+      out.push_back({"exp_avg/" + name, state.exp_avg.clone()});
+      out.push_back({"exp_avg_sq/" + name, state.exp_avg_sq.clone()});
+      out.push_back({"step/" + name, detail::train_scalar_i64(state.step)});
+    }
+    return out;
+  }
+
+  // Replaces the state with `state` (from state_tensors(), possibly through a file). `params` are
+  // the model's parameters: every state entry must name one of them and match its shape. A
+  // parameter without state simply has not stepped yet (it was frozen), as in torch.
+  // `where` prefixes error messages (e.g. the file name). On error the optimizer is unchanged.
+  void load_state(std::span<const NamedTensor> state, std::span<Parameter* const> params,
+                  std::string_view where = "optimizer state") {
+    check_unique_names(params, std::string(where));
+    std::map<std::string, const Parameter*, std::less<>> by_name;
+    for (const Parameter* p : params)
+      by_name.emplace(p->name, p);
+    std::map<std::string, const Tensor*, std::less<>> entries;
+    for (const NamedTensor& named : state)
+      KEPT_CHECK(entries.emplace(named.name, &named.tensor).second, where, ": tensor ", named.name,
+                 " given twice");
+
+    auto take = [&](const std::string& name) -> const Tensor& {
+      auto found = entries.find(name);
+      KEPT_CHECK(found != entries.end(), where, ": missing ", name);
+      const Tensor& tensor = *found->second;
+      entries.erase(found);
+      KEPT_CHECK(tensor.defined() && tensor.space() == MemorySpace::Host, where, ": ", name,
+                 " must be a host tensor");
+      return tensor;
+    };
+    auto scalar_i = [&](const std::string& name) {
+      const Tensor& t = take(name);
+      KEPT_CHECK(t.dtype() == DType::I64 && t.numel() == 1, where, ": ", name,
+                 " must be one I64, got ", dtype_name(t.dtype()), " ", t.shape());
+      return t.data<std::int64_t>()[0];
+    };
+    auto scalar_f = [&](const std::string& name, double expected) {
+      const Tensor& t = take(name);
+      KEPT_CHECK(t.dtype() == DType::F64 && t.numel() == 1, where, ": ", name,
+                 " must be one F64, got ", dtype_name(t.dtype()), " ", t.shape());
+      const double saved = t.data<double>()[0];
+      KEPT_CHECK(saved == expected, where, ": ", name, " is ", saved,
+                 " in the saved state but the optimizer is configured with ", expected,
+                 "; the moments are only meaningful under the hyper-parameters they were "
+                 "accumulated with");
+    };
+
+    const std::int64_t steps = scalar_i("adamw.steps_taken");
+    KEPT_CHECK(steps >= 0, where, ": adamw.steps_taken is negative (", steps, ")");
+    scalar_f("adamw.beta1", config_.beta1);
+    scalar_f("adamw.beta2", config_.beta2);
+    scalar_f("adamw.eps", config_.eps);
+
+    // Collect the parameter names that have state, from any of the three entries.
+    std::set<std::string, std::less<>> names;
+    for (const auto& [name, tensor] : entries) {
+      (void)tensor;
+      std::string_view key = name;
+      bool known = false;
+      for (std::string_view prefix : {"exp_avg/", "exp_avg_sq/", "step/"}) {
+        if (key.starts_with(prefix)) {
+          names.emplace(key.substr(prefix.size()));
+          known = true;
+          break;
+        }
+      }
+      KEPT_CHECK(known, where, ": unexpected tensor ", name,
+                 " (not exp_avg/, exp_avg_sq/ or step/ of a parameter)");
+    }
+    std::map<std::string, State, std::less<>> loaded;
+    for (const std::string& name : names) {
+      auto param = by_name.find(name);
+      KEPT_CHECK(param != by_name.end(), where, ": state for parameter ", name,
+                 ", which the model does not have");
+      const Shape& shape = param->second->value.shape();
+      auto moment = [&](const std::string& key) {
+        const Tensor& t = take(key);
+        KEPT_CHECK(t.dtype() == DType::F32, where, ": ", key, " is ", dtype_name(t.dtype()),
+                   ", expected F32");
+        KEPT_CHECK(t.shape() == shape, where, ": ", key, " has shape ", t.shape(),
+                   " but parameter ", name, " has shape ", shape);
+        return t.clone();
+      };
+      State s;
+      s.exp_avg = moment("exp_avg/" + name);
+      s.exp_avg_sq = moment("exp_avg_sq/" + name);
+      s.step = scalar_i("step/" + name);
+      KEPT_CHECK(s.step >= 1, where, ": step/", name, " is ", s.step, ", expected >= 1");
+      loaded.emplace(name, std::move(s));
+    }
+    states_ = std::move(loaded);
+    steps_taken_ = steps;
+  }
+
+ private:
+  struct State {
+    Tensor exp_avg;
+    Tensor exp_avg_sq;
+    std::int64_t step = 0;
+  };
+
+  State& state_for(const Parameter& p) {
+    auto found = states_.find(p.name);
+    if (found != states_.end()) {
+      KEPT_CHECK(found->second.exp_avg.shape() == p.value.shape(), "AdamW step: parameter ", p.name,
+                 " has shape ", p.value.shape(), " but its optimizer state has shape ",
+                 found->second.exp_avg.shape());
+      return found->second;
+    }
+    State s;
+    s.exp_avg = Tensor::zeros(DType::F32, p.value.shape());
+    s.exp_avg_sq = Tensor::zeros(DType::F32, p.value.shape());
+    return states_.emplace(p.name, std::move(s)).first->second;
+  }
+
+  // State is keyed by name, so two parameters with one name would silently share moments.
+  static void check_unique_names(std::span<Parameter* const> params, const std::string& context) {
+    std::set<std::string_view> seen;
+    for (const Parameter* p : params) {
+      KEPT_CHECK(p != nullptr, context, ": null parameter pointer");
+      KEPT_CHECK(seen.insert(p->name).second, context, ": two parameters are named ", p->name);
+    }
+  }
+
+  AdamWConfig config_;
+  std::map<std::string, State, std::less<>> states_;
+  std::int64_t steps_taken_ = 0;
+};
+
+// The global L2 norm of all gradients (frozen parameters excluded), accumulated in double in
+// parameter order; when finite and above max_norm, every gradient is scaled by
+// f32(max_norm / (norm + 1e-6)). Returns the norm before clipping. A non-finite norm leaves the
+// gradients untouched: the caller should skip the step (see all_finite).
+inline double clip_grad_norm(std::span<Parameter* const> params, double max_norm) {
+  KEPT_CHECK(max_norm > 0, "clip_grad_norm: max_norm must be > 0, got ", max_norm);
+  double sum = 0;
+  for (Parameter* p : params) {
+    if (!p->has_grad()) continue;
+    detail::train_require_host_f32(*p, p->grad, "gradient", "clip_grad_norm");
+    for (float g : p->grad.span<const float>())
+      sum += static_cast<double>(g) * static_cast<double>(g);
+  }
+  const double total = std::sqrt(sum);
+  if (!std::isfinite(total)) return total;
+  const double coefficient = max_norm / (total + 1e-6);
+  if (coefficient < 1.0) {
+    const float scale = static_cast<float>(coefficient);
+    for (Parameter* p : params) {
+      if (!p->has_grad()) continue;
+      for (float& g : p->grad.span<float>())
+        g *= scale;
+    }
+  }
+  return total;
+}
+
+// Multiplies every gradient by `factor` (e.g. 1/accumulation_steps after accumulating).
+inline void scale_gradients(std::span<Parameter* const> params, float factor) {
+  for (Parameter* p : params) {
+    if (!p->has_grad()) continue;
+    detail::train_require_host_f32(*p, p->grad, "gradient", "scale_gradients");
+    for (float& g : p->grad.span<float>())
+      g *= factor;
+  }
+}
+
+// Whether every gradient element is finite (NaN/inf guard before a step). Frozen parameters
+// are not looked at.
+inline bool all_finite(std::span<Parameter* const> params) {
+  for (Parameter* p : params) {
+    if (!p->has_grad()) continue;
+    detail::train_require_host_f32(*p, p->grad, "gradient", "all_finite");
+    for (float g : p->grad.span<const float>())
+      if (!std::isfinite(g)) return false;
+  }
+  return true;
+}
+
+// Whether every element of a host F32 tensor is finite (for values, losses, activations).
+inline bool all_finite(const Tensor& tensor) {
+  KEPT_CHECK(tensor.space() == MemorySpace::Host && tensor.dtype() == DType::F32,
+             "all_finite: expected a host F32 tensor, got ", dtype_name(tensor.dtype()), " in ",
+             memory_space_name(tensor.space()), " memory");
+  for (float x : tensor.span<const float>())
+    if (!std::isfinite(x)) return false;
+  return true;
+}
+
+}  // namespace kept

@@ -1,0 +1,88 @@
+// kept train JOB.json [--resume] [--force] [--set field=value ...] [--steps N] [--output DIR]
+//
+// Runs a training job (reference/job.hpp documents the file). Flags override the job's fields;
+// --set reaches any field by its dotted path ("optimizer.lr=1e-4", "data.seq_len=512").
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "commands.hpp"
+#include "kept/io/json.hpp"
+#include "trainer.hpp"
+
+namespace kept::cli {
+namespace {
+
+// Sets json[a][b][c] = value for "a.b.c=value"; the value is JSON when it parses as JSON,
+// else a string.
+void apply_override(nlohmann::json& json, const std::string& assignment) {
+  const std::size_t equals = assignment.find('=');
+  KEPT_CHECK(equals != std::string::npos && equals > 0, "--set ", assignment,
+             ": expected field=value");
+  const std::string path = assignment.substr(0, equals), text = assignment.substr(equals + 1);
+  nlohmann::json* node = &json;
+  std::size_t start = 0;
+  while (true) {
+    const std::size_t dot = path.find('.', start);
+    const std::string key =
+        path.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
+    KEPT_CHECK(!key.empty(), "--set ", assignment, ": empty field name");
+    if (!node->is_object()) *node = nlohmann::json::object();
+    node = &(*node)[key];
+    if (dot == std::string::npos) break;
+    start = dot + 1;
+  }
+  nlohmann::json value = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  *node = value.is_discarded() ? nlohmann::json(text) : value;
+}
+
+struct Options {
+  std::string job;
+  std::vector<std::string> overrides;
+  std::int64_t steps = 0;
+  std::string output;
+  TrainOptions train;
+};
+
+}  // namespace
+
+void register_train(CLI::App& app) {
+  auto options = std::make_shared<Options>();
+  CLI::App* command =
+      app.add_subcommand("train", "Run a training job: XKD, uptraining, pretraining, norm-only");
+  command->add_option("job", options->job, "Job file (JSON; see reference/job.hpp)")
+      ->required()
+      ->check(CLI::ExistingFile);
+  command->add_flag("--resume", options->train.resume,
+                    "Continue from the newest checkpoint in the output directory");
+  command->add_flag("--force", options->train.force,
+                    "Start over, replacing a run in the output directory");
+  command->add_option("--set", options->overrides,
+                      "Override a job field: field.path=value (repeatable)");
+  command->add_option("--steps", options->steps, "Override \"steps\"")->check(CLI::PositiveNumber);
+  command->add_option("--output", options->output, "Override \"output\"");
+  command->callback([options] {
+    const std::string text = detail::read_text_file(options->job, 16ull << 20);
+    nlohmann::json json = detail::parse_json_strict(text, options->job, 16);
+    for (const std::string& assignment : options->overrides)
+      apply_override(json, assignment);
+    if (options->steps) json["steps"] = options->steps;
+    if (!options->output.empty()) json["output"] = options->output;
+    const TrainJob job = parse_job(json, options->job);
+    const TrainResult result = run_training(job, options->train);
+    std::printf("trained %lld steps, %lld tokens in %.1f s (%.0f tokens/s); final loss %.5f\n",
+                static_cast<long long>(result.steps), static_cast<long long>(result.tokens),
+                result.seconds, result.tokens_per_second, result.final_loss);
+    if (result.eval.tokens) {
+      std::printf("held-out: perplexity %.3f", result.eval.student_perplexity);
+      if (result.eval.has_teacher)
+        std::printf(" (teacher %.3f), KL %.5f, top-1 agreement %.2f%%",
+                    result.eval.teacher_perplexity, result.eval.kl, 100 * result.eval.agreement);
+      std::printf(" on %lld tokens\n", static_cast<long long>(result.eval.tokens));
+    }
+    std::printf("model: %s\nmetrics: %s/metrics.jsonl\nplot: %s/loss.png\n",
+                result.final_model.c_str(), job.output.c_str(), job.output.c_str());
+  });
+}
+
+}  // namespace kept::cli

@@ -1,0 +1,46 @@
+// reference/trainer.hpp: the reference trainer behind `kept train` and `kept demo`.
+//
+// One optimizer step: grad_accum micro-batches of packed text; for each, the frozen teacher's
+// forward (no gradients), the student's forward and the objective's gradient, backpropagated
+// through the student; then global-norm clipping, the scheduled learning rate and AdamW.
+//   xkd-logit      T^2 KL(p_teacher || p_student) per token, chunked over tokens and vocabulary
+//   xkd-logit-mse  mean squared error of the raw logits
+//   xkd-hidden     the report's Eq. 1 over the L+1 residual-stream slots (the LM head and final
+//                  norm get no gradient from it, so they are frozen rather than decayed)
+//   ce             next-token cross-entropy: the uptraining baseline, and pretraining
+//   norm-only      every parameter frozen but the norm weights (the Appendix-A pilot); its loss
+//                  is "opm-l2", OPM's own objective sum_sites ||LN_teacher(x) - RMS_w(x)||^2 on the
+//                  teacher's pre-norm activations, or "xkd-logit"
+// Runs are resumable bit for bit on the CPU: checkpoints hold the fp32 parameters, AdamW's
+// moments, the data loader's position and the step; every reduction in kept is ordered, so a
+// run killed at any moment and resumed from its last checkpoint repeats the same losses.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <vector>
+
+#include "evaluate.hpp"
+#include "job.hpp"
+
+namespace kept::cli {
+
+struct TrainOptions {
+  bool resume = false;  // continue from the newest checkpoint in the output directory
+  bool force = false;   // start over even if the output directory has a run in it
+  bool quiet = false;   // no per-step lines (the demo prints its own)
+};
+
+struct TrainResult {
+  std::int64_t steps = 0;
+  std::int64_t tokens = 0;
+  double seconds = 0;
+  double final_loss = 0;
+  double tokens_per_second = 0;
+  EvalReport eval;                    // held-out evaluation at the end
+  std::filesystem::path final_model;  // HF checkpoint
+};
+
+TrainResult run_training(const TrainJob& job, const TrainOptions& options = {});
+
+}  // namespace kept::cli
