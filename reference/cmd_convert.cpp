@@ -90,6 +90,10 @@ void run(const Options& options) {
       convert_checkpoint(source, source_config, output.path(), conversion);
   progress.finish();
   const std::size_t tokenizer_files = copy_tokenizer_files(source_dir, output.path());
+  // Measured on the finished output before it is renamed into place: a failure here leaves no
+  // DST behind.
+  std::optional<Fidelity> fidelity;
+  if (calibration) fidelity = measure_fidelity(source_dir, output.path(), *calibration);
   output.commit();
 
   std::printf("converted %s -> %s\n", options.source.c_str(), options.destination.c_str());
@@ -116,13 +120,12 @@ void run(const Options& options) {
         "  final-norm term  W_lm b_final: max |logit offset| %.4g, range %.4g (no Llama slot; 0 "
         "means exact)\n",
         report.final_bias_logit_max_abs, report.final_bias_logit_range);
-  if (calibration) {
-    const Fidelity fidelity = measure_fidelity(source_dir, options.destination, *calibration);
+  if (fidelity) {
     std::printf(
         "  before training  on %lld calibration tokens: KL(source || converted) %.5f nats/token, "
         "top-1 agreement %.2f%%, perplexity %.3f (source %.3f)\n",
-        static_cast<long long>(fidelity.tokens), fidelity.kl, 100.0 * fidelity.top1_agreement,
-        fidelity.converted_perplexity, fidelity.source_perplexity);
+        static_cast<long long>(fidelity->tokens), fidelity->kl, 100.0 * fidelity->top1_agreement,
+        fidelity->converted_perplexity, fidelity->source_perplexity);
   }
 }
 

@@ -123,3 +123,32 @@ TEST_CASE("tensors convert between float dtypes and check typed access", "[core]
   REQUIRE(m.cols == 3);
   REQUIRE(m(1, 2) == t.data<float>()[5]);
 }
+
+TEST_CASE("float64 to bf16 and f16 rounds once, correctly", "[core][dtype]") {
+  // Values just above a bf16 halfway point between two floats: rounding to float first would
+  // land on the halfway point and then round to even, the wrong way.
+  auto reference = [](double value, int bits, int min_exponent) {
+    int exponent;
+    std::frexp(value, &exponent);
+    const long double ulp = std::ldexp(1.0L, std::max(exponent - bits, min_exponent));
+    return static_cast<double>(std::nearbyint(static_cast<long double>(value) / ulp) * ulp);
+  };
+  std::uint64_t state = 99;
+  Tensor values = Tensor::empty(DType::F64, {20000});
+  for (std::int64_t i = 0; i < values.numel(); ++i) {
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    const double base = std::ldexp(1.0 + static_cast<double>(state >> 12) * 0x1p-52, static_cast<int>(state % 20) - 10);
+    // Half the values sit exactly at a bf16 halfway point plus a hair (below float precision).
+    int exponent;
+    std::frexp(base, &exponent);
+    const double bf16_ulp = std::ldexp(1.0, exponent - 8);
+    const double halfway = (std::floor(base / bf16_ulp) + 0.5) * bf16_ulp;
+    values.data<double>()[i] = (i % 2) ? base : halfway + bf16_ulp * 0x1p-30;
+  }
+  const Tensor as_bf16 = values.to(DType::BF16), as_f16 = values.to(DType::F16);
+  for (std::int64_t i = 0; i < values.numel(); ++i) {
+    const double value = values.data<double>()[i];
+    REQUIRE(to_float(as_bf16.data<bf16>()[i]) == reference(value, 8, -133));
+    REQUIRE(to_float(as_f16.data<f16>()[i]) == reference(value, 11, -24));
+  }
+}

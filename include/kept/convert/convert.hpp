@@ -28,6 +28,7 @@
 // tensor used are released after it, so peak memory is a few tensors, not the model.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -282,6 +283,10 @@ ConversionReport convert_checkpoint(const Reader& source, const ModelConfig& sou
   }
   for (const ParameterSpec& spec : parameter_specs(source_config))
     if (spec.role == ParamRole::NormBias) ++report.dropped;
+  for (const auto& [name, weights] : options.calibrated_norm_weights)
+    KEPT_CHECK(std::any_of(specs.begin(), specs.end(),
+                           [&](const TensorSpec& spec) { return spec.name == name; }),
+               "calibrated conversion: weights given for \"", name, "\", which is not a norm of the model");
 
   ModelConfig written = target;
   write_hf_config(directory / "config.json", written);

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <bit>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -128,6 +129,17 @@ inline bf16 to_bf16(float value) {
   }
   std::uint32_t rounding_bias = 0x7fffu + ((bits >> 16) & 1u);  // ties to even
   return bf16{static_cast<std::uint16_t>((bits + rounding_bias) >> 16)};
+}
+
+// A double rounded to float with round-to-odd: toward zero, then the last bit set if anything
+// was lost. Rounding that float again to a type with at most 22 bits of mantissa (bf16, fp16)
+// gives the correctly rounded result of the double, avoiding double-rounding errors.
+inline float to_float_round_to_odd(double value) {
+  float rounded = static_cast<float>(value);
+  if (!std::isfinite(rounded) || static_cast<double>(rounded) == value) return rounded;
+  if (std::fabs(static_cast<double>(rounded)) > std::fabs(value))
+    rounded = std::nextafter(rounded, 0.0f);
+  return std::bit_cast<float>(std::bit_cast<std::uint32_t>(rounded) | 1u);
 }
 
 inline float to_float(f16 value) {

@@ -220,6 +220,11 @@ inline Tensor Tensor::to(DType target) const {
     float* destination = result.data<float>();
     for (std::int64_t i = 0; i < count; ++i)
       destination[i] = static_cast<float>(source[i]);
+  } else if (dtype_ == DType::F64) {
+    // Double to a 16-bit float: round to odd first, so the result is correctly rounded.
+    const double* source = data<double>();
+    for (std::int64_t i = 0; i < count; ++i)
+      detail::store_from_float(result.raw(), target, i, to_float_round_to_odd(source[i]));
   } else if (target == DType::F64) {
     double* destination = result.data<double>();
     for (std::int64_t i = 0; i < count; ++i)
