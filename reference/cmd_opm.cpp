@@ -128,6 +128,9 @@ void run(const Options& options) {
             {"histogram", histogram}}},
           {"abs_mu_over_r_mean", s.abs_mu_over_r_mean},
           {"inactive_coordinates", s.inactive_count()},
+          {"w_star", s.w_star},
+          {"A_per_feature", s.A},
+          {"B_per_feature", s.B},
       });
     }
     write_file_atomically(options.report, json.dump(2) + "\n");

@@ -16,7 +16,7 @@
 namespace kept::cli {
 
 void train_tokenizer(const std::filesystem::path& corpus, std::int64_t vocab_size,
-                     const std::filesystem::path& output) {
+                     const std::filesystem::path& output, double character_coverage) {
   // Validate the corpus with kept's readers (UTF-8, non-empty) and hand SentencePiece one
   // sentence per line, the input format it expects.
   const std::vector<std::string> documents = read_documents(corpus);
@@ -37,9 +37,10 @@ void train_tokenizer(const std::filesystem::path& corpus, std::int64_t vocab_siz
   const std::string arguments =
       "--input=" + lines.string() + " --model_prefix=" + prefix.string() +
       " --vocab_size=" + std::to_string(vocab_size) +
-      " --model_type=bpe --byte_fallback=true --character_coverage=0.9995"
+      " --model_type=bpe --byte_fallback=true --character_coverage=" +
+      std::to_string(character_coverage) +
       " --unk_id=0 --bos_id=1 --eos_id=2 --pad_id=-1 --max_sentence_length=65536"
-      " --minloglevel=2 --num_threads=2 --input_sentence_size=2000000"
+      " --minloglevel=2 --num_threads=2 --input_sentence_size=300000"
       " --shuffle_input_sentence=true";
   const auto status = sentencepiece::SentencePieceTrainer::Train(arguments);
   std::filesystem::remove(lines, error);
@@ -54,6 +55,7 @@ void register_tokenizer(CLI::App& app) {
   struct Options {
     std::string input, output;
     std::int64_t vocab_size = 2000;
+    double character_coverage = 0.9995;
   };
   auto options = std::make_shared<Options>();
   CLI::App* command =
@@ -65,8 +67,16 @@ void register_tokenizer(CLI::App& app) {
   command->add_option("--vocab-size", options->vocab_size, "Vocabulary size")
       ->check(CLI::Range(260, 1 << 20))
       ->capture_default_str();
+  command
+      ->add_option(
+          "--character-coverage", options->character_coverage,
+          "Fraction of characters that get pieces of their own; the rest fall back to bytes "
+          "(lower it for text with many distinct characters, e.g. Chinese, at small vocabularies)")
+      ->check(CLI::Range(0.5, 1.0))
+      ->capture_default_str();
   command->callback([options] {
-    train_tokenizer(options->input, options->vocab_size, options->output);
+    train_tokenizer(options->input, options->vocab_size, options->output,
+                    options->character_coverage);
     std::printf("wrote %s/tokenizer.model (%lld pieces)\n", options->output.c_str(),
                 static_cast<long long>(options->vocab_size));
   });

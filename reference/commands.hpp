@@ -20,9 +20,10 @@ void register_opm(CLI::App& app);
 void register_train(CLI::App& app);
 void register_eval(CLI::App& app);
 void register_tokenizer(CLI::App& app);
+void register_demo(CLI::App& app);
 
 // Trains a byte-fallback SentencePiece BPE tokenizer on `corpus` into `output`/tokenizer.model.
 void train_tokenizer(const std::filesystem::path& corpus, std::int64_t vocab_size,
-                     const std::filesystem::path& output);
+                     const std::filesystem::path& output, double character_coverage = 0.9995);
 
 }  // namespace kept::cli
