@@ -33,10 +33,13 @@ std::string format_double(double value) {
 }
 
 // metrics.jsonl: one JSON object per line. On resume the lines past the checkpoint's step are
-// dropped (those steps run again), and so is a line cut short by a kill.
+// dropped (those steps run again), and so is a line cut short by a kill. So is the final
+// evaluation when the checkpoint is the last step: it is logged after that checkpoint and runs
+// again (an intermediate evaluation at a checkpoint step comes before the checkpoint and stays).
 class MetricsLog {
  public:
-  MetricsLog(fs::path path, std::optional<std::int64_t> resume_step) : path_(std::move(path)) {
+  MetricsLog(fs::path path, std::optional<std::int64_t> resume_step, std::int64_t final_step)
+      : path_(std::move(path)) {
     std::string kept_lines;
     if (resume_step) {
       std::ifstream in(path_);
@@ -44,7 +47,9 @@ class MetricsLog {
       while (std::getline(in, line)) {
         nlohmann::json record = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
         if (record.is_discarded() || !record.is_object() || !record.contains("step")) continue;
-        if (record["step"].get<std::int64_t>() <= *resume_step) kept_lines += line + "\n";
+        const std::int64_t step = record["step"].get<std::int64_t>();
+        const bool final_eval = record.value("type", "") == "eval" && step >= final_step;
+        if (step < *resume_step || (step == *resume_step && !final_eval)) kept_lines += line + "\n";
       }
     }
     write_file_atomically(path_, kept_lines);
@@ -106,14 +111,34 @@ void check_compatible(const TrainJob& job, const ModelConfig& student, const Mod
         architecture_name(student.architecture));
 }
 
-// Prepares the output directory: refuses to overwrite a run unless resuming or forced.
-void prepare_output(const fs::path& output, const TrainOptions& options) {
+// What a checkpoint's config_hash covers: the job less the fields a resumed run may change,
+// namely the learning-rate schedule (the advice after a non-finite loss is to resume with a
+// lower rate), the step budget, where the run lives, and bookkeeping (logging, evaluation and
+// checkpoint cadence, the final dtype). The model, the data order and the update rule stay in.
+nlohmann::json resume_identity(const TrainJob& job) {
+  nlohmann::json json = job.to_json();
+  json["optimizer"].erase("lr");
+  for (const char* key :
+       {"schedule", "steps", "output", "log_every", "eval", "checkpoint", "output_dtype"})
+    json.erase(key);
+  return json;
+}
+
+// Refuses to overwrite a run unless resuming or forced.
+void check_output(const fs::path& output, const TrainOptions& options) {
   std::error_code error;
   const bool has_run =
       fs::exists(output / "metrics.jsonl", error) || fs::exists(output / "checkpoints", error);
   if (has_run && !options.resume && !options.force)
     fail(output.string(),
          ": holds a training run already; pass --resume to continue it, or --force to start over");
+}
+
+// Prepares the output directory, once the job's inputs have loaded: with --force, a failed start
+// must not have destroyed the run it would replace.
+void prepare_output(const fs::path& output, const TrainOptions& options) {
+  check_output(output, options);
+  std::error_code error;
   if (options.force && !options.resume) {
     for (const char* name : {"checkpoints", "metrics.jsonl", "final", "loss.png", "summary.json"})
       fs::remove_all(output / name, error);
@@ -153,7 +178,7 @@ class Run {
     CosineSchedule schedule{job_.lr, job_.warmup_steps, job_.steps, job_.min_lr, 0.0};
     schedule.validate();
 
-    const std::string hash = config_hash(job_.to_json().dump());
+    const std::string hash = config_hash(resume_identity(job_).dump());
     TrainerState state;
     state.config_hash = hash;
     state.seeds["data"] = job_.data_seed;
@@ -171,7 +196,8 @@ class Run {
         resumed_step = 0;
       }
     }
-    MetricsLog metrics(output_ / "metrics.jsonl", resumed_step);
+    write_file_atomically(output_ / "job.json", job_.to_json().dump(2) + "\n");
+    MetricsLog metrics(output_ / "metrics.jsonl", resumed_step, job_.steps);
     const std::vector<Batch> held_out = loader_.held_out_batches();
 
     ProgressLine progress(objective_name(job_.objective));
@@ -200,8 +226,11 @@ class Run {
              last_checkpoint ? "The last good checkpoint is " + last_checkpoint->string() +
                                    "; resume from it (--resume) "
                                    "with a lower learning rate"
-                             : std::string("No checkpoint was saved before it; lower the learning "
-                                           "rate and start again"));
+             : state.step == 0
+                 ? std::string("No update was made before it, so the learning rate is not the "
+                               "cause: look for non-finite weights in the student and the teacher")
+                 : std::string("No checkpoint was saved before it; lower the learning "
+                               "rate and start again"));
       }
       const double lr = schedule.lr(state.step);
       optimizer.set_lr(lr);
@@ -236,8 +265,17 @@ class Run {
         log_eval(metrics, state.step, evaluate_now(held_out), /*print=*/!options_.quiet);
       if (job_.checkpoint_every > 0 && state.step % job_.checkpoint_every == 0) {
         state.loader = loader_.state();
-        last_checkpoint = save_checkpoint(checkpoints, state, params, optimizer,
-                                          static_cast<std::size_t>(job_.checkpoint_keep));
+        try {
+          last_checkpoint = save_checkpoint(checkpoints, state, params, optimizer,
+                                            static_cast<std::size_t>(job_.checkpoint_keep));
+        } catch (const Error& error) {
+          progress.finish();
+          const auto newest = latest_checkpoint(checkpoints);
+          fail("step ", state.step, ": saving the checkpoint failed: ", error.what(), ". ",
+               newest ? "The newest complete checkpoint is " + newest->string() +
+                            "; make room and resume from it (--resume)"
+                      : std::string("No complete checkpoint exists yet"));
+        }
       }
     }
     progress.finish();
@@ -475,8 +513,7 @@ class Run {
 
 TrainResult run_training(const TrainJob& job, const TrainOptions& options) {
   validate_job(job);
-  prepare_output(job.output, options);
-  write_file_atomically(fs::path(job.output) / "job.json", job.to_json().dump(2) + "\n");
+  check_output(job.output, options);
 
   Cpu cpu;
   std::optional<LoadedModel> teacher;
@@ -512,6 +549,7 @@ TrainResult run_training(const TrainJob& job, const TrainOptions& options) {
   data.held_out_fraction = job.held_out_fraction;
   data.vocab_size = static_cast<std::int32_t>(student_config.vocab_size);
   DataLoader loader(std::move(documents), data);
+  prepare_output(job.output, options);
 
   return with_decoder(student->model, [&](auto& student_model) {
     if (teacher) {

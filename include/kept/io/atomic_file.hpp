@@ -153,8 +153,9 @@ class AtomicFile {
 
  private:
   [[noreturn]] void fail_and_abandon(const char* what, int error_number) {
+    const std::string temporary = temp_path_.string();  // abandon() forgets it
     abandon();
-    fail(destination_.string(), ": ", what, " (temporary file ", temp_path_.string(),
+    fail(destination_.string(), ": ", what, " (temporary file ", temporary,
          "): ", detail::errno_text(error_number));
   }
   void abandon() noexcept {

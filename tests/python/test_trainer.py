@@ -1,0 +1,1010 @@
+"""The reference trainer through the CLI: `kept train JOB.json`, `kept eval`, against HF.
+
+A tiny random `StableLmForCausalLM` (the Orion computation: LayerNorm with bias, full rotary,
+sequential residual; every parameter re-drawn so norms, biases and the embedding mean are not
+HF's trivial init) is the teacher; `kept convert` makes the Llama students; a SentencePiece
+tokenizer is trained with `kept tokenizer` on generated text (no demo corpus needed). Then:
+
+1. resume: a run SIGKILLed at several moments (before its first checkpoint, between checkpoints,
+   while a checkpoint directory is being written) and resumed with --resume logs the same
+   (step, loss_exact) sequence and writes the same final safetensors bytes as an uninterrupted
+   run; resuming a finished run changes nothing.
+2. norm-only (the report's Appendix-A pilot): RMSNorm weights initialised at random and trained
+   full-batch on the "opm-l2" loss converge to the closed form w* that `kept opm` reports on the
+   same tokens; with too few steps they do not.
+3. every objective (xkd-logit, xkd-logit-mse, xkd-hidden, ce) runs end to end and lowers its
+   loss; the final model loads in transformers' LlamaForCausalLM and matches `kept forward`.
+4. an exact conversion starts at zero: xkd-logit ~0 when b_final = 0, xkd-hidden ~0 against the
+   centred teacher.
+5. bad input fails with a non-zero status and a message naming the file and the field, and
+   loses nothing: empty / non-UTF-8 / JSONL-without-"text" corpora, a tokenizer larger than the
+   model, teacher/student mismatches, an unknown job field, a NaN loss (the last good checkpoint
+   is named and resumable), a full disk while writing a checkpoint (RLIMIT_FSIZE), an output
+   directory that already holds a run.
+6. `kept eval` perplexity, KL, top-1 agreement and perplexity by context length agree with the
+   same figures computed here with HF on the same packed tokens.
+
+The kept binary: env KEPT_BIN (ctest sets it), else build/reference/kept under the repository.
+kept runs single-threaded here (OMP_NUM_THREADS=OPENBLAS_NUM_THREADS=1): the models are tiny,
+and on 2 shared cores spinning worker threads cost more than they give.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import sentencepiece as spm  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, StableLmConfig, StableLmForCausalLM  # noqa: E402
+
+torch.set_num_threads(2)
+transformers.utils.logging.disable_progress_bar()
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+KEPT_TIMEOUT_S = 120
+POLL_S = 0.0003  # how often a watched run's files are looked at
+
+VOCAB, HIDDEN, HEADS, INTER, LAYERS = 400, 32, 4, 64, 2
+EPS, THETA, MAX_POS = 1e-5, 1e4, 128
+TOKENIZER_VOCAB = 384  # <= VOCAB; SentencePiece needs > 259 + the corpus' characters
+SEQ = 32
+LOGIT_REL_TOL = 1e-4  # HF vs kept forward: max |diff| <= tol * max |HF|
+EVAL_REL_TOL = 1e-4  # kept eval vs HF
+
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "trainer.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# the kept binary
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def kept_bin() -> Path:
+    env = os.environ.get("KEPT_BIN", "").strip()
+    if env:
+        path = Path(env)
+        if not path.is_file() or not os.access(path, os.X_OK):
+            pytest.fail(f"KEPT_BIN={env!r} is not an executable file", pytrace=False)
+        return path
+    path = REPO_ROOT / "build" / "reference" / "kept"
+    if path.is_file() and os.access(path, os.X_OK):
+        return path
+    pytest.fail(f"the kept binary was not found: set KEPT_BIN=/path/to/kept or build {path}",
+                pytrace=False)
+
+
+def kept_env() -> dict:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    env["OPENBLAS_NUM_THREADS"] = "1"
+    return env
+
+
+def run_kept(kept: Path, *args, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [str(kept), *map(str, args)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace",
+                              timeout=KEPT_TIMEOUT_S, env=kept_env(), check=False)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"`{' '.join(cmd)}` did not finish in {KEPT_TIMEOUT_S} s\n"
+                    f"--- stderr ---\n{exc.stderr}", pytrace=False)
+    if check and proc.returncode != 0:
+        pytest.fail(f"`{' '.join(cmd)}` exited with status {proc.returncode}\n"
+                    f"--- stderr ---\n{proc.stderr}\n--- stdout ---\n{proc.stdout}", pytrace=False)
+    return proc
+
+
+def expect_failure(kept: Path, *args, needles=()) -> subprocess.CompletedProcess:
+    proc = run_kept(kept, *args, check=False)
+    context = f"\n--- stderr ---\n{proc.stderr}\n--- stdout ---\n{proc.stdout}"
+    assert proc.returncode != 0, f"kept {' '.join(map(str, args))} succeeded" + context
+    assert proc.returncode > 0, f"kept died of signal {-proc.returncode}" + context
+    missing = [n for n in needles if str(n) not in proc.stderr]
+    assert not missing, f"kept's error message does not mention {missing}" + context
+    return proc
+
+
+# ---------------------------------------------------------------------------------------------
+# models, tokenizer, text
+# ---------------------------------------------------------------------------------------------
+
+WORDS = ("the of and to in is was for on with as by at from that this model layer norm bias "
+         "weight token residual stream mean centre fold convert llama orion rotary attention "
+         "gate up down head vocabulary calibration café naïve 한국어 文章").split()
+
+
+def generated_documents(seed: int, count: int, words=WORDS) -> list[str]:
+    rng = random.Random(seed)
+
+    def sentence():
+        return " ".join(rng.choice(words) for _ in range(rng.randint(5, 15))).capitalize() + "."
+
+    return ["\n".join(sentence() for _ in range(rng.randint(1, 4))) for _ in range(count)]
+
+
+def write_corpus(path: Path, documents: list[str]) -> Path:
+    path.write_text("\n\n".join(documents) + "\n", encoding="utf-8")
+    return path
+
+
+def source_config(vocab: int = VOCAB, hidden: int = HIDDEN) -> StableLmConfig:
+    return StableLmConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=INTER,
+                          num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                          num_key_value_heads=HEADS, hidden_act="silu",
+                          max_position_embeddings=MAX_POS, rope_theta=THETA,
+                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                          layer_norm_eps=EPS, partial_rotary_factor=1.0, use_qkv_bias=False,
+                          use_parallel_residual=False, qk_layernorm=False)
+
+
+def make_teacher(seed: int, zero_final_bias: bool = False) -> StableLmForCausalLM:
+    """Every parameter re-drawn: LayerNorm weights 1 + 0.2 n and biases 0.3 n, embedding
+    N(0.5, 1) (the residual stream has a mean), linears N(0, 0.08)."""
+    model = StableLmForCausalLM(source_config()).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            for p_name, p in module.named_parameters(recurse=False):
+                if isinstance(module, torch.nn.LayerNorm):
+                    mean, std = (1.0, 0.2) if p_name == "weight" else (0.0, 0.3)
+                elif isinstance(module, torch.nn.Embedding):
+                    mean, std = 0.5, 1.0
+                elif isinstance(module, torch.nn.Linear):
+                    mean, std = 0.0, 0.08
+                else:
+                    raise AssertionError(f"no rule for {name}.{p_name}")
+                p.copy_(mean + std * torch.randn(p.shape, generator=gen))
+        if zero_final_bias:
+            model.model.norm.bias.zero_()
+    return model
+
+
+def save_model(model, directory: Path, tokenizer: Path) -> Path:
+    model.save_pretrained(directory, safe_serialization=True)
+    shutil.copyfile(tokenizer, directory / "tokenizer.model")
+    return directory
+
+
+def kept_init_llama(kept: Path, directory: Path, *, vocab: int, hidden: int) -> Path:
+    """A random Llama checkpoint written by `kept init` (no tokenizer.model in it)."""
+    config_dir = directory.parent / f"{directory.name}-config"
+    LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=INTER,
+                num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=HEADS,
+                max_position_embeddings=MAX_POS, rms_norm_eps=EPS, rope_theta=THETA,
+                tie_word_embeddings=False, bos_token_id=1, eos_token_id=2).save_pretrained(config_dir)
+    run_kept(kept, "init", "--config", config_dir / "config.json", directory, "--seed", 3,
+             "--dtype", "f32")
+    return directory
+
+
+def load_llama(directory: Path) -> LlamaForCausalLM:
+    model, info = LlamaForCausalLM.from_pretrained(
+        directory, trust_remote_code=False, dtype=torch.float32, attn_implementation="eager",
+        output_loading_info=True)
+    for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        assert not info.get(key), f"HF loading {directory}: {key} = {info.get(key)}"
+    return model.eval()
+
+
+def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits.double()
+
+
+def kept_logits(kept: Path, model_dir: Path, ids: torch.Tensor, work: Path) -> torch.Tensor:
+    work.mkdir(parents=True, exist_ok=True)
+    ids_path, out_path = work / "ids.safetensors", work / "out.safetensors"
+    save_file({"input_ids": ids.contiguous()}, str(ids_path))
+    run_kept(kept, "forward", model_dir, "--input", ids_path, "--out", out_path)
+    return load_file(str(out_path))["logits"].double()
+
+
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    assert tuple(got.shape) == tuple(ref.shape), (got.shape, ref.shape)
+    return ((got.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+@dataclass
+class World:
+    root: Path
+    corpus: Path  # 60 generated documents
+    tokenizer: Path  # kept tokenizer on the corpus, TOKENIZER_VOCAB pieces
+    teacher: Path  # StableLM, b_final != 0
+    teacher_model: StableLmForCausalLM
+    teacher0: Path  # StableLM, b_final = 0
+    paper: Path  # kept convert --opm paper of teacher
+    exact: Path  # kept convert --opm exact of teacher
+    exact0: Path  # kept convert --opm exact of teacher0
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, kept_bin) -> World:
+    root = tmp_path_factory.mktemp("trainer")
+    corpus = write_corpus(root / "corpus.txt", generated_documents(1, 60))
+    run_kept(kept_bin, "tokenizer", "--input", corpus, "--vocab-size", TOKENIZER_VOCAB,
+             "--output", root / "tok")
+    tokenizer = root / "tok" / "tokenizer.model"
+    teacher_model = make_teacher(11)
+    teacher = save_model(teacher_model, root / "teacher", tokenizer)
+    teacher0 = save_model(make_teacher(12, zero_final_bias=True), root / "teacher0", tokenizer)
+    students = {}
+    for name, source, mode in (("paper", teacher, "paper"), ("exact", teacher, "exact"),
+                               ("exact0", teacher0, "exact")):
+        students[name] = root / name
+        run_kept(kept_bin, "convert", source, students[name], "--opm", mode)
+    return World(root, corpus, tokenizer, teacher, teacher_model, teacher0, **students)
+
+
+# ---------------------------------------------------------------------------------------------
+# jobs, runs, metrics, checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def merged(base: dict, changes: dict) -> dict:
+    result = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = merged(result[key], value)
+        else:
+            result[key] = value
+    return result
+
+
+def base_job(world: World, output: Path) -> dict:
+    return {
+        "objective": "xkd-logit",
+        "student": str(world.paper),
+        "teacher": str(world.teacher),
+        "data": {"train": str(world.corpus), "held_out_fraction": 0.1, "seq_len": SEQ, "seed": 3},
+        "batch_size": 4,
+        "steps": 20,
+        "optimizer": {"lr": 3e-3, "weight_decay": 0.0},
+        "schedule": {"warmup_steps": 0, "min_lr": 0.0},
+        "eval": {"every": 0, "max_batches": 2},
+        "checkpoint": {"every": 0, "keep": 2},
+        "output": str(output),
+    }
+
+
+def write_job(path: Path, job: dict) -> Path:
+    path.write_text(json.dumps(job, indent=1), encoding="utf-8")
+    return path
+
+
+# The job of the resume, NaN and full-disk tests: everything that carries state across a
+# checkpoint is on (grad accumulation, weight decay, warmup, cosine to a floor, periodic eval,
+# checkpoint pruning).
+RESUME_CHANGES = {
+    "grad_accum": 2,
+    "steps": 15,
+    "optimizer": {"lr": 3e-3, "weight_decay": 0.1},
+    "schedule": {"warmup_steps": 2, "min_lr": 3e-4},
+    "eval": {"every": 5, "max_batches": 2},
+    "checkpoint": {"every": 3, "keep": 2},
+}
+
+
+def resume_job(world: World, name: str) -> tuple[Path, Path]:
+    output = world.root / name
+    job = write_job(world.root / f"{name}.json", merged(base_job(world, output), RESUME_CHANGES))
+    return job, output
+
+
+def read_metrics(output: Path) -> list[dict]:
+    records = []
+    for line in (output / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        records.append(json.loads(line))
+    return records
+
+
+def train_trace(output: Path) -> list[tuple[int, str]]:
+    return [(r["step"], r["loss_exact"]) for r in read_metrics(output) if r["type"] == "train"]
+
+
+def eval_trace(output: Path) -> list[dict]:
+    return [r for r in read_metrics(output) if r["type"] == "eval"]
+
+
+def logged_train_steps(output: Path) -> list[int]:
+    """Train steps in metrics.jsonl as a running process leaves it (a line may be cut short)."""
+    try:
+        text = (output / "metrics.jsonl").read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    steps = []
+    for line in text.split("\n"):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("type") == "train":
+            steps.append(record["step"])
+    return steps
+
+
+def complete_checkpoints(output: Path) -> dict[int, Path]:
+    directory = output / "checkpoints"
+    if not directory.is_dir():
+        return {}
+    result = {}
+    for p in directory.iterdir():
+        m = re.fullmatch(r"step-(\d+)", p.name)
+        if m and all((p / f).is_file() for f in CHECKPOINT_FILES):
+            result[int(m[1])] = p
+    return result
+
+
+def checkpoint_debris(output: Path) -> set[str]:
+    directory = output / "checkpoints"
+    if not directory.is_dir():
+        return set()
+    return {p.name for p in directory.iterdir() if re.match(r"\.step-\d+\.tmp-", p.name)}
+
+
+def assert_loadable_checkpoint(path: Path, step: int) -> None:
+    state = json.loads((path / "trainer.json").read_text())
+    assert state["format"] == "kept-trainer-state" and state["step"] == step, state
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        tensors = load_file(str(path / name))
+        assert tensors, f"{path / name} holds no tensor"
+        bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        assert not bad, f"{path / name}: non-finite {bad}"
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+class Watched:
+    """A `kept train` started in the background, its output in a log file."""
+
+    def __init__(self, kept: Path, job: Path, *flags, log: Path, ignore_sigxfsz: bool = False):
+        self.log = log
+        cmd = [str(kept), "train", str(job), *map(str, flags)]
+        if ignore_sigxfsz:  # so that exceeding RLIMIT_FSIZE fails write() with EFBIG
+            cmd = ["bash", "-c", "trap '' XFSZ; exec \"$@\"", "bash", *cmd]
+        with open(log, "wb") as fh:
+            self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=kept_env())
+        self.deadline = time.monotonic() + KEPT_TIMEOUT_S
+
+    def output_text(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+    def kill_when(self, condition) -> bool:
+        """SIGKILLs the run as soon as condition() holds; False if it ended before that."""
+        while True:
+            if condition():
+                self.proc.send_signal(signal.SIGKILL)
+                self.proc.wait()
+                return self.proc.returncode == -signal.SIGKILL
+            if self.proc.poll() is not None:
+                return False
+            if time.monotonic() > self.deadline:
+                self.proc.kill()
+                pytest.fail(f"kept train did not finish in {KEPT_TIMEOUT_S} s:\n{self.output_text()}")
+            time.sleep(POLL_S)
+
+    def wait(self) -> int:
+        try:
+            return self.proc.wait(timeout=max(1.0, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            pytest.fail(f"kept train did not finish in {KEPT_TIMEOUT_S} s:\n{self.output_text()}")
+
+
+RESUMING = re.compile(r"resuming \S+ from (\S+) \(step (\d+)\)")
+
+
+def resumed_from(text: str) -> int | None:
+    """The step a --resume run says it continued from (0: no checkpoint, started over)."""
+    m = RESUMING.search(text)
+    if m:
+        return int(m[2])
+    return 0 if "no checkpoint in" in text else None
+
+
+@pytest.fixture(scope="module")
+def reference_run(world, kept_bin) -> Path:
+    """The resume job, uninterrupted."""
+    job, output = resume_job(world, "reference")
+    run_kept(kept_bin, "train", job)
+    return output
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. resume after SIGKILL is bit-exact
+# ---------------------------------------------------------------------------------------------
+
+
+def test_resume_after_sigkill_is_bit_exact(world, kept_bin, reference_run):
+    job, output = resume_job(world, "killed")
+    reference = train_trace(reference_run)
+    assert [s for s, _ in reference] == list(range(1, 16))
+    logs = iter(world.root / f"killed-{i}.log" for i in range(100))
+    events = []
+
+    def start(resume: bool) -> tuple[Watched, int | None]:
+        before = max(complete_checkpoints(output), default=0)
+        run = Watched(kept_bin, job, *(["--resume"] if resume else []), log=next(logs))
+        return run, before if resume else None
+
+    def check_resume_point(run: Watched, expected: int | None):
+        if expected is None:
+            return
+        got = resumed_from(run.output_text())
+        assert got == expected, f"resumed from step {got}, the newest checkpoint is {expected}:\n" \
+                                f"{run.output_text()}"
+
+    def metrics_identity():
+        try:
+            return (output / "metrics.jsonl").stat().st_ino
+        except FileNotFoundError:
+            return None
+
+    def logged_at_least(step: int):
+        """True once the run started after this call (not the one before it: a resume rewrites
+        metrics.jsonl under a new inode) has logged `step`."""
+        old = metrics_identity()
+        return lambda: (metrics_identity() not in (None, old)
+                        and max(logged_train_steps(output), default=0) >= step)
+
+    # (a) killed before the first checkpoint (step 3) was written
+    condition = logged_at_least(1)
+    run, expected = start(resume=False)
+    assert run.kill_when(condition), run.output_text()
+    events.append(("after step 1", max(logged_train_steps(output), default=0),
+                   max(complete_checkpoints(output), default=0)))
+
+    # (b) killed between two checkpoints, with steps logged past the newest one
+    condition = logged_at_least(4)
+    run, expected = start(resume=True)
+    assert run.kill_when(condition), run.output_text()
+    check_resume_point(run, expected)
+    events.append(("after step 4", max(logged_train_steps(output)),
+                   max(complete_checkpoints(output), default=0)))
+
+    # (c) killed while a checkpoint directory is being written: its temporary name is there,
+    # the step-N name is not. Retried at the next checkpoint if the write was already done.
+    mid_checkpoint = False
+    for _ in range(6):
+        debris = checkpoint_debris(output)  # left by earlier kills
+        run, expected = start(resume=True)
+        fresh = lambda: checkpoint_debris(output) - debris  # noqa: E731
+        killed = run.kill_when(lambda: bool(fresh()))
+        assert killed, f"the run ended before writing a checkpoint:\n{run.output_text()}"
+        check_resume_point(run, expected)
+        left = fresh()
+        steps = {int(re.match(r"\.step-(\d+)", name)[1]) for name in left}
+        if left and not any(s in complete_checkpoints(output) for s in steps):
+            mid_checkpoint = True
+            events.append((f"writing checkpoint {sorted(steps)}", max(logged_train_steps(output)),
+                           max(complete_checkpoints(output), default=0)))
+            break
+    assert mid_checkpoint, "could not kill the run while it was writing a checkpoint"
+
+    # (d) killed once more between checkpoints, after old ones have been pruned
+    condition = logged_at_least(13)
+    run, expected = start(resume=True)
+    assert run.kill_when(condition), run.output_text()
+    check_resume_point(run, expected)
+    events.append(("after step 13", max(logged_train_steps(output)),
+                   max(complete_checkpoints(output), default=0)))
+
+    # (e) to the end
+    run, expected = start(resume=True)
+    assert run.wait() == 0, run.output_text()
+    check_resume_point(run, expected)
+
+    print(f"[resume] kills (moment, last logged step, newest checkpoint): {events}")
+    # the kills were where they were meant to be: one before any checkpoint, one with steps
+    # logged past the newest checkpoint (those lines must be dropped on resume)
+    assert events[0][2] == 0, events
+    assert events[1][2] >= 3 and events[1][1] > events[1][2], events
+    assert train_trace(output) == reference
+    assert eval_trace(output) == eval_trace(reference_run)
+    final = (output / "final" / "model.safetensors").read_bytes()
+    assert final == (reference_run / "final" / "model.safetensors").read_bytes(), \
+        "the resumed run's final model differs from the uninterrupted run's"
+    for step in (12, 15):
+        for name in CHECKPOINT_FILES[:2]:
+            a = output / "checkpoints" / f"step-{step:06d}" / name
+            b = reference_run / "checkpoints" / f"step-{step:06d}" / name
+            assert a.read_bytes() == b.read_bytes(), f"{a} differs from {b}"
+    assert sorted(complete_checkpoints(output)) == [12, 15]  # keep = 2
+
+
+def test_resuming_a_finished_run_changes_nothing(world, kept_bin, tmp_path):
+    """Deterministic stand-in for a kill between the final evaluation and the end of the run:
+    the run resumes from its last checkpoint (the last step), evaluates and saves again."""
+    output = tmp_path / "finished"
+    job = write_job(tmp_path / "job.json", merged(base_job(world, output), {
+        "steps": 6, "checkpoint": {"every": 3}, "eval": {"every": 3}}))
+    run_kept(kept_bin, "train", job)
+    metrics = (output / "metrics.jsonl").read_text()
+    final = (output / "final" / "model.safetensors").read_bytes()
+    proc = run_kept(kept_bin, "train", job, "--resume")
+    assert resumed_from(proc.stderr) == 6, proc.stderr
+    assert (output / "metrics.jsonl").read_text() == metrics, \
+        "resuming a finished run rewrote its metrics (a duplicated final eval record?)"
+    assert (output / "final" / "model.safetensors").read_bytes() == final
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. norm-only from random weights converges to the OPM closed form
+# ---------------------------------------------------------------------------------------------
+
+
+def one_document(tokenizer: Path, windows: int) -> str:
+    """Text whose stream (tokens + EOS) gives T tokens with T % SEQ != 0: then the trainer's
+    (T-1) // SEQ windows [i SEQ, i SEQ + SEQ) are exactly `kept opm`'s T // SEQ calibration
+    sequences (kept opm cuts the same stream into whole sequences, the trainer needs one more
+    token per window for its last target)."""
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    rng = random.Random(5)
+    words = []
+    while True:
+        words.append(rng.choice(WORDS))
+        text = " ".join(words)
+        tokens = len(sp.encode(text)) + 1
+        if tokens > windows * SEQ and tokens % SEQ != 0:
+            assert (tokens - 1) // SEQ == tokens // SEQ == windows
+            return text
+
+
+def norm_weights(path: Path) -> dict[str, torch.Tensor]:
+    return {k[:-len(".weight")]: v.double() for k, v in load_file(str(path)).items()
+            if k.endswith("layernorm.weight") or k == "model.norm.weight"}
+
+
+def worst_relative_error(w: dict[str, torch.Tensor], w_star: dict[str, torch.Tensor]) -> float:
+    assert set(w) == set(w_star), (sorted(w), sorted(w_star))
+    return max(((w[s] - w_star[s]).abs().max() / w_star[s].abs().max()).item() for s in w_star)
+
+
+# Full-batch Adam on the separable convex quadratic L(w) = sum_i c_i (w_i - w*_i)^2 + const
+# converges to w*; what is left after the run comes from the finite number of steps (Adam's
+# steps are ~lr in size, so it reaches w* after ~|w0 - w*| / lr steps and then hovers at a
+# distance that shrinks with the annealed rate) and from fp32 (w, gradients and the norm
+# outputs are single precision: ~1e-7 relative per value). Measured with lr 0.05, cosine to 0,
+# no clipping, on this model: 300 steps 8.9e-7, 200 steps 2.8e-5, 50 steps 0.06, 20 steps 0.39.
+# Tolerance 1e-4: two orders of magnitude above what 300 steps reach, far below the distance of
+# the random start (> 0.2) and of a short run.
+NORM_ONLY_STEPS, NORM_ONLY_FEW_STEPS, NORM_ONLY_LR, NORM_ONLY_TOL = 300, 20, 0.05, 1e-4
+
+
+def test_norm_only_converges_to_the_opm_closed_form(world, kept_bin, tmp_path):
+    windows = 8
+    doc = tmp_path / "one-document.txt"
+    doc.write_text(one_document(world.tokenizer, windows) + "\n", encoding="utf-8")
+    report = tmp_path / "opm.json"
+    run_kept(kept_bin, "opm", world.teacher, "--data", doc, "--seq-len", SEQ, "--tokens", 10**6,
+             "--report", report)
+    rep = json.loads(report.read_text())
+    assert rep["tokens"] == windows * SEQ, "kept opm did not calibrate on the trainer's windows"
+    w_star = {s["site"]: torch.tensor(s["w_star"], dtype=torch.float64) for s in rep["sites"]}
+    assert len(w_star) == 2 * LAYERS + 1
+
+    def train(name: str, steps: int, warmup: int = 0) -> Path:
+        output = tmp_path / name
+        job = merged(base_job(world, output), {
+            "objective": "norm-only",
+            "data": {"train": str(doc), "held_out_fraction": 0.0},
+            "batch_size": windows,  # the whole document every step: deterministic full batch
+            "steps": steps,
+            "optimizer": {"lr": NORM_ONLY_LR, "weight_decay": 0.0},
+            "schedule": {"warmup_steps": warmup, "min_lr": 0.0},
+            "clip_grad_norm": 0,
+            "norm_only": {"loss": "opm-l2", "init": "random", "seed": 4},
+            "output_dtype": "f32",
+        })
+        run_kept(kept_bin, "train", write_job(tmp_path / f"{name}.json", job))
+        return output
+
+    # the random start: one step at lr(0) = 0 (warmup) leaves the weights where they began
+    start = norm_weights(train("start", 1, warmup=1) / "final" / "model.safetensors")
+    start_error = worst_relative_error(start, w_star)
+    g = norm_weights(world.paper / "model.safetensors")  # paper OPM: w = g
+    assert min(((start[s] - g[s]).abs().max()).item() for s in g) > 0.1, "init was not random"
+
+    converged = train("converged", NORM_ONLY_STEPS)
+    error = worst_relative_error(norm_weights(converged / "final" / "model.safetensors"), w_star)
+    short = train("short", NORM_ONLY_FEW_STEPS)
+    short_error = worst_relative_error(norm_weights(short / "final" / "model.safetensors"), w_star)
+    # the trainer's loss at the end is OPM's minimum: the report's per-site loss at w*, summed,
+    # over the tokens (the trainer's loss is a mean over target tokens)
+    final_loss = read_metrics(converged)[-1]["loss"]
+    minimum = sum(s["loss"]["calibrated"] for s in rep["sites"]) / rep["tokens"]
+    print(f"[norm-only] max relative error to w*: start {start_error:.3g}, "
+          f"{NORM_ONLY_FEW_STEPS} steps {short_error:.3g}, {NORM_ONLY_STEPS} steps {error:.3g} "
+          f"(tolerance {NORM_ONLY_TOL:g}); final loss {final_loss:.10g}, OPM minimum {minimum:.10g}")
+    assert start_error > 0.2, "the random start is already near w*: the test would prove nothing"
+    assert error < NORM_ONLY_TOL
+    assert short_error > NORM_ONLY_TOL, "negative control: 20 steps should not reach w*"
+    assert math.isclose(final_loss, minimum, rel_tol=1e-5), (final_loss, minimum)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. the objectives learn; the final model is a Llama checkpoint HF loads
+# ---------------------------------------------------------------------------------------------
+
+OBJECTIVES = {  # objective -> job changes
+    "xkd-logit": {},
+    "xkd-logit-mse": {},
+    "xkd-hidden": {"centre_teacher": False},  # the paper student keeps the teacher's stream mean
+    "ce": {"teacher": ""},
+}
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_objective_learns_and_final_model_loads_in_hf(objective, world, kept_bin, tmp_path):
+    output = tmp_path / "run"
+    job = merged(base_job(world, output), {"objective": objective, "steps": 24,
+                                           "optimizer": {"lr": 3e-3}}) | OBJECTIVES[objective]
+    if not job["teacher"]:
+        del job["teacher"]
+    proc = run_kept(kept_bin, "train", write_job(tmp_path / "job.json", job))
+    losses = [float(r["loss_exact"]) for r in read_metrics(output) if r["type"] == "train"]
+    assert len(losses) == 24 and all(math.isfinite(x) for x in losses)
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    print(f"[learn] {objective}: loss {first:.5g} -> {last:.5g} ({last / first:.3f}x)")
+    assert last < 0.9 * first, f"{objective}: the loss did not decrease: {losses}"
+
+    evals = eval_trace(output)
+    assert len(evals) == 1 and evals[0]["step"] == 24 and evals[0]["tokens"] > 0, evals
+    want = {"perplexity"} | ({"kl", "top1_agreement", "teacher_perplexity"}
+                             if objective != "ce" else set())
+    assert want <= set(evals[0]), evals[0]
+    assert "held-out: perplexity" in proc.stdout
+
+    final = output / "final"
+    assert (final / "tokenizer.model").read_bytes() == world.tokenizer.read_bytes()
+    model = load_llama(final)
+    assert model.config.rms_norm_eps == EPS and model.config.vocab_size == VOCAB
+    gen = torch.Generator().manual_seed(8)
+    ids = torch.randint(0, VOCAB, (2, 19), generator=gen)
+    rel = relative_error(kept_logits(kept_bin, final, ids, tmp_path / "fwd"), hf_logits(model, ids))
+    assert rel <= LOGIT_REL_TOL, f"{objective}: kept forward vs HF logits rel {rel:.3e}"
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. an exact conversion starts at zero loss
+# ---------------------------------------------------------------------------------------------
+
+
+def first_loss(world, kept, tmp_path: Path, name: str, **changes) -> float:
+    output = tmp_path / name
+    job = merged(base_job(world, output), {"steps": 1, "data": {"held_out_fraction": 0.0}} | changes)
+    run_kept(kept, "train", write_job(tmp_path / f"{name}.json", job))
+    return float(train_trace(output)[0][1])
+
+
+def test_exact_student_starts_at_zero_kl(world, kept_bin, tmp_path):
+    exact = first_loss(world, kept_bin, tmp_path, "exact", student=str(world.exact0),
+                       teacher=str(world.teacher0))
+    paper = first_loss(world, kept_bin, tmp_path, "paper", student=str(world.paper))
+    print(f"[zero] xkd-logit at step 1: exact (b_final = 0) {exact:.3g}, paper {paper:.3g}")
+    assert abs(exact) < 1e-6
+    assert paper > 1e-3, "the paper mapping should be visibly off: the check has no teeth"
+
+
+def test_exact_student_matches_the_centred_teacher_states(world, kept_bin, tmp_path):
+    """Exact conversion centres the residual stream: xkd-hidden against the centred teacher is
+    ~0 (rounding), against the raw teacher it is the stream mean the conversion removed."""
+    centred = first_loss(world, kept_bin, tmp_path, "centred", objective="xkd-hidden",
+                         student=str(world.exact), centre_teacher=True)
+    raw = first_loss(world, kept_bin, tmp_path, "raw", objective="xkd-hidden",
+                     student=str(world.exact), centre_teacher=False)
+    print(f"[zero] xkd-hidden at step 1, exact student: centred teacher {centred:.3g}, "
+          f"raw teacher {raw:.3g}")
+    assert raw > 1.0
+    assert centred < 1e-8 * raw
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. bad input
+# ---------------------------------------------------------------------------------------------
+
+
+def assert_no_run(output: Path) -> None:
+    """A failed start leaves nothing behind: not even the output directory."""
+    assert not output.exists(), f"{output} was made by a run that failed to start: " \
+                                f"{sorted(p.name for p in output.iterdir())}"
+
+
+def bad_case(name: str, world: World, kept: Path, tmp_path: Path) -> tuple[dict, list]:
+    """Job changes and the words the error must contain, for one kind of bad input."""
+    if name == "empty-corpus":
+        corpus = tmp_path / "empty.txt"
+        corpus.write_text("\n \n\t\n")
+        return {"data": {"train": str(corpus)}}, [corpus, "empty"]
+    if name == "non-utf8-corpus":
+        corpus = tmp_path / "latin1.txt"
+        corpus.write_bytes(b"A fine first document.\n\nCaf\xe9 au lait.\n")
+        return {"data": {"train": str(corpus)}}, [corpus, "UTF-8", "byte offset 27", "line 3"]
+    if name == "jsonl-without-text":
+        corpus = tmp_path / "corpus.jsonl"
+        corpus.write_text('{"text": "one document"}\n{"txt": "a typo in the field"}\n')
+        return {"data": {"train": str(corpus)}}, [corpus, "line 2", '"text"']
+    if name == "tokenizer-larger-than-model":
+        run_kept(kept, "tokenizer", "--input", world.corpus, "--vocab-size", VOCAB + 200,
+                 "--output", tmp_path / "big-tok")
+        tok = tmp_path / "big-tok" / "tokenizer.model"
+        return {"tokenizer": str(tok)}, [tok, str(VOCAB + 200), str(VOCAB),
+                                         world.paper / "config.json"]
+    if name == "vocab-mismatch-xkd-logit":
+        student = kept_init_llama(kept, tmp_path / "student512", vocab=512, hidden=HIDDEN)
+        return {"student": str(student)}, ["xkd-logit", "vocabulary", "512", str(VOCAB)]
+    if name == "hidden-mismatch-xkd-hidden":
+        student = kept_init_llama(kept, tmp_path / "student48", vocab=VOCAB, hidden=48)
+        return ({"student": str(student), "objective": "xkd-hidden"},
+                ["xkd-hidden", "hidden size", "48", str(HIDDEN)])
+    if name == "unknown-field":
+        return {"optimizer": {"weight_decy": 0.1}}, ['"optimizer"', 'unknown field "weight_decy"']
+    raise AssertionError(name)
+
+
+BAD_CASES = ["empty-corpus", "non-utf8-corpus", "jsonl-without-text",
+             "tokenizer-larger-than-model", "vocab-mismatch-xkd-logit",
+             "hidden-mismatch-xkd-hidden", "unknown-field"]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_fails_cleanly(case, world, kept_bin, tmp_path):
+    changes, needles = bad_case(case, world, kept_bin, tmp_path)
+    output = tmp_path / "run"
+    job = write_job(tmp_path / "job.json", merged(base_job(world, output), changes))
+    inputs = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    proc = expect_failure(kept_bin, "train", job, needles=needles)
+    # errors about the job itself name the job file
+    if case in ("vocab-mismatch-xkd-logit", "hidden-mismatch-xkd-hidden", "unknown-field"):
+        assert str(job) in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "terminate called" not in proc.stderr
+    assert_no_run(output)
+    for path, content in inputs.items():
+        assert path.read_bytes() == content, f"{path} changed"
+
+
+@pytest.mark.parametrize("case", ["empty-corpus", "unknown-field", "vocab-mismatch-xkd-logit"])
+def test_bad_input_with_force_keeps_the_existing_run(case, world, kept_bin, reference_run,
+                                                     tmp_path):
+    """--force replaces a run only once the new one can start: a job that fails on its input
+    leaves the old run as it was."""
+    output = tmp_path / "existing"
+    shutil.copytree(reference_run, output)
+    before = snapshot(output)
+    changes, needles = bad_case(case, world, kept_bin, tmp_path)
+    job = write_job(tmp_path / "job.json", merged(base_job(world, output), changes))
+    expect_failure(kept_bin, "train", job, "--force", needles=needles)
+    assert snapshot(output) == before, "a failed --force start destroyed the run it would replace"
+
+
+def test_existing_run_is_refused_without_resume_or_force(world, kept_bin, reference_run, tmp_path):
+    output = tmp_path / "existing"
+    shutil.copytree(reference_run, output)
+    before = snapshot(output)
+    job = write_job(tmp_path / "job.json", merged(base_job(world, output), RESUME_CHANGES))
+    expect_failure(kept_bin, "train", job, needles=[output, "--resume", "--force"])
+    assert snapshot(output) == before
+    # resuming under a configuration that changes the run itself is refused, untouched
+    expect_failure(kept_bin, "train", job, "--resume", "--set", "temperature=2.0",
+                   needles=["step-000015", "different configuration"])
+    assert snapshot(output) == before
+    # --force does start over
+    run_kept(kept_bin, "train", job, "--force", "--steps", 2)
+    assert [s for s, _ in train_trace(output)] == [1, 2]
+    assert not complete_checkpoints(output)
+
+
+def test_nan_loss_stops_naming_the_last_good_checkpoint(world, kept_bin, reference_run):
+    job, output = resume_job(world, "nan")
+    log = world.root / "nan.log"
+    # a run killed once its step-6 checkpoint exists
+    run = Watched(kept_bin, job, log=log)
+    assert run.kill_when(lambda: 6 in complete_checkpoints(output)), run.output_text()
+    good = max(complete_checkpoints(output))
+    good_path = complete_checkpoints(output)[good]
+    good_bytes = snapshot(good_path)
+    # resumed with an absurd learning rate: the first update blows the weights up, the next
+    # loss is not finite
+    proc = expect_failure(kept_bin, "train", job, "--resume", "--set", "optimizer.lr=1e30",
+                          needles=[good_path, "--resume", "lower learning rate"])
+    m = re.search(r"step (\d+): the (loss|gradient norm) is (\S+)", proc.stderr)
+    assert m, proc.stderr
+    step, value = int(m[1]), m[3]
+    print(f"[nan] lr 1e30 from step {good}: stopped at step {step}, {m[2]} {value}")
+    assert step == good + 2 and not math.isfinite(float(value)), proc.stderr
+    assert max(complete_checkpoints(output)) == good, "a checkpoint was written after the blow-up"
+    assert snapshot(good_path) == good_bytes
+    assert_loadable_checkpoint(good_path, good)
+    assert max(logged_train_steps(output)) == step - 1  # the bad step was not logged
+    # resumed from it with a sane learning rate (the job's own, given with --set), it finishes
+    # exactly like the uninterrupted run: the failed attempt left nothing behind
+    proc = run_kept(kept_bin, "train", job, "--resume", "--set",
+                    f"optimizer.lr={RESUME_CHANGES['optimizer']['lr']}")
+    assert resumed_from(proc.stderr) == good
+    assert train_trace(output) == train_trace(reference_run)
+    assert (output / "final" / "model.safetensors").read_bytes() == \
+        (reference_run / "final" / "model.safetensors").read_bytes()
+
+
+def test_inf_teacher_stops_at_step_one_without_checkpoint(world, kept_bin, tmp_path):
+    teacher = tmp_path / "inf-teacher"
+    shutil.copytree(world.teacher, teacher)
+    tensors = load_file(str(teacher / "model.safetensors"))
+    tensors["lm_head.weight"][3, :] = float("inf")
+    save_file(tensors, str(teacher / "model.safetensors"), metadata={"format": "pt"})
+    output = tmp_path / "run"
+    job = write_job(tmp_path / "job.json", merged(base_job(world, output), {
+        "teacher": str(teacher), "checkpoint": {"every": 1}}))
+    proc = expect_failure(kept_bin, "train", job,
+                          needles=["step 1:", "learning rate is not the cause", "teacher"])
+    assert re.search(r"the (loss|gradient norm) is -?(nan|inf)", proc.stderr), proc.stderr
+    assert not complete_checkpoints(output) and not (output / "final").exists()
+
+
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(world, kept_bin,
+                                                                     reference_run):
+    """RLIMIT_FSIZE stands in for a full disk: once the first checkpoint exists, the run's file
+    size limit drops below the size of a checkpoint's model.safetensors, so the next checkpoint
+    write fails with EFBIG (SIGXFSZ is ignored, as a shell's `trap '' XFSZ` would)."""
+    job, output = resume_job(world, "full-disk")
+    limit = 64 * 1024  # metrics.jsonl and job.json stay far below; the checkpoint files do not
+    assert (reference_run / "checkpoints" / "step-000015" / "model.safetensors").stat().st_size > limit
+
+    run = Watched(kept_bin, job, log=world.root / "full-disk.log", ignore_sigxfsz=True)
+    while not complete_checkpoints(output) and run.proc.poll() is None and \
+            time.monotonic() < run.deadline:
+        time.sleep(POLL_S)
+    try:
+        os.kill(run.proc.pid, signal.SIGSTOP)
+        resource.prlimit(run.proc.pid, resource.RLIMIT_FSIZE, (limit, limit))
+        good = max(complete_checkpoints(output))
+    finally:
+        os.kill(run.proc.pid, signal.SIGCONT)
+    status = run.wait()
+    text = run.output_text()
+    assert status > 0, f"status {status}:\n{text}"
+    failed = good + RESUME_CHANGES["checkpoint"]["every"]
+    print(f"[full disk] checkpoint {good} written, {failed} failed: {text.strip().splitlines()[-1]}")
+    good_path = complete_checkpoints(output)[good]
+    for needle in (f"step {failed}: saving the checkpoint failed", f"step-{failed:06d}",
+                   "model.safetensors", "File too large", f"checkpoint is {good_path}", "--resume"):
+        assert needle in text, f"the error does not say {needle!r}:\n{text}"
+    assert max(complete_checkpoints(output)) == good
+    assert not checkpoint_debris(output), "the failed checkpoint left its temporary directory"
+    assert_loadable_checkpoint(complete_checkpoints(output)[good], good)
+    assert not (output / "final").exists()
+    proc = run_kept(kept_bin, "train", job, "--resume")
+    assert resumed_from(proc.stderr) == good
+    assert train_trace(output) == train_trace(reference_run)
+    assert (output / "final" / "model.safetensors").read_bytes() == \
+        (reference_run / "final" / "model.safetensors").read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. kept eval against HF
+# ---------------------------------------------------------------------------------------------
+
+
+def split_documents(text: str) -> list[str]:
+    """kept's plain-text corpus reader: documents are runs of non-blank lines."""
+    documents, current = [], []
+    for line in text.split("\n"):
+        if line.strip(" \t\r\f\v") == "":
+            if current:
+                documents.append("\n".join(current))
+            current = []
+        else:
+            current.append(line)
+    if current:
+        documents.append("\n".join(current))
+    return documents
+
+
+def evaluation_windows(path: Path, tokenizer: Path, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """kept's evaluation packing (kept/train/data.hpp evaluation_batches): every document
+    followed by EOS, in corpus order; window i holds inputs stream[i L, i L + L) and targets
+    stream[i L + 1, i L + L + 1); the last window is padded with EOS inputs and -1 targets."""
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    stream = []
+    for document in split_documents(path.read_text(encoding="utf-8")):
+        stream += sp.encode(document) + [sp.eos_id()]
+    count = math.ceil((len(stream) - 1) / seq)
+    inputs = torch.full((count, seq), sp.eos_id(), dtype=torch.int64)
+    targets = torch.full((count, seq), -1, dtype=torch.int64)
+    for i in range(count):
+        chunk = stream[i * seq:i * seq + seq + 1]
+        inputs[i, :min(seq, len(chunk))] = torch.tensor(chunk[:seq])
+        targets[i, :len(chunk) - 1] = torch.tensor(chunk[1:])
+    return inputs, targets
+
+
+def test_eval_matches_hf(world, kept_bin, tmp_path):
+    data = write_corpus(tmp_path / "held-out.txt", generated_documents(9, 12))
+    seq = 24
+    out = tmp_path / "eval.json"
+    proc = run_kept(kept_bin, "eval", world.paper, "--teacher", world.teacher, "--data", data,
+                    "--seq-len", seq, "--batch-size", 3, "--json", out)
+    got = json.loads(out.read_text())
+    printed = proc.stdout
+    for pattern in (r"perplexity\s+[0-9.]+", r"teacher\s+[0-9.]+", r"KL\(teacher\|\|model\) [0-9.]+",
+                    r"top-1 agreement\s+[0-9.]+%", r"perplexity by context length"):
+        assert re.search(pattern, printed), f"kept eval did not print {pattern!r}:\n{printed}"
+    buckets = re.findall(r"^\s+(\d+)-(\d+)\s+([0-9.]+)\s+teacher\s+([0-9.]+)$", printed, re.M)
+    assert len(buckets) == len(got["context_bucket_start"]) >= 4, printed
+
+    inputs, targets = evaluation_windows(data, world.paper / "tokenizer.model", seq)
+    student = hf_logits(load_llama(world.paper), inputs)
+    teacher = hf_logits(world.teacher_model, inputs)
+    mask = targets >= 0
+    y = targets.clamp(min=0)
+    log_q, log_p = torch.log_softmax(student, -1), torch.log_softmax(teacher, -1)
+    ce_s = -log_q.gather(-1, y[..., None])[..., 0]
+    ce_t = -log_p.gather(-1, y[..., None])[..., 0]
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    n = mask.sum().item()
+    want = {
+        "tokens": n,
+        "perplexity": math.exp(ce_s[mask].sum().item() / n),
+        "teacher_perplexity": math.exp(ce_t[mask].sum().item() / n),
+        "kl": kl[mask].sum().item() / n,
+    }
+    assert got["tokens"] == want["tokens"]
+    for key in ("perplexity", "teacher_perplexity", "kl"):
+        assert math.isclose(got[key], want[key], rel_tol=EVAL_REL_TOL), (key, got[key], want[key])
+    # top-1 agreement: an argmax may flip between implementations only where the two largest
+    # logits are within rounding of each other; count those and allow that many flips
+    agree = (student.argmax(-1) == teacher.argmax(-1))[mask]
+    near_tie = torch.zeros_like(mask)
+    for logits in (student, teacher):
+        top2 = logits.topk(2, dim=-1).values
+        near_tie |= (top2[..., 0] - top2[..., 1]) < 1e-4 * logits.abs().amax()
+    slack = near_tie[mask].sum().item() / n
+    assert abs(got["top1_agreement"] - agree.double().mean().item()) <= slack + 1e-12, \
+        (got["top1_agreement"], agree.double().mean().item(), slack)
+    assert 0 < got["top1_agreement"] < 1 and got["kl"] > 1e-3  # a non-trivial comparison
+    # perplexity by context length: positions [0, 1), [1, 2), [2, 4), [4, 8), ...
+    starts, s = [], 0
+    while s < seq:
+        starts.append(s)
+        s = s * 2 if s else 1
+    assert got["context_bucket_start"] == starts
+    for k, start in enumerate(starts):
+        end = min(seq, 2 * start if start else 1)
+        m = mask[:, start:end]
+        for key, ce in (("perplexity_by_context", ce_s), ("teacher_perplexity_by_context", ce_t)):
+            want_ppl = math.exp(ce[:, start:end][m].sum().item() / m.sum().item())
+            assert math.isclose(got[key][k], want_ppl, rel_tol=EVAL_REL_TOL), (key, start, got[key][k],
+                                                                              want_ppl)
+        # and the printed table says the same, to its 4 decimals
+        assert int(buckets[k][0]) == start and int(buckets[k][1]) == end - 1
+        assert abs(float(buckets[k][2]) - got["perplexity_by_context"][k]) <= 0.6e-4
+        assert abs(float(buckets[k][3]) - got["teacher_perplexity_by_context"][k]) <= 0.6e-4
+    printed_kl = float(re.search(r"KL\(teacher\|\|model\) ([0-9.]+)", printed)[1])
+    assert abs(printed_kl - got["kl"]) <= 0.6e-5
+    printed_top1 = float(re.search(r"top-1 agreement\s+([0-9.]+)%", printed)[1])
+    assert abs(printed_top1 - 100 * got["top1_agreement"]) <= 0.006
+    print(f"[eval] {n} tokens: perplexity {got['perplexity']:.4f} (HF {want['perplexity']:.4f}), "
+          f"KL {got['kl']:.5f} (HF {want['kl']:.5f}), top-1 {got['top1_agreement']:.4f} "
+          f"(HF {agree.double().mean().item():.4f})")
