@@ -24,43 +24,48 @@ The before-training figures of every mode are printed at the end of the session.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import math
-import os
-import random
 import re
 import shutil
-import struct
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+import pytest
+import sentencepiece as spm
+import torch
+from transformers import LlamaConfig, StableLmForCausalLM
 
-import pytest  # noqa: E402
-import sentencepiece as spm  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, StableLmConfig, StableLmForCausalLM  # noqa: E402
+from kept_testing import (
+    REPO_ROOT,
+    Shape,
+    expect_failure,
+    generated_documents,
+    hf_logits,
+    kept_logits,
+    load_llama,
+    make_ids,
+    make_orion_source,
+    print_past_capture,
+    raw_tensors,
+    relative_error,
+    rope_theta_of,
+    run_kept,
+    split_documents,
+    write_corpus,
+)
 
-torch.set_num_threads(2)
-transformers.utils.logging.disable_progress_bar()
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 TORCH_BIN_FIXTURES = REPO_ROOT / "tests" / "data" / "torch_bin"
 REL_TOL = 1e-4  # logits: max |diff| <= REL_TOL * max |reference|
 FIDELITY_REL_TOL = 1e-3  # kept's printed KL / top-1 vs the ones computed here
-KEPT_TIMEOUT_S = 300
 
 # The model: odd enough that defaults would show (eps and theta are neither HF's llama nor
 # stablelm defaults).
 VOCAB, HIDDEN, HEADS, INTER, LAYERS = 512, 64, 4, 176, 2
 EPS, THETA, MAX_POS = 2e-5, 5e5, 256
+SOURCE = Shape(vocab=VOCAB, hidden=HIDDEN, heads=HEADS, inter=INTER, layers=LAYERS, theta=THETA,
+               eps=EPS, max_pos=MAX_POS)
 TOKENIZER_VOCAB = 400  # <= VOCAB, as kept checks
 SEQ_LEN = 512  # kept convert's default --seq-len
 CALIB_TOKENS = 65536  # kept convert's default --calib-tokens
@@ -74,49 +79,8 @@ MODES = {  # name -> extra arguments of kept convert
 
 
 # ---------------------------------------------------------------------------------------------
-# the kept binary
+# what a failed kept command leaves behind
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def kept_bin() -> Path:
-    env = os.environ.get("KEPT_BIN", "").strip()
-    if env:
-        path = Path(env)
-        if not path.is_file() or not os.access(path, os.X_OK):
-            pytest.fail(f"KEPT_BIN={env!r} is not an executable file", pytrace=False)
-        return path
-    path = REPO_ROOT / "build" / "reference" / "kept"
-    if path.is_file() and os.access(path, os.X_OK):
-        return path
-    pytest.fail(f"the kept binary was not found: set KEPT_BIN=/path/to/kept or build {path}",
-                pytrace=False)
-
-
-def run_kept(kept: Path, *args, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [str(kept), *map(str, args)]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "2")
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace",
-                              timeout=KEPT_TIMEOUT_S, env=env, check=False)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"`{' '.join(cmd)}` did not finish in {KEPT_TIMEOUT_S} s\n"
-                    f"--- stderr ---\n{exc.stderr}", pytrace=False)
-    if check and proc.returncode != 0:
-        pytest.fail(f"`{' '.join(cmd)}` exited with status {proc.returncode}\n"
-                    f"--- stderr ---\n{proc.stderr}\n--- stdout ---\n{proc.stdout}", pytrace=False)
-    return proc
-
-
-def expect_failure(kept: Path, *args, needles=()) -> subprocess.CompletedProcess:
-    proc = run_kept(kept, *args, check=False)
-    context = f"\n--- stderr ---\n{proc.stderr}\n--- stdout ---\n{proc.stdout}"
-    assert proc.returncode != 0, f"kept {' '.join(map(str, args))} succeeded" + context
-    assert proc.returncode > 0, f"kept died of signal {-proc.returncode}" + context
-    missing = [n for n in needles if n not in proc.stderr]
-    assert not missing, f"kept's error message does not mention {missing}" + context
-    return proc
 
 
 def no_debris(parent: Path, name: str) -> list[str]:
@@ -142,9 +106,7 @@ def _fidelity_report(request):
     for mode, f in _FIDELITY.items():
         lines.append(f"{mode:<20} {f['tokens']:>7} {f['kl']:>10.5f} ({f['kl_hf']:.5f})   "
                      f"{100 * f['top1']:>10.2f}% ({100 * f['top1_hf']:.2f}%)")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-        print("\n" + "\n".join(lines), flush=True)
+    print_past_capture(request, lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,72 +114,9 @@ def _fidelity_report(request):
 # ---------------------------------------------------------------------------------------------
 
 
-def source_config() -> StableLmConfig:
-    cfg = StableLmConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER,
-                         num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                         num_key_value_heads=HEADS, hidden_act="silu",
-                         max_position_embeddings=MAX_POS, rope_theta=THETA,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-                         layer_norm_eps=EPS, partial_rotary_factor=1.0, use_qkv_bias=False,
-                         use_parallel_residual=False, qk_layernorm=False)
-    assert cfg.rope_parameters.get("partial_rotary_factor") == 1.0, cfg.rope_parameters
-    return cfg
-
-
-def rope_theta_of(config) -> float:
-    params = getattr(config, "rope_parameters", None)
-    if isinstance(params, dict) and "rope_theta" in params:
-        return float(params["rope_theta"])
-    return float(config.rope_theta)
-
-
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Re-draws every parameter: HF's init (unit norms, zero biases, zero-mean embedding) would
-    hide exactly what the conversion is about."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def draw(p, mean, std):
-        p.copy_(mean + std * torch.randn(p.shape, generator=gen, dtype=torch.float32))
-
-    done = set()
-    with torch.no_grad():
-        for mod_name, mod in model.named_modules():
-            for p_name, p in mod.named_parameters(recurse=False):
-                if isinstance(mod, torch.nn.LayerNorm):
-                    draw(p, 1.0, 0.2) if p_name == "weight" else draw(p, 0.0, 0.3)
-                elif isinstance(mod, torch.nn.Embedding):
-                    draw(p, 0.5, 1.0)
-                elif isinstance(mod, torch.nn.Linear):
-                    assert p_name == "weight", f"{mod_name}.{p_name}: the source has no linear bias"
-                    draw(p, 0.0, 0.08)
-                else:
-                    raise AssertionError(f"randomize_: no rule for {mod_name}.{p_name} ({type(mod)})")
-                done.add(id(p))
-    missed = [n for n, p in model.named_parameters() if id(p) not in done]
-    assert not missed, f"randomize_ missed {missed}"
-
-
-def make_source_model(seed: int, zero_final_bias: bool = False) -> StableLmForCausalLM:
-    model = StableLmForCausalLM(source_config()).eval()
-    randomize_(model, seed)
-    if zero_final_bias:
-        with torch.no_grad():
-            model.model.norm.bias.zero_()
-    return model
-
-
 WORDS = ("the of and to in is was for on with as by at from that this model layer norm bias "
          "weight token residual stream mean centre fold convert llama orion rotary attention "
          "gate up down head vocabulary calibration 한국어 문장 日本語 café naïve").split()
-
-
-def generated_documents(seed: int, count: int) -> list[str]:
-    rng = random.Random(seed)
-
-    def sentence():
-        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 15))).capitalize() + "."
-
-    return ["\n".join(sentence() for _ in range(rng.randint(1, 4))) for _ in range(count)]
 
 
 def train_tokenizer(text: str) -> bytes:
@@ -253,26 +152,6 @@ def save_source(model: StableLmForCausalLM, directory: Path, tokenizer: bytes,
     return directory
 
 
-def safetensors_header(path: Path) -> tuple[dict, int]:
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
-    header.pop("__metadata__", None)
-    return header, 8 + n
-
-
-def raw_tensors(directory: Path) -> dict[str, tuple[str, list, bytes]]:
-    """name -> (dtype, shape, bytes), read without trusting any library."""
-    result = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        header, start = safetensors_header(f)
-        data = f.read_bytes()
-        for name, info in header.items():
-            begin, end = info["data_offsets"]
-            result[name] = (info["dtype"], info["shape"], data[start + begin:start + end])
-    return result
-
-
 # ---------------------------------------------------------------------------------------------
 # fixtures: one source model, its tokenizer and calibration text, and its conversions
 # ---------------------------------------------------------------------------------------------
@@ -290,14 +169,13 @@ class World:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> World:
     root = tmp_path_factory.mktemp("convert")
-    tokenizer_text = "\n\n".join(generated_documents(1, 60))
+    tokenizer_text = "\n\n".join(generated_documents(1, 60, WORDS))
     assert 4000 < len(tokenizer_text.encode()) < 20000
     tokenizer = train_tokenizer(tokenizer_text)
     sp = spm.SentencePieceProcessor(model_proto=tokenizer)
     assert sp.get_piece_size() <= VOCAB and sp.eos_id() == 2, (sp.get_piece_size(), sp.eos_id())
-    calib = root / "calibration.txt"
-    calib.write_text("\n\n".join(generated_documents(2, 40)) + "\n", encoding="utf-8")
-    model = make_source_model(1234)
+    calib = write_corpus(root / "calibration.txt", generated_documents(2, 40, WORDS))
+    model = make_orion_source(SOURCE, 1234)
     source = save_source(model, root / "source", tokenizer)
     return World(root, tokenizer, calib, source, model)
 
@@ -319,61 +197,9 @@ def converted(world, kept_bin) -> dict[str, Converted]:
     return result
 
 
-def load_llama(directory: Path) -> LlamaForCausalLM:
-    model, info = LlamaForCausalLM.from_pretrained(
-        directory, trust_remote_code=False, dtype=torch.float32, attn_implementation="eager",
-        output_loading_info=True)
-    for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
-        assert not info.get(key), f"HF loading {directory}: {key} = {info.get(key)}"
-    return model.eval()
-
-
-def make_ids(seq: int, seed: int, batch: int = 2) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (batch, seq), generator=gen, dtype=torch.int64)
-    ids[0, 0] = VOCAB - 1
-    ids[-1, -1] = 0
-    return ids
-
-
-def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids, use_cache=False).logits.float()
-
-
-def kept_logits(kept: Path, model_dir: Path, ids: torch.Tensor, work: Path) -> torch.Tensor:
-    work.mkdir(parents=True, exist_ok=True)
-    ids_path, out_path = work / "ids.safetensors", work / "out.safetensors"
-    save_file({"input_ids": ids.contiguous()}, str(ids_path))
-    run_kept(kept, "forward", model_dir, "--input", ids_path, "--out", out_path)
-    return load_file(str(out_path))["logits"]
-
-
-def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
-    assert tuple(got.shape) == tuple(ref.shape), (got.shape, ref.shape)
-    return ((got.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
-
-
 # ---------------------------------------------------------------------------------------------
 # the before-training fidelity, reproduced
 # ---------------------------------------------------------------------------------------------
-
-
-def split_documents(text: str) -> list[str]:
-    """kept's plain-text corpus reader: documents are runs of non-blank lines."""
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    documents, current = [], []
-    for line in text.split("\n"):
-        if line.strip(" \t\r\f\v") == "":
-            if current:
-                documents.append("\n".join(current))
-            current = []
-        else:
-            current.append(line)
-    if current:
-        documents.append("\n".join(current))
-    return documents
 
 
 def calibration_sequences(calib: Path, tokenizer: bytes) -> torch.Tensor:
@@ -448,7 +274,7 @@ def test_converted_checkpoint_loads_in_hf_and_matches_kept(mode, world, converte
     for name in TOKENIZER_SIDE_FILES:
         assert (dst / name).read_bytes() == (world.source / name).read_bytes(), name
 
-    ids = make_ids(37, 5)
+    ids = make_ids(VOCAB, 37, 5)
     hf = hf_logits(model, ids)
     rel = relative_error(kept_logits(kept_bin, dst, ids, tmp_path), hf)
     print(f"[convert] {mode}: kept forward vs HF Llama logits rel {rel:.3e}")
@@ -487,12 +313,12 @@ def test_mode_figures_are_ordered(world, converted):
 
 
 def test_exact_with_zero_final_bias_reproduces_the_source(world, kept_bin, tmp_path):
-    model = make_source_model(4321, zero_final_bias=True)
+    model = make_orion_source(SOURCE, 4321, zero_final_bias=True)
     src = save_source(model, tmp_path / "source", world.tokenizer)
     dst = tmp_path / "dst"
     out = run_kept(kept_bin, "convert", src, dst, "--opm", "exact").stdout
     assert re.search(r"max \|logit offset\| 0(\.0*)?,? ", out), out
-    ids = make_ids(41, 9)
+    ids = make_ids(VOCAB, 41, 9)
     source_logits = hf_logits(model, ids)
     llama_logits = hf_logits(load_llama(dst), ids)
     rel = relative_error(llama_logits, source_logits)
@@ -505,7 +331,7 @@ def test_exact_with_zero_final_bias_reproduces_the_source(world, kept_bin, tmp_p
 
 
 def test_exact_differs_from_the_source_by_the_final_bias_term(world, converted):
-    ids = make_ids(29, 11)
+    ids = make_ids(VOCAB, 29, 11)
     source_logits = hf_logits(world.model, ids).double()
     llama_logits = hf_logits(load_llama(converted["exact"].directory), ids).double()
     with torch.no_grad():
@@ -520,7 +346,8 @@ def test_exact_differs_from_the_source_by_the_final_bias_term(world, converted):
 
 
 def test_paper_mode_copies_a_bf16_source_bit_for_bit(world, kept_bin, tmp_path):
-    src = save_source(make_source_model(777), tmp_path / "source", world.tokenizer, torch.bfloat16)
+    src = save_source(make_orion_source(SOURCE, 777), tmp_path / "source", world.tokenizer,
+                      torch.bfloat16)
     dst = tmp_path / "dst"
     run_kept(kept_bin, "convert", src, dst, "--opm", "paper")
     source, target = raw_tensors(src), raw_tensors(dst)

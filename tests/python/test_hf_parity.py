@@ -24,80 +24,40 @@ names a file, written to it as JSON lines {case, tensor, max_abs_diff, max_abs_r
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import shutil
 import struct
-import subprocess
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+import pytest
+import safetensors
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM
 
-import pytest  # noqa: E402
-import safetensors  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-from transformers import (  # noqa: E402
-    LlamaConfig,
-    LlamaForCausalLM,
-    StableLmConfig,
-    StableLmForCausalLM,
+from kept_testing import (
+    BATCH,
+    MODEL_CLASSES,
+    Shape,
+    checkpoint_dtypes,
+    checkpoint_files,
+    load_hf_model,
+    make_config,
+    make_ids,
+    print_past_capture,
+    randomize_,
+    rope_theta_of,
+    run_kept,
+    safetensors_header,
+    write_ids,
 )
 
-torch.set_num_threads(2)
-transformers.utils.logging.disable_progress_bar()
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 REL_TOL = 1e-4  # max |diff| <= REL_TOL * max |reference|, per tensor
-BATCH = 2
-KEPT_TIMEOUT_S = 300
-
-
-# ---------------------------------------------------------------------------------------------
-# the kept binary
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def kept_bin() -> Path:
-    env = os.environ.get("KEPT_BIN", "").strip()
-    if env:
-        path = Path(env)
-        if not path.is_file() or not os.access(path, os.X_OK):
-            pytest.fail(f"KEPT_BIN={env!r} is not an executable file", pytrace=False)
-        return path
-    path = REPO_ROOT / "build" / "reference" / "kept"
-    if path.is_file() and os.access(path, os.X_OK):
-        return path
-    pytest.fail(
-        "the kept binary was not found: set KEPT_BIN=/path/to/kept, or build it at "
-        f"{path} (cmake -S . -B build && cmake --build build --target kept); "
-        "under ctest the hf_parity test passes KEPT_BIN itself",
-        pytrace=False,
-    )
-
-
-def run_kept(kept: Path, *args, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [str(kept), *map(str, args)]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "2")
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace",
-                              timeout=KEPT_TIMEOUT_S, env=env, check=False)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"`{' '.join(cmd)}` did not finish in {KEPT_TIMEOUT_S} s\n"
-                    f"--- stderr ---\n{exc.stderr}", pytrace=False)
-    if check and proc.returncode != 0:
-        pytest.fail(f"`{' '.join(cmd)}` exited with status {proc.returncode}\n"
-                    f"--- stderr ---\n{proc.stderr}\n--- stdout ---\n{proc.stdout}", pytrace=False)
-    return proc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,10 +90,7 @@ def _parity_report(request):
                      f"{worst['rel'] if worst else float('nan'):>16.3e}  "
                      f"{worst['tensor'] if worst else '-'}")
     lines.append(f"overall worst rel: {max(r['rel'] for r in _RECORDS):.3e} over {len(_RECORDS)} tensors")
-    # this teardown runs while output is captured: lift the capture so the table is shown
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-        print("\n" + "\n".join(lines), flush=True)
+    print_past_capture(request, lines)
 
 
 def _record(case: str, tensor: str, max_abs_diff: float, max_abs_ref: float, rel: float) -> None:
@@ -169,108 +126,13 @@ def compare(case: str, name: str, got: torch.Tensor, ref: torch.Tensor) -> str |
 
 
 # ---------------------------------------------------------------------------------------------
-# safetensors helpers (the header is parsed by hand so a test never trusts the file it checks)
-# ---------------------------------------------------------------------------------------------
-
-
-def safetensors_header(path: Path) -> dict:
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
-    header.pop("__metadata__", None)
-    return header
-
-
-def checkpoint_files(model_dir: Path) -> list[Path]:
-    return sorted(model_dir.glob("*.safetensors"))
-
-
-def checkpoint_dtypes(model_dir: Path) -> dict[str, str]:
-    dtypes = {}
-    for f in checkpoint_files(model_dir):
-        for name, info in safetensors_header(f).items():
-            dtypes[name] = info["dtype"]
-    return dtypes
-
-
-# ---------------------------------------------------------------------------------------------
 # models
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Shape:
-    vocab: int
-    hidden: int
-    heads: int
-    inter: int
-    layers: int
-    theta: float
-    eps: float
-    max_pos: int = 256
 
 
 ODD = Shape(vocab=1000, hidden=96, heads=3, inter=200, layers=2, theta=5e7, eps=1e-6)
 SMALL = Shape(vocab=515, hidden=64, heads=4, inter=176, layers=3, theta=10000.0, eps=1e-5)
 BIG = Shape(vocab=1536, hidden=256, heads=8, inter=688, layers=2, theta=500000.0, eps=1e-5)
-
-
-def rope_theta_of(config) -> float:
-    """transformers 5 keeps rope_theta in config.rope_parameters; older versions at top level."""
-    params = getattr(config, "rope_parameters", None)
-    if isinstance(params, dict) and "rope_theta" in params:
-        return float(params["rope_theta"])
-    return float(config.rope_theta)
-
-
-def make_config(arch: str, s: Shape, attention_bias: bool = False, mlp_bias: bool = False):
-    common = dict(vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.inter,
-                  num_hidden_layers=s.layers, num_attention_heads=s.heads,
-                  num_key_value_heads=s.heads, hidden_act="silu", max_position_embeddings=s.max_pos,
-                  rope_theta=s.theta, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    if arch == "orion":
-        assert not attention_bias and not mlp_bias
-        # StableLmConfig defaults partial_rotary_factor to 0.25: the Orion computation needs 1.0.
-        cfg = StableLmConfig(**common, layer_norm_eps=s.eps, partial_rotary_factor=1.0,
-                             use_qkv_bias=False, use_parallel_residual=False, qk_layernorm=False)
-        assert cfg.rope_parameters.get("partial_rotary_factor") == 1.0, cfg.rope_parameters
-        assert cfg.num_key_value_heads == s.heads
-    elif arch == "llama":
-        cfg = LlamaConfig(**common, rms_norm_eps=s.eps, attention_bias=attention_bias,
-                          mlp_bias=mlp_bias)
-        assert cfg.head_dim == s.hidden // s.heads
-    else:
-        raise ValueError(arch)
-    assert rope_theta_of(cfg) == s.theta
-    return cfg
-
-
-MODEL_CLASSES = {"orion": StableLmForCausalLM, "llama": LlamaForCausalLM}
-
-
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Re-draws every parameter so no bug can hide behind HF's init (unit norms, zero biases)."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def draw(p, mean, std):
-        p.copy_(mean + std * torch.randn(p.shape, generator=gen, dtype=torch.float32))
-
-    done = set()
-    with torch.no_grad():
-        for mod_name, mod in model.named_modules():
-            is_norm = isinstance(mod, torch.nn.LayerNorm) or type(mod).__name__.endswith("RMSNorm")
-            for p_name, p in mod.named_parameters(recurse=False):
-                if is_norm:
-                    draw(p, 1.0 if p_name == "weight" else 0.0, 0.2)
-                elif isinstance(mod, torch.nn.Embedding):
-                    draw(p, 0.0, 1.0)
-                elif isinstance(mod, torch.nn.Linear):
-                    draw(p, 0.0, 0.08 if p_name == "weight" else 0.05)
-                else:
-                    raise AssertionError(f"randomize_: no rule for {mod_name}.{p_name} ({type(mod)})")
-                done.add(id(p))
-    missed = [n for n, p in model.named_parameters() if id(p) not in done]
-    assert not missed, f"randomize_ missed {missed}"
 
 
 def build_checkpoint(model_dir: Path, arch: str, s: Shape, seed: int, attention_bias=False,
@@ -301,26 +163,9 @@ def build_checkpoint(model_dir: Path, arch: str, s: Shape, seed: int, attention_
     assert "lm_head.weight" in dtypes and len(dtypes) == len(model.state_dict())
 
 
-def make_ids(vocab: int, seq: int, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (BATCH, seq), generator=gen, dtype=torch.int64)
-    ids[0, 0] = vocab - 1  # both ends of the vocabulary
-    ids[-1, -1] = 0
-    return ids
-
-
-def write_ids(path: Path, ids: torch.Tensor) -> Path:
-    save_file({"input_ids": ids.to(torch.int64).contiguous()}, str(path))
-    return path
-
-
 def hf_reference(model_dir: Path, cls, ids: torch.Tensor, attn: str = "eager"):
     """HF fp32 logits and the L+1 residual-stream states (before the final norm)."""
-    model, info = cls.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn,
-                                      output_loading_info=True)
-    for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
-        assert not info.get(key), f"HF loading {model_dir}: {key} = {info.get(key)}"
-    model.eval()
+    model = load_hf_model(model_dir, cls, attn)
     n_layers = model.config.num_hidden_layers
     captured: dict = {}
 
@@ -356,7 +201,7 @@ def kept_forward(kept: Path, model_dir: Path, ids: torch.Tensor, work: Path) -> 
     out_path = work / "out.safetensors"
     run_kept(kept, "forward", model_dir, "--input", ids_path, "--out", out_path, "--hidden-states")
     assert out_path.is_file(), f"kept forward exited 0 but wrote no {out_path}"
-    header = safetensors_header(out_path)
+    header, _ = safetensors_header(out_path)
     bad = {k: v["dtype"] for k, v in header.items() if v["dtype"] != "F32"}
     assert not bad, f"kept wrote non-F32 tensors: {bad}"
     return load_file(str(out_path))

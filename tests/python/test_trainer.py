@@ -32,6 +32,8 @@ and on 2 shared cores spinning worker threads cost more than they give.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import json
 import math
 import os
@@ -45,26 +47,34 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+import pytest
+import sentencepiece as spm
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import StableLmForCausalLM
 
-import pytest  # noqa: E402
-import sentencepiece as spm  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, StableLmConfig, StableLmForCausalLM  # noqa: E402
+import kept_testing
+from kept_testing import (
+    Shape,
+    generated_documents,
+    hf_logits,
+    kept_env,
+    load_llama,
+    make_config,
+    make_orion_source,
+    relative_error,
+    split_documents,
+    write_corpus,
+)
 
-torch.set_num_threads(2)
-transformers.utils.logging.disable_progress_bar()
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 KEPT_TIMEOUT_S = 120
+KEPT_THREADS = 1
 POLL_S = 0.0003  # how often a watched run's files are looked at
 
 VOCAB, HIDDEN, HEADS, INTER, LAYERS = 400, 32, 4, 64, 2
 EPS, THETA, MAX_POS = 1e-5, 1e4, 128
+SHAPE = Shape(vocab=VOCAB, hidden=HIDDEN, heads=HEADS, inter=INTER, layers=LAYERS, theta=THETA,
+              eps=EPS, max_pos=MAX_POS)
 TOKENIZER_VOCAB = 384  # <= VOCAB; SentencePiece needs > 259 + the corpus' characters
 SEQ = 32
 LOGIT_REL_TOL = 1e-4  # HF vs kept forward: max |diff| <= tol * max |HF|
@@ -78,50 +88,11 @@ CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "trainer.json"
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def kept_bin() -> Path:
-    env = os.environ.get("KEPT_BIN", "").strip()
-    if env:
-        path = Path(env)
-        if not path.is_file() or not os.access(path, os.X_OK):
-            pytest.fail(f"KEPT_BIN={env!r} is not an executable file", pytrace=False)
-        return path
-    path = REPO_ROOT / "build" / "reference" / "kept"
-    if path.is_file() and os.access(path, os.X_OK):
-        return path
-    pytest.fail(f"the kept binary was not found: set KEPT_BIN=/path/to/kept or build {path}",
-                pytrace=False)
-
-
-def kept_env() -> dict:
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = "1"
-    env["OPENBLAS_NUM_THREADS"] = "1"
-    return env
-
-
-def run_kept(kept: Path, *args, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [str(kept), *map(str, args)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace",
-                              timeout=KEPT_TIMEOUT_S, env=kept_env(), check=False)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"`{' '.join(cmd)}` did not finish in {KEPT_TIMEOUT_S} s\n"
-                    f"--- stderr ---\n{exc.stderr}", pytrace=False)
-    if check and proc.returncode != 0:
-        pytest.fail(f"`{' '.join(cmd)}` exited with status {proc.returncode}\n"
-                    f"--- stderr ---\n{proc.stderr}\n--- stdout ---\n{proc.stdout}", pytrace=False)
-    return proc
-
-
-def expect_failure(kept: Path, *args, needles=()) -> subprocess.CompletedProcess:
-    proc = run_kept(kept, *args, check=False)
-    context = f"\n--- stderr ---\n{proc.stderr}\n--- stdout ---\n{proc.stdout}"
-    assert proc.returncode != 0, f"kept {' '.join(map(str, args))} succeeded" + context
-    assert proc.returncode > 0, f"kept died of signal {-proc.returncode}" + context
-    missing = [n for n in needles if str(n) not in proc.stderr]
-    assert not missing, f"kept's error message does not mention {missing}" + context
-    return proc
+# kept runs single-threaded here, under a shorter time limit (see the module docstring).
+KEPT_RUN = dict(timeout_s=KEPT_TIMEOUT_S, threads=KEPT_THREADS)
+run_kept = functools.partial(kept_testing.run_kept, **KEPT_RUN)
+expect_failure = functools.partial(kept_testing.expect_failure, **KEPT_RUN)
+kept_logits = functools.partial(kept_testing.kept_logits, **KEPT_RUN)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,52 +104,6 @@ WORDS = ("the of and to in is was for on with as by at from that this model laye
          "gate up down head vocabulary calibration café naïve 한국어 文章").split()
 
 
-def generated_documents(seed: int, count: int, words=WORDS) -> list[str]:
-    rng = random.Random(seed)
-
-    def sentence():
-        return " ".join(rng.choice(words) for _ in range(rng.randint(5, 15))).capitalize() + "."
-
-    return ["\n".join(sentence() for _ in range(rng.randint(1, 4))) for _ in range(count)]
-
-
-def write_corpus(path: Path, documents: list[str]) -> Path:
-    path.write_text("\n\n".join(documents) + "\n", encoding="utf-8")
-    return path
-
-
-def source_config(vocab: int = VOCAB, hidden: int = HIDDEN) -> StableLmConfig:
-    return StableLmConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=INTER,
-                          num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                          num_key_value_heads=HEADS, hidden_act="silu",
-                          max_position_embeddings=MAX_POS, rope_theta=THETA,
-                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-                          layer_norm_eps=EPS, partial_rotary_factor=1.0, use_qkv_bias=False,
-                          use_parallel_residual=False, qk_layernorm=False)
-
-
-def make_teacher(seed: int, zero_final_bias: bool = False) -> StableLmForCausalLM:
-    """Every parameter re-drawn: LayerNorm weights 1 + 0.2 n and biases 0.3 n, embedding
-    N(0.5, 1) (the residual stream has a mean), linears N(0, 0.08)."""
-    model = StableLmForCausalLM(source_config()).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            for p_name, p in module.named_parameters(recurse=False):
-                if isinstance(module, torch.nn.LayerNorm):
-                    mean, std = (1.0, 0.2) if p_name == "weight" else (0.0, 0.3)
-                elif isinstance(module, torch.nn.Embedding):
-                    mean, std = 0.5, 1.0
-                elif isinstance(module, torch.nn.Linear):
-                    mean, std = 0.0, 0.08
-                else:
-                    raise AssertionError(f"no rule for {name}.{p_name}")
-                p.copy_(mean + std * torch.randn(p.shape, generator=gen))
-        if zero_final_bias:
-            model.model.norm.bias.zero_()
-    return model
-
-
 def save_model(model, directory: Path, tokenizer: Path) -> Path:
     model.save_pretrained(directory, safe_serialization=True)
     shutil.copyfile(tokenizer, directory / "tokenizer.model")
@@ -188,40 +113,11 @@ def save_model(model, directory: Path, tokenizer: Path) -> Path:
 def kept_init_llama(kept: Path, directory: Path, *, vocab: int, hidden: int) -> Path:
     """A random Llama checkpoint written by `kept init` (no tokenizer.model in it)."""
     config_dir = directory.parent / f"{directory.name}-config"
-    LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=INTER,
-                num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=HEADS,
-                max_position_embeddings=MAX_POS, rms_norm_eps=EPS, rope_theta=THETA,
-                tie_word_embeddings=False, bos_token_id=1, eos_token_id=2).save_pretrained(config_dir)
+    make_config("llama", dataclasses.replace(SHAPE, vocab=vocab, hidden=hidden)).save_pretrained(
+        config_dir)
     run_kept(kept, "init", "--config", config_dir / "config.json", directory, "--seed", 3,
              "--dtype", "f32")
     return directory
-
-
-def load_llama(directory: Path) -> LlamaForCausalLM:
-    model, info = LlamaForCausalLM.from_pretrained(
-        directory, trust_remote_code=False, dtype=torch.float32, attn_implementation="eager",
-        output_loading_info=True)
-    for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
-        assert not info.get(key), f"HF loading {directory}: {key} = {info.get(key)}"
-    return model.eval()
-
-
-def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids, use_cache=False).logits.double()
-
-
-def kept_logits(kept: Path, model_dir: Path, ids: torch.Tensor, work: Path) -> torch.Tensor:
-    work.mkdir(parents=True, exist_ok=True)
-    ids_path, out_path = work / "ids.safetensors", work / "out.safetensors"
-    save_file({"input_ids": ids.contiguous()}, str(ids_path))
-    run_kept(kept, "forward", model_dir, "--input", ids_path, "--out", out_path)
-    return load_file(str(out_path))["logits"].double()
-
-
-def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
-    assert tuple(got.shape) == tuple(ref.shape), (got.shape, ref.shape)
-    return ((got.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
 
 @dataclass
@@ -240,13 +136,14 @@ class World:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, kept_bin) -> World:
     root = tmp_path_factory.mktemp("trainer")
-    corpus = write_corpus(root / "corpus.txt", generated_documents(1, 60))
+    corpus = write_corpus(root / "corpus.txt", generated_documents(1, 60, WORDS))
     run_kept(kept_bin, "tokenizer", "--input", corpus, "--vocab-size", TOKENIZER_VOCAB,
              "--output", root / "tok")
     tokenizer = root / "tok" / "tokenizer.model"
-    teacher_model = make_teacher(11)
+    teacher_model = make_orion_source(SHAPE, 11)
     teacher = save_model(teacher_model, root / "teacher", tokenizer)
-    teacher0 = save_model(make_teacher(12, zero_final_bias=True), root / "teacher0", tokenizer)
+    teacher0 = save_model(make_orion_source(SHAPE, 12, zero_final_bias=True), root / "teacher0",
+                          tokenizer)
     students = {}
     for name, source, mode in (("paper", teacher, "paper"), ("exact", teacher, "exact"),
                                ("exact0", teacher0, "exact")):
@@ -385,7 +282,8 @@ class Watched:
         if ignore_sigxfsz:  # so that exceeding RLIMIT_FSIZE fails write() with EFBIG
             cmd = ["bash", "-c", "trap '' XFSZ; exec \"$@\"", "bash", *cmd]
         with open(log, "wb") as fh:
-            self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=kept_env())
+            self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
+                                         env=kept_env(KEPT_THREADS))
         self.deadline = time.monotonic() + KEPT_TIMEOUT_S
 
     def output_text(self) -> str:
@@ -907,21 +805,6 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(world, kept
 # ---------------------------------------------------------------------------------------------
 
 
-def split_documents(text: str) -> list[str]:
-    """kept's plain-text corpus reader: documents are runs of non-blank lines."""
-    documents, current = [], []
-    for line in text.split("\n"):
-        if line.strip(" \t\r\f\v") == "":
-            if current:
-                documents.append("\n".join(current))
-            current = []
-        else:
-            current.append(line)
-    if current:
-        documents.append("\n".join(current))
-    return documents
-
-
 def evaluation_windows(path: Path, tokenizer: Path, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
     """kept's evaluation packing (kept/train/data.hpp evaluation_batches): every document
     followed by EOS, in corpus order; window i holds inputs stream[i L, i L + L) and targets
@@ -941,7 +824,7 @@ def evaluation_windows(path: Path, tokenizer: Path, seq: int) -> tuple[torch.Ten
 
 
 def test_eval_matches_hf(world, kept_bin, tmp_path):
-    data = write_corpus(tmp_path / "held-out.txt", generated_documents(9, 12))
+    data = write_corpus(tmp_path / "held-out.txt", generated_documents(9, 12, WORDS))
     seq = 24
     out = tmp_path / "eval.json"
     proc = run_kept(kept_bin, "eval", world.paper, "--teacher", world.teacher, "--data", data,

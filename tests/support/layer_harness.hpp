@@ -1,4 +1,4 @@
-// tests/support/layer_harness.hpp: helpers shared by the layer and model tests.
+// tests/support/layer_harness.hpp: helpers shared by the layer, model and XKD tests.
 #pragma once
 
 #include <catch2/catch.hpp>
@@ -7,6 +7,7 @@
 
 #include "kept/core/random.hpp"
 #include "kept/layers/parameter.hpp"
+#include "kept/model/config.hpp"
 #include "support/gradcheck.hpp"
 
 namespace kept::test {
@@ -46,6 +47,26 @@ void randomize(Module& module, Random& random, double scale = 0.3) {
     p.value = random_tensor<double>(p.value.shape(), random, scale, norm_weight ? 1.0 : 0.0)
                   .to(p.value.dtype());
   });
+}
+
+// A decoder small enough for finite differences in float64: vocabulary 37, hidden size 12 (3
+// heads of 4), intermediate size 20, 2 layers.
+inline ModelConfig tiny_decoder_config(Architecture architecture, bool attention_bias = false,
+                                       bool mlp_bias = false) {
+  ModelConfig config;
+  config.architecture = architecture;
+  config.vocab_size = 37;
+  config.hidden_size = 12;
+  config.intermediate_size = 20;
+  config.num_layers = 2;
+  config.num_heads = 3;
+  config.num_kv_heads = 3;
+  config.head_dim = 4;
+  config.rope_theta = 1e4;
+  config.norm_eps = 1e-5;
+  config.attention_bias = attention_bias;
+  config.mlp_bias = mlp_bias;
+  return config;
 }
 
 }  // namespace kept::test

@@ -17,11 +17,9 @@
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <functional>
 #include <map>
 #include <span>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -36,7 +34,10 @@
 #include "kept/io/hf_config.hpp"
 #include "kept/io/weights.hpp"
 #include "kept/model/decoder.hpp"
+#include "support/errors.hpp"
+#include "support/files.hpp"
 #include "support/gradcheck.hpp"
+#include "support/tensors.hpp"
 
 using namespace kept;
 using namespace kept::test;
@@ -45,45 +46,6 @@ using Catch::Contains;
 namespace {
 
 namespace fs = std::filesystem;
-
-class TempDir {
- public:
-  TempDir() {
-    std::string pattern = (fs::temp_directory_path() / "kept-convert-XXXXXX").string();
-    REQUIRE(::mkdtemp(pattern.data()) != nullptr);
-    path_ = pattern;
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  ~TempDir() {
-    std::error_code ignored;
-    fs::remove_all(path_, ignored);
-  }
-  fs::path operator/(const std::string& name) const { return path_ / name; }
-  const fs::path& path() const { return path_; }
-
- private:
-  fs::path path_;
-};
-
-template <class Action>
-std::string error_of(Action&& action) {
-  try {
-    action();
-  } catch (const kept::Error& error) {
-    return error.what();
-  }
-  FAIL("expected a kept::Error");
-  return "";
-}
-
-std::string read_text(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  REQUIRE(in.good());
-  std::stringstream buffer;
-  buffer << in.rdbuf();
-  return buffer.str();
-}
 
 using Source = Decoder<LayerNorm, Cpu64>;
 using Target = Decoder<RMSNorm, Cpu64>;
@@ -238,12 +200,6 @@ std::vector<double> final_bias_term(const Source& model) {
   return term;
 }
 
-bool same_bytes(const Tensor& a, const Tensor& b) {
-  if (a.dtype() != b.dtype() || !(a.shape() == b.shape())) return false;
-  const auto x = a.bytes(), y = b.bytes();
-  return x.size() == y.size() && std::memcmp(x.data(), y.data(), x.size()) == 0;
-}
-
 std::vector<std::string> norm_bias_names(const ModelConfig& config) {
   std::vector<std::string> names;
   for (const ParameterSpec& spec : parameter_specs(config))
@@ -340,7 +296,7 @@ float bf16_value(std::uint16_t bits) {
 
 TEST_CASE("exact conversion with b_final = 0 reproduces the source in float64", "[convert]") {
   const std::uint64_t seed = GENERATE(11u, 12u);
-  TempDir dir;
+  TempDir dir("kept-convert");
   Cpu64 cpu;
   Source source = build_source(cpu, dir / "src", DType::F64, seed, /*zero_final_bias=*/true);
   const ConversionReport report =
@@ -402,7 +358,7 @@ TEST_CASE("exact conversion with b_final = 0 reproduces the source in float64", 
 
 TEST_CASE("exact conversion differs from the source by W_lm b_final, as reported", "[convert]") {
   const std::uint64_t seed = GENERATE(21u, 22u);
-  TempDir dir;
+  TempDir dir("kept-convert");
   Cpu64 cpu;
   Source source = build_source(cpu, dir / "src", DType::F64, seed);
   const ConversionReport report =
@@ -441,7 +397,7 @@ TEST_CASE("exact conversion differs from the source by W_lm b_final, as reported
 }
 
 TEST_CASE("exact --no-bias-fold: pure Llama template, centred residual stream", "[convert]") {
-  TempDir dir;
+  TempDir dir("kept-convert");
   Cpu64 cpu;
   Source source = build_source(cpu, dir / "src", DType::F64, 31);
   const ConversionReport report =
@@ -452,7 +408,7 @@ TEST_CASE("exact --no-bias-fold: pure Llama template, centred residual stream", 
   const ModelConfig written = read_hf_config(dir / "dst" / "config.json");
   CHECK_FALSE(written.attention_bias);
   CHECK_FALSE(written.mlp_bias);
-  const nlohmann::json json = nlohmann::json::parse(read_text(dir / "dst" / "config.json"));
+  const nlohmann::json json = nlohmann::json::parse(read_file(dir / "dst" / "config.json"));
   CHECK(json.at("attention_bias") == false);
   CHECK(json.at("mlp_bias") == false);
   const CheckpointReader converted = CheckpointReader::open(dir / "dst");
@@ -478,7 +434,7 @@ TEST_CASE("exact --no-bias-fold: pure Llama template, centred residual stream", 
 }
 
 TEST_CASE("exact --no-bias-fold is exact when every LayerNorm bias is zero", "[convert]") {
-  TempDir dir;
+  TempDir dir("kept-convert");
   Cpu64 cpu;
   Source source =
       build_source(cpu, dir / "src", DType::F64, 41, true, /*zero_all_norm_biases=*/true);
@@ -496,7 +452,7 @@ TEST_CASE("paper conversion copies every tensor bit for bit and writes the Llama
           "[convert]") {
   const DType dtype = GENERATE(DType::BF16, DType::F32);
   INFO("source dtype " << dtype_name(dtype));
-  TempDir dir;
+  TempDir dir("kept-convert");
   Cpu64 cpu;
   build_source(cpu, dir / "src", dtype, 51);
   const ModelConfig source_config = read_hf_config(dir / "src" / "config.json");
@@ -541,7 +497,7 @@ TEST_CASE("paper conversion copies every tensor bit for bit and writes the Llama
   CHECK(target.eos_token_id == source_config.eos_token_id);
   CHECK(target.pad_token_id == source_config.pad_token_id);
   // The raw file: Llama's field names, the eps written explicitly (HF's llama default is 1e-6).
-  const nlohmann::json json = nlohmann::json::parse(read_text(dir / "dst" / "config.json"));
+  const nlohmann::json json = nlohmann::json::parse(read_file(dir / "dst" / "config.json"));
   CHECK(json.at("model_type") == "llama");
   CHECK(json.at("architectures") == nlohmann::json::array({"LlamaForCausalLM"}));
   CHECK(json.at("rms_norm_eps").get<double>() == 1e-5);
@@ -556,7 +512,7 @@ TEST_CASE("calibrated OPM: L(w*) <= L(g) at every site, and the conversion write
           "[convert]") {
   const std::uint64_t seed = GENERATE(61u, 62u, 63u, 64u);
   INFO("seed " << seed);
-  TempDir dir;
+  TempDir dir("kept-convert");
   Cpu64 cpu;
   Source source = build_source(cpu, dir / "src", DType::F64, seed);
   const std::int64_t seq = 16, sequences = 3;
@@ -624,7 +580,7 @@ TEST_CASE("calibrated OPM: L(w*) <= L(g) at every site, and the conversion write
 TEST_CASE("calibrated norm weights are w* rounded once to the checkpoint dtype", "[convert]") {
   const DType dtype = GENERATE(DType::F32, DType::BF16);
   INFO("dtype " << dtype_name(dtype));
-  TempDir dir;
+  TempDir dir("kept-convert");
   Cpu64 cpu;
   Source source = build_source(cpu, dir / "src", dtype, 71);
   const auto tokens = random_tokens(32, 171);
@@ -660,7 +616,7 @@ TEST_CASE("calibrated norm weights are w* rounded once to the checkpoint dtype",
 TEST_CASE("the shard layout does not change the bytes written", "[convert]") {
   const OpmMode mode = GENERATE(OpmMode::Exact, OpmMode::Paper);
   INFO("mode " << opm_mode_name(mode));
-  TempDir dir;
+  TempDir dir("kept-convert");
   Cpu64 cpu;
   // A sharded source too: the reader's layout must not matter either.
   build_source(cpu, dir / "src", DType::F32, 81, false, false, /*max_shard_bytes=*/2048);
@@ -698,15 +654,15 @@ TEST_CASE("the shard layout does not change the bytes written", "[convert]") {
     total += b.tensor(name).nbytes();
   }
   CHECK(total == single.bytes);
-  CHECK(read_text(dir / "many" / "config.json") == read_text(dir / "one" / "config.json"));
+  CHECK(read_file(dir / "many" / "config.json") == read_file(dir / "one" / "config.json"));
   const nlohmann::json index =
-      nlohmann::json::parse(read_text(dir / "many" / "model.safetensors.index.json"));
+      nlohmann::json::parse(read_file(dir / "many" / "model.safetensors.index.json"));
   CHECK(index.at("metadata").at("total_size") == single.bytes);
 }
 
 TEST_CASE("conversion refuses sources that are not the LayerNorm decoder it converts",
           "[convert]") {
-  TempDir dir;
+  TempDir dir("kept-convert");
   Cpu64 cpu;
   build_source(cpu, dir / "good", DType::F32, 91);
   const fs::path good = dir / "good";

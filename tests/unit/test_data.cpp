@@ -2,12 +2,9 @@
 // held-out split, packing at document boundaries, shuffling, batching and exact resume.
 #include <catch2/catch.hpp>
 
-#include <unistd.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <set>
 #include <string>
@@ -16,46 +13,14 @@
 #include <nlohmann/json.hpp>
 
 #include "kept/train/data.hpp"
+#include "support/errors.hpp"
+#include "support/files.hpp"
 
 using namespace kept;
+using namespace kept::test;
 using Catch::Contains;
 
 namespace {
-
-class DataTempDir {
- public:
-  DataTempDir() {
-    std::string pattern = (std::filesystem::temp_directory_path() / "kept-data-XXXXXX").string();
-    REQUIRE(::mkdtemp(pattern.data()) != nullptr);
-    path_ = pattern;
-  }
-  ~DataTempDir() {
-    std::error_code ignored;
-    std::filesystem::remove_all(path_, ignored);
-  }
-  std::filesystem::path operator/(const std::string& name) const { return path_ / name; }
-
- private:
-  std::filesystem::path path_;
-};
-
-template <class Action>
-std::string data_error_of(Action&& action) {
-  try {
-    action();
-  } catch (const kept::Error& error) {
-    return error.what();
-  }
-  FAIL("expected a kept::Error");
-  return "";
-}
-
-std::filesystem::path write_file(const std::filesystem::path& path, const std::string& text) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out << text;
-  REQUIRE(out.good());
-  return path;
-}
 
 using Docs = std::vector<std::string>;
 
@@ -141,7 +106,7 @@ TEST_CASE("plain text: documents separated by blank lines, nothing else changed"
   CHECK(split_plain_text_documents("\xEF\xBB\xBFwith BOM\n", "t") == Docs{"with BOM"});
   CHECK(split_plain_text_documents("no newline at end", "t") == Docs{"no newline at end"});
 
-  DataTempDir dir;
+  TempDir dir("kept-data");
   const auto good =
       write_file(dir / "good.txt", "In the beginning\nGod created\n\nAnd the earth\n");
   CHECK(read_plain_text_documents(good) == Docs{"In the beginning\nGod created", "And the earth"});
@@ -149,24 +114,24 @@ TEST_CASE("plain text: documents separated by blank lines, nothing else changed"
   SECTION("an empty corpus names the file") {
     for (std::string text : {"", "\n\n", "  \n\t\n"}) {
       const auto path = write_file(dir / "empty.txt", text);
-      CHECK_THAT(data_error_of([&] { read_plain_text_documents(path); }),
+      CHECK_THAT(error_of([&] { read_plain_text_documents(path); }),
                  Contains(path.string()) && Contains("empty"));
     }
   }
   SECTION("invalid UTF-8 names the file, the byte offset and the line") {
     const auto path = write_file(dir / "latin1.txt", "first\n\nna\xEFve\n");
-    CHECK_THAT(data_error_of([&] { read_plain_text_documents(path); }),
+    CHECK_THAT(error_of([&] { read_plain_text_documents(path); }),
                Contains(path.string()) && Contains("invalid UTF-8 at byte offset 9") &&
                    Contains("line 3"));
   }
   SECTION("a missing file") {
-    CHECK_THAT(data_error_of([&] { read_plain_text_documents(dir / "nope.txt"); }),
+    CHECK_THAT(error_of([&] { read_plain_text_documents(dir / "nope.txt"); }),
                Contains("nope.txt") && Contains("No such file"));
   }
 }
 
 TEST_CASE("JSONL: one object with a text string per line", "[data][text]") {
-  DataTempDir dir;
+  TempDir dir("kept-data");
   const auto good =
       write_file(dir / "good.jsonl",
                  "{\"text\": \"first \\u00fc\\n doc\", \"meta\": {\"source\": [1, 2]}}\n"
@@ -200,7 +165,7 @@ TEST_CASE("JSONL: one object with a text string per line", "[data][text]") {
   for (const Bad& b : bad) {
     INFO(b.text);
     const auto path = write_file(dir / "bad.jsonl", b.text);
-    const std::string message = data_error_of([&] { read_jsonl_documents(path); });
+    const std::string message = error_of([&] { read_jsonl_documents(path); });
     CHECK_THAT(message, Contains(path.string()));
     for (const std::string& part : b.expected)
       CHECK_THAT(message, Contains(part));
@@ -226,8 +191,8 @@ TEST_CASE("held-out split: whole documents, deterministic by seed", "[data][spli
   CHECK(differs);
   CHECK(split_documents(10, 0.0, 7).held_out.empty());
   CHECK(split_documents(10, 0.01, 7).held_out.size() == 1);  // > 0 holds out at least one
-  CHECK_THAT(data_error_of([] { split_documents(1, 0.5, 7); }), Contains("leaves none"));
-  CHECK_THAT(data_error_of([] { split_documents(10, 1.0, 7); }), Contains("[0, 1)"));
+  CHECK_THAT(error_of([] { split_documents(1, 0.5, 7); }), Contains("leaves none"));
+  CHECK_THAT(error_of([] { split_documents(10, 1.0, 7); }), Contains("[0, 1)"));
 }
 
 TEST_CASE("Fisher-Yates shuffle is a deterministic permutation", "[data][split]") {
@@ -276,7 +241,7 @@ TEST_CASE("packing: EOS after every document, targets shifted by one", "[data][p
     packed.sequence(2, in, tg);
     CHECK(in == std::vector<std::int32_t>{401, 402, 403, 404});
     CHECK(tg == std::vector<std::int32_t>{402, 403, 404, 0});
-    CHECK_THAT(data_error_of([&] { packed.sequence(3, in, tg); }), Contains("out of range"));
+    CHECK_THAT(error_of([&] { packed.sequence(3, in, tg); }), Contains("out of range"));
   }
   SECTION("Drop loses the tail of fewer than L targets") {
     PackedStream packed(docs, {0, 1, 2, 3}, kEos, 5, Remainder::Drop);
@@ -485,55 +450,55 @@ TEST_CASE("loader: resuming from any position gives the same subsequent batches"
     auto other_docs = docs;
     other_docs[3].push_back(7);
     DataLoader other(other_docs, config);
-    CHECK_THAT(data_error_of([&] { other.restore(states[2], "run/trainer.json"); }),
+    CHECK_THAT(error_of([&] { other.restore(states[2], "run/trainer.json"); }),
                Contains("run/trainer.json") && Contains("fingerprint"));
     DataConfig longer = config;
     longer.seq_len = 7;
     DataLoader different(docs, longer);
-    CHECK_THAT(data_error_of([&] { different.restore(states[2]); }), Contains("fingerprint"));
+    CHECK_THAT(error_of([&] { different.restore(states[2]); }), Contains("fingerprint"));
     DataConfig reseeded = config;
     reseeded.seed = 100;
     DataLoader seeded(docs, reseeded);
     LoaderState state = states[2];
     state.fingerprint = seeded.fingerprint();
-    CHECK_THAT(data_error_of([&] { seeded.restore(state); }), Contains("seed 99"));
+    CHECK_THAT(error_of([&] { seeded.restore(state); }), Contains("seed 99"));
     state = states[2];
     state.position = reference.sequences_per_epoch() + 1;
     DataLoader same(docs, config);
-    CHECK_THAT(data_error_of([&] { same.restore(state); }), Contains("outside"));
+    CHECK_THAT(error_of([&] { same.restore(state); }), Contains("outside"));
   }
   SECTION("malformed JSON states are refused, naming the field") {
     nlohmann::json json = states[1].to_json();
     json.erase("epoch");
-    CHECK_THAT(data_error_of([&] { LoaderState::from_json(json, "w"); }), Contains("\"epoch\""));
+    CHECK_THAT(error_of([&] { LoaderState::from_json(json, "w"); }), Contains("\"epoch\""));
     json = states[1].to_json();
     json["position"] = -1;
-    CHECK_THAT(data_error_of([&] { LoaderState::from_json(json, "w"); }),
+    CHECK_THAT(error_of([&] { LoaderState::from_json(json, "w"); }),
                Contains("\"position\"") && Contains(">= 0"));
     json = states[1].to_json();
     json["fingerprint"] = "xyz";
-    CHECK_THAT(data_error_of([&] { LoaderState::from_json(json, "w"); }), Contains("fingerprint"));
+    CHECK_THAT(error_of([&] { LoaderState::from_json(json, "w"); }), Contains("fingerprint"));
     json = states[1].to_json();
     json["seed"] = 1.5;
-    CHECK_THAT(data_error_of([&] { LoaderState::from_json(json, "w"); }), Contains("\"seed\""));
+    CHECK_THAT(error_of([&] { LoaderState::from_json(json, "w"); }), Contains("\"seed\""));
   }
 }
 
 TEST_CASE("loader: configuration and corpus errors", "[data][loader]") {
   const auto docs = numbered_documents({3, 4, 5});
   CHECK_THAT(
-      data_error_of([&] { DataLoader l(docs, {.seq_len = 100, .batch_size = 1, .eos_id = kEos}); }),
+      error_of([&] { DataLoader l(docs, {.seq_len = 100, .batch_size = 1, .eos_id = kEos}); }),
       Contains("fewer than one batch"));
-  CHECK_THAT(data_error_of([&] { DataLoader l(docs, {.seq_len = 2, .batch_size = 1}); }),
+  CHECK_THAT(error_of([&] { DataLoader l(docs, {.seq_len = 2, .batch_size = 1}); }),
              Contains("eos_id"));
-  CHECK_THAT(data_error_of([&] { DataLoader l({}, {.seq_len = 2, .batch_size = 1, .eos_id = 0}); }),
+  CHECK_THAT(error_of([&] { DataLoader l({}, {.seq_len = 2, .batch_size = 1, .eos_id = 0}); }),
              Contains("no documents"));
   auto negative = docs;
   negative[1][2] = -5;
   CHECK_THAT(
-      data_error_of([&] { DataLoader l(negative, {.seq_len = 2, .batch_size = 1, .eos_id = 0}); }),
+      error_of([&] { DataLoader l(negative, {.seq_len = 2, .batch_size = 1, .eos_id = 0}); }),
       Contains("document 1 token 2 is -5"));
-  CHECK_THAT(data_error_of([&] {
+  CHECK_THAT(error_of([&] {
                DataLoader l(docs, {.seq_len = 2, .batch_size = 1, .eos_id = 0, .vocab_size = 300});
              }),
              Contains("document 2 token 0 is 300") && Contains("[0, 300)"));

@@ -2,14 +2,8 @@
 // directory helpers they are written with.
 #include <catch2/catch.hpp>
 
-#include <signal.h>
-#include <sys/resource.h>
-#include <unistd.h>
-
 #include <cstdint>
-#include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <string>
 #include <vector>
 
@@ -19,81 +13,25 @@
 #include "kept/io/atomic_file.hpp"
 #include "kept/io/checkpoint.hpp"
 #include "kept/io/safetensors.hpp"
+#include "support/errors.hpp"
+#include "support/files.hpp"
+#include "support/tensors.hpp"
 
 using namespace kept;
+using namespace kept::test;
 using Catch::Contains;
 
 namespace {
-
-class TempDir {
- public:
-  TempDir() {
-    std::string pattern = (std::filesystem::temp_directory_path() / "kept-io-ck-XXXXXX").string();
-    REQUIRE(::mkdtemp(pattern.data()) != nullptr);
-    path_ = pattern;
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    std::filesystem::remove_all(path_, ignored);
-  }
-  std::filesystem::path operator/(const std::string& name) const { return path_ / name; }
-  const std::filesystem::path& path() const { return path_; }
-
- private:
-  std::filesystem::path path_;
-};
-
-template <class Action>
-std::string error_of(Action&& action) {
-  try {
-    action();
-  } catch (const kept::Error& error) {
-    return error.what();
-  }
-  FAIL("expected a kept::Error");
-  return "";
-}
-
-void write_text(const std::filesystem::path& path, const std::string& text) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out << text;
-  REQUIRE(out.good());
-}
-
-std::string read_text(const std::filesystem::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
-
-std::vector<std::string> listing(const std::filesystem::path& directory) {
-  std::vector<std::string> names;
-  for (const auto& entry : std::filesystem::directory_iterator(directory))
-    names.push_back(entry.path().filename().string());
-  std::sort(names.begin(), names.end());
-  return names;
-}
-
-Tensor filled(DType dtype, Shape shape, int seed) {
-  Tensor tensor = Tensor::empty(dtype, shape);
-  auto* bytes = static_cast<unsigned char*>(tensor.raw());
-  for (std::size_t i = 0; i < tensor.nbytes(); ++i)
-    bytes[i] = static_cast<unsigned char>(i * 13 + seed);
-  return tensor;
-}
-
-bool same_bytes(const Tensor& a, const Tensor& b) {
-  return a.dtype() == b.dtype() && a.shape() == b.shape() &&
-         (a.nbytes() == 0 || std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0);
-}
 
 // Ten tensors of 40..400 bytes, in a deliberately non-alphabetical order.
 std::vector<NamedTensor> sample_tensors() {
   std::vector<NamedTensor> tensors;
   for (int i = 0; i < 10; ++i) {
     std::string name = "model.layers." + std::to_string(9 - i) + ".weight";
-    tensors.push_back({name, filled(i % 2 ? DType::BF16 : DType::F32, {i + 1, 10}, i)});
+    tensors.push_back(
+        {name, patterned_tensor(i % 2 ? DType::BF16 : DType::F32, {i + 1, 10}, 13, i)});
   }
-  tensors.push_back({"lm_head.weight", filled(DType::F16, {0, 4}, 0)});
+  tensors.push_back({"lm_head.weight", patterned_tensor(DType::F16, {0, 4}, 13, 0)});
   return tensors;
 }
 
@@ -111,9 +49,9 @@ void check_reads_back(const CheckpointReader& reader, const std::vector<NamedTen
 
 // A two-shard checkpoint: shard 1 holds "a", shard 2 holds "b" and "c".
 void write_two_shards(const TempDir& dir) {
-  std::vector<NamedTensor> first = {{"a", filled(DType::F32, {2}, 1)}};
-  std::vector<NamedTensor> second = {{"b", filled(DType::F32, {3}, 2)},
-                                     {"c", filled(DType::BF16, {4}, 3)}};
+  std::vector<NamedTensor> first = {{"a", patterned_tensor(DType::F32, {2}, 13, 1)}};
+  std::vector<NamedTensor> second = {{"b", patterned_tensor(DType::F32, {3}, 13, 2)},
+                                     {"c", patterned_tensor(DType::BF16, {4}, 13, 3)}};
   write_safetensors(dir / "model-00001-of-00002.safetensors", first, {{"format", "pt"}});
   write_safetensors(dir / "model-00002-of-00002.safetensors", second, {{"format", "pt"}});
 }
@@ -139,11 +77,12 @@ TEST_CASE("shard names and the split follow huggingface_hub", "[io][checkpoint]"
   CHECK(plan_shards(tensors, 100) ==
         std::vector<std::vector<std::size_t>>{{0, 1}, {2}, {3}, {4, 5}});
   CHECK(plan_shards(tensors, 10000) == std::vector<std::vector<std::size_t>>{{0, 1, 2, 3, 4, 5}});
-  CHECK(plan_shards(std::span<const NamedTensor>{}, 10) == std::vector<std::vector<std::size_t>>{{}});
+  CHECK(plan_shards(std::span<const NamedTensor>{}, 10) ==
+        std::vector<std::vector<std::size_t>>{{}});
 }
 
 TEST_CASE("a checkpoint that fits one shard is model.safetensors", "[io][checkpoint]") {
-  TempDir dir;
+  TempDir dir("kept-io-ck");
   std::vector<NamedTensor> tensors = sample_tensors();
   CHECK(write_checkpoint(dir.path(), tensors) == std::vector<std::string>{"model.safetensors"});
   CHECK(listing(dir.path()) == std::vector<std::string>{"model.safetensors"});
@@ -155,7 +94,7 @@ TEST_CASE("a checkpoint that fits one shard is model.safetensors", "[io][checkpo
 }
 
 TEST_CASE("a sharded checkpoint round trips with an HF-style index", "[io][checkpoint]") {
-  TempDir dir;
+  TempDir dir("kept-io-ck");
   std::vector<NamedTensor> tensors = sample_tensors();
   std::uint64_t total = 0;
   for (const auto& named : tensors)
@@ -167,7 +106,7 @@ TEST_CASE("a sharded checkpoint round trips with an HF-style index", "[io][check
     CHECK(files[i] == shard_file_name(i + 1, shards));
   CHECK(files.back() == "model.safetensors.index.json");
 
-  const std::string index_text = read_text(dir / "model.safetensors.index.json");
+  const std::string index_text = read_file(dir / "model.safetensors.index.json");
   CHECK(index_text.starts_with("{\n  \"metadata\": {\n    \"total_size\": "));
   CHECK(index_text.ends_with("}\n"));
   nlohmann::json index = nlohmann::json::parse(index_text);
@@ -186,9 +125,9 @@ TEST_CASE("a sharded checkpoint round trips with an HF-style index", "[io][check
 }
 
 TEST_CASE("rewriting a checkpoint removes the other layout's weight files", "[io][checkpoint]") {
-  TempDir dir;
+  TempDir dir("kept-io-ck");
   std::vector<NamedTensor> tensors = sample_tensors();
-  write_text(dir / "config.json", "{}");
+  write_file(dir / "config.json", "{}");
   write_checkpoint(dir.path(), tensors, 600);
   write_checkpoint(dir.path(), tensors);
   CHECK(listing(dir.path()) == std::vector<std::string>{"config.json", "model.safetensors"});
@@ -202,10 +141,10 @@ TEST_CASE("rewriting a checkpoint removes the other layout's weight files", "[io
 
 TEST_CASE("write_checkpoint rejects duplicate names before writing anything",
           "[io][checkpoint][errors]") {
-  TempDir dir;
-  std::vector<NamedTensor> tensors = {{"x", filled(DType::F32, {100}, 0)},
-                                      {"y", filled(DType::F32, {100}, 0)},
-                                      {"x", filled(DType::F32, {100}, 0)}};
+  TempDir dir("kept-io-ck");
+  std::vector<NamedTensor> tensors = {{"x", patterned_tensor(DType::F32, {100}, 13, 0)},
+                                      {"y", patterned_tensor(DType::F32, {100}, 13, 0)},
+                                      {"x", patterned_tensor(DType::F32, {100}, 13, 0)}};
   CHECK_THAT(error_of([&] { write_checkpoint(dir.path(), tensors, 500); }),
              Contains(dir.path().string()) && Contains("tensor \"x\"") && Contains("twice"));
   CHECK(listing(dir.path()).empty());
@@ -213,7 +152,7 @@ TEST_CASE("write_checkpoint rejects duplicate names before writing anything",
 
 TEST_CASE("checkpoint reader names the directory and tensor when a tensor is absent",
           "[io][checkpoint][errors]") {
-  TempDir dir;
+  TempDir dir("kept-io-ck");
   write_checkpoint(dir.path(), sample_tensors());
   CheckpointReader single = CheckpointReader::open(dir.path());
   CHECK_FALSE(single.contains("nope"));
@@ -222,9 +161,9 @@ TEST_CASE("checkpoint reader names the directory and tensor when a tensor is abs
                  Contains("model.safetensors holds 11 tensors"));
   CHECK_THAT(error_of([&] { single.file_of("nope"); }), Contains("tensor \"nope\""));
 
-  TempDir sharded_dir;
+  TempDir sharded_dir("kept-io-ck");
   write_two_shards(sharded_dir);
-  write_text(sharded_dir / "model.safetensors.index.json", index_json(kGoodMap));
+  write_file(sharded_dir / "model.safetensors.index.json", index_json(kGoodMap));
   CheckpointReader sharded = CheckpointReader::open(sharded_dir.path());
   CHECK(sharded.names() == std::vector<std::string>{"a", "b", "c"});
   CHECK_THAT(error_of([&] { sharded.tensor("d"); }),
@@ -234,16 +173,16 @@ TEST_CASE("checkpoint reader names the directory and tensor when a tensor is abs
 
 TEST_CASE("checkpoint reader rejects directories without exactly one layout",
           "[io][checkpoint][errors]") {
-  TempDir dir;
+  TempDir dir("kept-io-ck");
   CHECK_THAT(error_of([&] { CheckpointReader::open(dir / "missing"); }),
              Contains((dir / "missing").string()) && Contains("does not exist"));
-  write_text(dir / "file", "x");
+  write_file(dir / "file", "x");
   CHECK_THAT(error_of([&] { CheckpointReader::open(dir / "file"); }),
              Contains((dir / "file").string()) && Contains("not a directory"));
   CHECK_THAT(error_of([&] { CheckpointReader::open(dir.path()); }),
              Contains(dir.path().string()) && Contains("no model.safetensors or"));
   write_two_shards(dir);
-  write_text(dir / "model.safetensors.index.json", index_json(kGoodMap));
+  write_file(dir / "model.safetensors.index.json", index_json(kGoodMap));
   write_checkpoint(dir / "single", sample_tensors());
   std::filesystem::copy_file(dir / "single" / "model.safetensors", dir / "model.safetensors");
   CHECK_THAT(error_of([&] { CheckpointReader::open(dir.path()); }),
@@ -251,11 +190,11 @@ TEST_CASE("checkpoint reader rejects directories without exactly one layout",
 }
 
 TEST_CASE("checkpoint reader validates the shard index", "[io][checkpoint][errors]") {
-  TempDir dir;
+  TempDir dir("kept-io-ck");
   write_two_shards(dir);
   const std::string index_path = (dir / "model.safetensors.index.json").string();
   auto open_with = [&](const std::string& text) {
-    write_text(dir / "model.safetensors.index.json", text);
+    write_file(dir / "model.safetensors.index.json", text);
     return error_of([&] { CheckpointReader::open(dir.path()); });
   };
   const std::string shard1 = "model-00001-of-00002.safetensors";
@@ -306,21 +245,21 @@ TEST_CASE("checkpoint reader validates the shard index", "[io][checkpoint][error
         Contains((dir / shard2).string()) && Contains("tensor \"c\"") && Contains("does not list"));
   }
   SECTION("a tensor in two shards") {
-    std::vector<NamedTensor> second = {{"a", filled(DType::F32, {2}, 1)},
-                                       {"b", filled(DType::F32, {3}, 2)},
-                                       {"c", filled(DType::BF16, {4}, 3)}};
+    std::vector<NamedTensor> second = {{"a", patterned_tensor(DType::F32, {2}, 13, 1)},
+                                       {"b", patterned_tensor(DType::F32, {3}, 13, 2)},
+                                       {"c", patterned_tensor(DType::BF16, {4}, 13, 3)}};
     write_safetensors(dir / shard2, second);
     CHECK_THAT(open_with(index_json(kGoodMap)), Contains((dir / shard2).string()) &&
                                                     Contains("tensor \"a\"") && Contains(shard1) &&
                                                     Contains("two shards"));
   }
   SECTION("a corrupt shard is reported with its own path") {
-    write_text(dir / shard2, "garbage!garbage!");
+    write_file(dir / shard2, "garbage!garbage!");
     CHECK_THAT(open_with(index_json(kGoodMap)),
                Contains((dir / shard2).string()) && Contains("header"));
   }
   SECTION("the valid index opens") {
-    write_text(dir / "model.safetensors.index.json", index_json(kGoodMap));
+    write_file(dir / "model.safetensors.index.json", index_json(kGoodMap));
     CheckpointReader reader = CheckpointReader::open(dir.path());
     CHECK(reader.file_of("c") == shard2);
     CHECK(reader.tensor("c").dtype() == DType::BF16);
@@ -329,35 +268,12 @@ TEST_CASE("checkpoint reader validates the shard index", "[io][checkpoint][error
 
 // ---- atomic files and directories ----------------------------------------------------------
 
-namespace {
-// Lowers the file size limit for this process (RLIMIT_FSIZE) so that a write fails part-way
-// with EFBIG, the same path a full disk takes; SIGXFSZ is ignored so write() returns the error.
-class FileSizeLimit {
- public:
-  explicit FileSizeLimit(rlim_t bytes) {
-    REQUIRE(::getrlimit(RLIMIT_FSIZE, &saved_) == 0);
-    previous_handler_ = ::signal(SIGXFSZ, SIG_IGN);
-    rlimit lowered = saved_;
-    lowered.rlim_cur = bytes;
-    REQUIRE(::setrlimit(RLIMIT_FSIZE, &lowered) == 0);
-  }
-  ~FileSizeLimit() {
-    ::setrlimit(RLIMIT_FSIZE, &saved_);
-    ::signal(SIGXFSZ, previous_handler_);
-  }
-
- private:
-  rlimit saved_{};
-  sighandler_t previous_handler_{};
-};
-}  // namespace
-
 TEST_CASE("atomic file replaces the destination only on commit", "[io][atomic]") {
-  TempDir dir;
+  TempDir dir("kept-io-ck");
   write_file_atomically(dir / "f.txt", "first");
-  CHECK(read_text(dir / "f.txt") == "first");
+  CHECK(read_file(dir / "f.txt") == "first");
   write_file_atomically(dir / "f.txt", "second");
-  CHECK(read_text(dir / "f.txt") == "second");
+  CHECK(read_file(dir / "f.txt") == "second");
   {
     AtomicFile file(dir / "f.txt");
     file.write("third, never committed");
@@ -365,13 +281,13 @@ TEST_CASE("atomic file replaces the destination only on commit", "[io][atomic]")
     CHECK(file.temp_path().parent_path() == dir.path());
     CHECK(file.temp_path().filename().string().starts_with(".f.txt.tmp-"));
   }  // destroyed without commit, as when an exception unwinds
-  CHECK(read_text(dir / "f.txt") == "second");
+  CHECK(read_file(dir / "f.txt") == "second");
   CHECK(listing(dir.path()) == std::vector<std::string>{"f.txt"});
 }
 
 TEST_CASE("a failing atomic write leaves the previous file intact and no temporary",
           "[io][atomic][errors]") {
-  TempDir dir;
+  TempDir dir("kept-io-ck");
   write_file_atomically(dir / "weights.safetensors", "previous contents");
 
   SECTION("the disk fills up part-way (simulated with RLIMIT_FSIZE)") {
@@ -385,7 +301,7 @@ TEST_CASE("a failing atomic write leaves the previous file intact and no tempora
                             Contains("cannot write") && Contains("File too large"));
   }
   SECTION("the same through write_safetensors") {
-    std::vector<NamedTensor> tensors = {{"w", filled(DType::F32, {1 << 16}, 0)}};
+    std::vector<NamedTensor> tensors = {{"w", patterned_tensor(DType::F32, {1 << 16}, 13, 0)}};
     std::string message;
     {
       FileSizeLimit limit(16 << 10);
@@ -405,19 +321,19 @@ TEST_CASE("a failing atomic write leaves the previous file intact and no tempora
   }
   SECTION("the final rename fails (destination is a non-empty directory)") {
     std::filesystem::create_directory(dir / "occupied");
-    write_text(dir / "occupied" / "inner", "keep me");
+    write_file(dir / "occupied" / "inner", "keep me");
     CHECK_THAT(error_of([&] { write_file_atomically(dir / "occupied", "new"); }),
                Contains((dir / "occupied").string()) && Contains("cannot rename") &&
                    Contains("Is a directory"));
-    CHECK(read_text(dir / "occupied" / "inner") == "keep me");
+    CHECK(read_file(dir / "occupied" / "inner") == "keep me");
     std::filesystem::remove_all(dir / "occupied");
   }
-  CHECK(read_text(dir / "weights.safetensors") == "previous contents");
+  CHECK(read_file(dir / "weights.safetensors") == "previous contents");
   CHECK(listing(dir.path()) == std::vector<std::string>{"weights.safetensors"});
 }
 
 TEST_CASE("atomic directory appears only at commit", "[io][atomic]") {
-  TempDir dir;
+  TempDir dir("kept-io-ck");
   const auto destination = dir / "out";
   {
     AtomicDirectory output(destination);
@@ -428,7 +344,7 @@ TEST_CASE("atomic directory appears only at commit", "[io][atomic]") {
     output.commit();
     CHECK(output.committed());
   }
-  CHECK(read_text(destination / "config.json") == "{}");
+  CHECK(read_file(destination / "config.json") == "{}");
   check_reads_back(CheckpointReader::open(destination), sample_tensors());
   CHECK(listing(dir.path()) == std::vector<std::string>{"out"});
 
@@ -463,7 +379,7 @@ TEST_CASE("atomic directory appears only at commit", "[io][atomic]") {
     CHECK(listing(dir.path()) == std::vector<std::string>{"out"});
   }
   SECTION("force does not replace a file") {
-    write_text(dir / "plain", "x");
+    write_file(dir / "plain", "x");
     CHECK_THAT(error_of([&] { AtomicDirectory output(dir / "plain", true); }),
                Contains((dir / "plain").string()) && Contains("not a directory"));
   }

@@ -3,8 +3,6 @@
 // must name the file and the field).
 #include <catch2/catch.hpp>
 
-#include <unistd.h>
-
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -14,67 +12,15 @@
 
 #include "kept/io/hf_config.hpp"
 #include "kept/model/config.hpp"
+#include "support/errors.hpp"
+#include "support/files.hpp"
 
 using namespace kept;
+using namespace kept::test;
 using Catch::Contains;
 using nlohmann::json;
 
 namespace {
-
-// Matches a string containing every one of `parts`. Unlike a stored `Contains(a) && Contains(b)`
-// (Catch2 v2 combined matchers keep pointers to their parts), it owns its strings.
-class ContainsAll : public Catch::MatcherBase<std::string> {
- public:
-  explicit ContainsAll(std::vector<std::string> parts) : parts_(std::move(parts)) {}
-  bool match(const std::string& text) const override {
-    for (const std::string& part : parts_)
-      if (text.find(part) == std::string::npos) return false;
-    return true;
-  }
-  std::string describe() const override {
-    std::string description = "contains all of";
-    for (const std::string& part : parts_)
-      description += " \"" + part + "\"";
-    return description;
-  }
-
- private:
-  std::vector<std::string> parts_;
-};
-
-class TempDir {
- public:
-  TempDir() {
-    std::string pattern = (std::filesystem::temp_directory_path() / "kept-io-cfg-XXXXXX").string();
-    REQUIRE(::mkdtemp(pattern.data()) != nullptr);
-    path_ = pattern;
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    std::filesystem::remove_all(path_, ignored);
-  }
-  std::filesystem::path operator/(const std::string& name) const { return path_ / name; }
-
- private:
-  std::filesystem::path path_;
-};
-
-template <class Action>
-std::string error_of(Action&& action) {
-  try {
-    action();
-  } catch (const kept::Error& error) {
-    return error.what();
-  }
-  FAIL("expected a kept::Error");
-  return "";
-}
-
-void write_text(const std::filesystem::path& path, const std::string& text) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out << text;
-  REQUIRE(out.good());
-}
 
 json read_json(const std::filesystem::path& path) {
   std::ifstream in(path);
@@ -164,7 +110,7 @@ void check_same(const ModelConfig& a, const ModelConfig& b) {
 }  // namespace
 
 TEST_CASE("config round trips for all three architectures", "[io][config]") {
-  TempDir dir;
+  TempDir dir("kept-io-cfg");
   for (Architecture architecture :
        {Architecture::Orion, Architecture::StableLm, Architecture::Llama}) {
     INFO(architecture_name(architecture));
@@ -181,7 +127,7 @@ TEST_CASE("config round trips for all three architectures", "[io][config]") {
 }
 
 TEST_CASE("the written llama config has every field transformers needs", "[io][config]") {
-  TempDir dir;
+  TempDir dir("kept-io-cfg");
   ModelConfig config = small_config(Architecture::Llama);
   config.attention_bias = true;
   write_hf_config(dir / "config.json", config);
@@ -206,7 +152,7 @@ TEST_CASE("the written llama config has every field transformers needs", "[io][c
 }
 
 TEST_CASE("the written stablelm config states full rotary in both places", "[io][config]") {
-  TempDir dir;
+  TempDir dir("kept-io-cfg");
   write_hf_config(dir / "config.json", small_config(Architecture::StableLm));
   json written = read_json(dir / "config.json");
   CHECK(written["model_type"] == "stablelm");
@@ -222,7 +168,7 @@ TEST_CASE("the written stablelm config states full rotary in both places", "[io]
 }
 
 TEST_CASE("generation config holds the special token ids", "[io][config]") {
-  TempDir dir;
+  TempDir dir("kept-io-cfg");
   ModelConfig config = small_config(Architecture::Llama);
   write_generation_config(dir / "generation_config.json", config);
   CHECK(read_json(dir / "generation_config.json") ==
@@ -232,9 +178,9 @@ TEST_CASE("generation config holds the special token ids", "[io][config]") {
 }
 
 TEST_CASE("configs as HF writes them are read correctly", "[io][config]") {
-  TempDir dir;
+  TempDir dir("kept-io-cfg");
   auto read = [&](const json& config) {
-    write_text(dir / "config.json", config.dump(2));
+    write_file(dir / "config.json", config.dump(2));
     return read_hf_config(dir / "config.json");
   };
   SECTION("Orion-14B: LayerNorm eps under rms_norm_eps") {
@@ -327,10 +273,10 @@ TEST_CASE("configs as HF writes them are read correctly", "[io][config]") {
 }
 
 TEST_CASE("config errors name the file and the field", "[io][config][errors]") {
-  TempDir dir;
+  TempDir dir("kept-io-cfg");
   const std::string path = (dir / "config.json").string();
   auto error = [&](const json& config) {
-    write_text(dir / "config.json", config.dump(2));
+    write_file(dir / "config.json", config.dump(2));
     return error_of([&] { read_hf_config(dir / "config.json"); });
   };
   auto with = [](json config, const std::string& key, json value) {
@@ -344,10 +290,10 @@ TEST_CASE("config errors name the file and the field", "[io][config][errors]") {
   auto names = [&](const std::string& field) { return ContainsAll({path, "\"" + field + "\""}); };
 
   SECTION("not a config") {
-    write_text(dir / "config.json", "{\"model_type\": ");
+    write_file(dir / "config.json", "{\"model_type\": ");
     CHECK_THAT(error_of([&] { read_hf_config(dir / "config.json"); }),
                Contains(path) && Contains("not valid JSON"));
-    write_text(dir / "config.json", R"({"model_type": "llama", "model_type": "orion"})");
+    write_file(dir / "config.json", R"({"model_type": "llama", "model_type": "orion"})");
     CHECK_THAT(error_of([&] { read_hf_config(dir / "config.json"); }),
                Contains(path) && Contains("duplicate key \"model_type\""));
     CHECK_THAT(error(json::array()), Contains(path) && Contains("top level must be a JSON object"));
@@ -488,7 +434,7 @@ TEST_CASE("config errors name the file and the field", "[io][config][errors]") {
 }
 
 TEST_CASE("writing an invalid config names the destination", "[io][config][errors]") {
-  TempDir dir;
+  TempDir dir("kept-io-cfg");
   ModelConfig config = small_config(Architecture::StableLm);
   config.attention_bias = true;
   CHECK_THAT(error_of([&] { write_hf_config(dir / "config.json", config); }),

@@ -3,13 +3,10 @@
 // (each error must be a kept::Error naming the file and the tensor or "header").
 #include <catch2/catch.hpp>
 
-#include <unistd.h>
-
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <limits>
 #include <random>
 #include <string>
@@ -17,50 +14,15 @@
 
 #include "kept/core/tensor.hpp"
 #include "kept/io/safetensors.hpp"
+#include "support/errors.hpp"
+#include "support/files.hpp"
+#include "support/tensors.hpp"
 
 using namespace kept;
+using namespace kept::test;
 using Catch::Contains;
 
 namespace {
-
-// Matches a string containing every one of `parts`. Unlike a stored `Contains(a) && Contains(b)`
-// (Catch2 v2 combined matchers keep pointers to their parts), it owns its strings.
-class ContainsAll : public Catch::MatcherBase<std::string> {
- public:
-  explicit ContainsAll(std::vector<std::string> parts) : parts_(std::move(parts)) {}
-  bool match(const std::string& text) const override {
-    for (const std::string& part : parts_)
-      if (text.find(part) == std::string::npos) return false;
-    return true;
-  }
-  std::string describe() const override {
-    std::string description = "contains all of";
-    for (const std::string& part : parts_)
-      description += " \"" + part + "\"";
-    return description;
-  }
-
- private:
-  std::vector<std::string> parts_;
-};
-
-class TempDir {
- public:
-  TempDir() {
-    std::string pattern = (std::filesystem::temp_directory_path() / "kept-io-st-XXXXXX").string();
-    REQUIRE(::mkdtemp(pattern.data()) != nullptr);
-    path_ = pattern;
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    std::filesystem::remove_all(path_, ignored);
-  }
-  std::filesystem::path operator/(const std::string& name) const { return path_ / name; }
-  const std::filesystem::path& path() const { return path_; }
-
- private:
-  std::filesystem::path path_;
-};
 
 std::string length_prefix(std::uint64_t length) {
   std::string bytes(8, '\0');
@@ -82,65 +44,29 @@ std::string raw_bytes(std::initializer_list<T> values) {
   return bytes;
 }
 
-void write_bytes(const std::filesystem::path& path, const std::string& bytes) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-  REQUIRE(out.good());
-}
-
-std::string read_bytes(const std::filesystem::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
-
-// The message of the kept::Error that `action` throws (other exception types fail the test).
-template <class Action>
-std::string error_of(Action&& action) {
-  try {
-    action();
-  } catch (const kept::Error& error) {
-    return error.what();
-  }
-  FAIL("expected a kept::Error");
-  return "";
-}
-
 // Writes `bytes` to a file and returns the message of opening it.
 std::string open_error(const TempDir& dir, const std::string& bytes,
                        const std::string& name = "bad.safetensors") {
-  write_bytes(dir / name, bytes);
+  write_file(dir / name, bytes);
   return error_of([&] { SafetensorsFile file(dir / name); });
-}
-
-Tensor iota_tensor(DType dtype, Shape shape) {
-  Tensor tensor = Tensor::empty(dtype, shape);
-  auto* bytes = static_cast<unsigned char*>(tensor.raw());
-  for (std::size_t i = 0; i < tensor.nbytes(); ++i)
-    bytes[i] = static_cast<unsigned char>(i * 7 + 3);
-  return tensor;
-}
-
-bool same_bytes(const Tensor& a, const Tensor& b) {
-  return a.dtype() == b.dtype() && a.shape() == b.shape() && a.nbytes() == b.nbytes() &&
-         (a.nbytes() == 0 || std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0);
 }
 
 }  // namespace
 
 TEST_CASE("safetensors round trip keeps dtypes, shapes, bytes, order and metadata",
           "[io][safetensors]") {
-  TempDir dir;
+  TempDir dir("kept-io-st");
   std::vector<NamedTensor> tensors = {
-      {"model.embed_tokens.weight", iota_tensor(DType::F32, {3, 5})},
-      {"bf16", iota_tensor(DType::BF16, {7})},
-      {"f16", iota_tensor(DType::F16, {2, 3, 1})},
-      {"ids", iota_tensor(DType::I64, {4})},
+      {"model.embed_tokens.weight", patterned_tensor(DType::F32, {3, 5}, 7, 3)},
+      {"bf16", patterned_tensor(DType::BF16, {7}, 7, 3)},
+      {"f16", patterned_tensor(DType::F16, {2, 3, 1}, 7, 3)},
+      {"ids", patterned_tensor(DType::I64, {4}, 7, 3)},
       {"zero_rows", Tensor::empty(DType::F32, {0, 4})},
-      {"i32", iota_tensor(DType::I32, {3})},
-      {"bytes", iota_tensor(DType::U8, {5})},
-      {"flags", iota_tensor(DType::Bool, {3})},
-      {"double", iota_tensor(DType::F64, {2})},
-      {"scalar", iota_tensor(DType::F32, {})},
+      {"i32", patterned_tensor(DType::I32, {3}, 7, 3)},
+      {"bytes", patterned_tensor(DType::U8, {5}, 7, 3)},
+      {"flags", patterned_tensor(DType::Bool, {3}, 7, 3)},
+      {"double", patterned_tensor(DType::F64, {2}, 7, 3)},
+      {"scalar", patterned_tensor(DType::F32, {}, 7, 3)},
       {"zero_last", Tensor::empty(DType::BF16, {2, 0})},
   };
   SafetensorsMetadata metadata{{"format", "pt"}, {"note", "h\u00e9llo \"quoted\"\n"}};
@@ -165,7 +91,7 @@ TEST_CASE("safetensors round trip keeps dtypes, shapes, bytes, order and metadat
 
 TEST_CASE("safetensors bf16 round trip is bit-exact, NaN payloads and signed zeros included",
           "[io][safetensors]") {
-  TempDir dir;
+  TempDir dir("kept-io-st");
   std::vector<std::uint16_t> bits;
   for (std::uint32_t value = 0; value < 0x10000; value += 1)
     bits.push_back(static_cast<std::uint16_t>(value));
@@ -201,11 +127,11 @@ TEST_CASE("safetensors writer output equals the Python safetensors library's byt
   bias.data<bf16>()[2] = to_bf16(3.0f);
   std::vector<NamedTensor> tensors = {
       {"empty", Tensor::empty(DType::I64, {0, 3})}, {"w", w}, {"bias", bias}};
-  TempDir dir;
+  TempDir dir("kept-io-st");
   write_safetensors(dir / "mine.safetensors", tensors, {{"format", "pt"}});
-  CHECK(read_bytes(dir / "mine.safetensors") == golden);
+  CHECK(read_file(dir / "mine.safetensors") == golden);
 
-  write_bytes(dir / "golden.safetensors", golden);
+  write_file(dir / "golden.safetensors", golden);
   SafetensorsFile file(dir / "golden.safetensors");
   CHECK(file.tensor("w").data<float>()[1] == -2.0f);
   CHECK(to_float(file.tensor("bias").data<bf16>()[1]) == -0.5f);
@@ -214,14 +140,14 @@ TEST_CASE("safetensors writer output equals the Python safetensors library's byt
 }
 
 TEST_CASE("safetensors reader accepts hand-made files the spec allows", "[io][safetensors]") {
-  TempDir dir;
+  TempDir dir("kept-io-st");
   SECTION("no padding, misaligned data: values are right and typed access is aligned") {
     // Trailing spaces are legal padding; pad so that the F32 data starts misaligned.
     std::string json =
         R"({"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"y":{"dtype":"U8","shape":[1],"data_offsets":[8,9]}})";
     while ((8 + json.size()) % 4 != 1)
       json += ' ';
-    write_bytes(dir / "a.safetensors", craft(json, raw_bytes({0.25f, -8.0f}) + "\x2a"));
+    write_file(dir / "a.safetensors", craft(json, raw_bytes({0.25f, -8.0f}) + "\x2a"));
     SafetensorsFile file(dir / "a.safetensors");
     REQUIRE((8 + json.size()) % 4 != 0);
     const Tensor& x = file.tensor("x");
@@ -234,8 +160,8 @@ TEST_CASE("safetensors reader accepts hand-made files the spec allows", "[io][sa
     std::string json =
         R"({"late":{"dtype":"F16","shape":[1],"data_offsets":[4,6]},"early":{"dtype":"F32","shape":[],"data_offsets":[0,4]}})";
     json.append(5, ' ');
-    write_bytes(dir / "b.safetensors",
-                craft(json, raw_bytes({1.0f}) + raw_bytes<std::uint16_t>({0x3c00})));
+    write_file(dir / "b.safetensors",
+               craft(json, raw_bytes({1.0f}) + raw_bytes<std::uint16_t>({0x3c00})));
     SafetensorsFile file(dir / "b.safetensors");
     CHECK(file.names() == std::vector<std::string>{"early", "late"});
     CHECK(file.tensor("early").rank() == 0);
@@ -243,11 +169,11 @@ TEST_CASE("safetensors reader accepts hand-made files the spec allows", "[io][sa
     CHECK(to_float(file.tensor("late").data<f16>()[0]) == 1.0f);
   }
   SECTION("empty header, metadata only, zero-size tensors sharing an offset") {
-    write_bytes(dir / "c.safetensors", craft("{}"));
+    write_file(dir / "c.safetensors", craft("{}"));
     CHECK(SafetensorsFile(dir / "c.safetensors").size() == 0);
-    write_bytes(dir / "d.safetensors", craft(R"({"__metadata__":{"a":"b"}})"));
+    write_file(dir / "d.safetensors", craft(R"({"__metadata__":{"a":"b"}})"));
     CHECK(SafetensorsFile(dir / "d.safetensors").metadata().at("a") == "b");
-    write_bytes(
+    write_file(
         dir / "e.safetensors",
         craft(
             R"({"z1":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},"v":{"dtype":"I8","shape":[2],"data_offsets":[0,2]},"z2":{"dtype":"BF16","shape":[3,0],"data_offsets":[2,2]},"z3":{"dtype":"I64","shape":[0,99999999999],"data_offsets":[2,2]}})",
@@ -260,9 +186,9 @@ TEST_CASE("safetensors reader accepts hand-made files the spec allows", "[io][sa
 
 TEST_CASE("safetensors tensors are zero-copy views that outlive the file object",
           "[io][safetensors]") {
-  TempDir dir;
-  std::vector<NamedTensor> tensors = {{"a", iota_tensor(DType::F32, {4})},
-                                      {"b", iota_tensor(DType::F32, {2})}};
+  TempDir dir("kept-io-st");
+  std::vector<NamedTensor> tensors = {{"a", patterned_tensor(DType::F32, {4}, 7, 3)},
+                                      {"b", patterned_tensor(DType::F32, {2}, 7, 3)}};
   write_safetensors(dir / "v.safetensors", tensors);
   Tensor kept_alive;
   {
@@ -273,13 +199,13 @@ TEST_CASE("safetensors tensors are zero-copy views that outlive the file object"
   }
   CHECK(same_bytes(kept_alive, tensors[1].tensor));
   // The mapping is private: writing into a view never reaches the file.
-  const std::string before = read_bytes(dir / "v.safetensors");
+  const std::string before = read_file(dir / "v.safetensors");
   kept_alive.data<float>()[0] = 123.0f;
-  CHECK(read_bytes(dir / "v.safetensors") == before);
+  CHECK(read_file(dir / "v.safetensors") == before);
 }
 
 TEST_CASE("safetensors reader rejects a bad length prefix", "[io][safetensors][errors]") {
-  TempDir dir;
+  TempDir dir("kept-io-st");
   const std::string path = (dir / "bad.safetensors").string();
   CHECK_THAT(open_error(dir, ""),
              Contains(path) && Contains("header") && Contains("shorter than the 8-byte"));
@@ -294,7 +220,7 @@ TEST_CASE("safetensors reader rejects a bad length prefix", "[io][safetensors][e
 
 TEST_CASE("safetensors reader rejects headers that are not a JSON object",
           "[io][safetensors][errors]") {
-  TempDir dir;
+  TempDir dir("kept-io-st");
   const std::string path = (dir / "bad.safetensors").string();
   CHECK_THAT(open_error(dir, craft(R"({"a": )")),
              Contains(path) && Contains("header: not valid JSON"));
@@ -309,7 +235,7 @@ TEST_CASE("safetensors reader rejects headers that are not a JSON object",
 }
 
 TEST_CASE("safetensors reader rejects duplicate names and keys", "[io][safetensors][errors]") {
-  TempDir dir;
+  TempDir dir("kept-io-st");
   const std::string path = (dir / "bad.safetensors").string();
   const std::string entry = R"({"dtype":"U8","shape":[1],"data_offsets":[0,1]})";
   CHECK_THAT(open_error(dir, craft(R"({"w":)" + entry + R"(,"w":)" + entry + "}", "\x01")),
@@ -326,7 +252,7 @@ TEST_CASE("safetensors reader rejects duplicate names and keys", "[io][safetenso
 
 TEST_CASE("safetensors reader rejects malformed entries, naming the tensor",
           "[io][safetensors][errors]") {
-  TempDir dir;
+  TempDir dir("kept-io-st");
   const std::string path = (dir / "bad.safetensors").string();
   auto bad = [&](const std::string& entry_json, const std::string& data = "\x01\x02\x03\x04") {
     return open_error(dir, craft(R"({"t.w":)" + entry_json + "}", data));
@@ -392,7 +318,7 @@ TEST_CASE("safetensors reader rejects malformed entries, naming the tensor",
 
 TEST_CASE("safetensors reader requires the tensors to tile the data region",
           "[io][safetensors][errors]") {
-  TempDir dir;
+  TempDir dir("kept-io-st");
   const std::string path = (dir / "bad.safetensors").string();
   CHECK_THAT(
       open_error(
@@ -425,7 +351,7 @@ TEST_CASE("safetensors reader requires the tensors to tile the data region",
 }
 
 TEST_CASE("safetensors reader validates __metadata__", "[io][safetensors][errors]") {
-  TempDir dir;
+  TempDir dir("kept-io-st");
   const std::string path = (dir / "bad.safetensors").string();
   CHECK_THAT(open_error(dir, craft(R"({"__metadata__":["a"]})")),
              Contains(path) && Contains("header") &&
@@ -442,8 +368,8 @@ TEST_CASE("safetensors reader validates __metadata__", "[io][safetensors][errors
 
 TEST_CASE("safetensors reader names a missing tensor and a missing file",
           "[io][safetensors][errors]") {
-  TempDir dir;
-  std::vector<NamedTensor> tensors = {{"present", iota_tensor(DType::F32, {2})}};
+  TempDir dir("kept-io-st");
+  std::vector<NamedTensor> tensors = {{"present", patterned_tensor(DType::F32, {2}, 7, 3)}};
   write_safetensors(dir / "t.safetensors", tensors);
   SafetensorsFile file(dir / "t.safetensors");
   CHECK_FALSE(file.contains("absent"));
@@ -458,12 +384,12 @@ TEST_CASE("safetensors reader names a missing tensor and a missing file",
 
 TEST_CASE("safetensors writer rejects bad input, naming the file and tensor",
           "[io][safetensors][errors]") {
-  TempDir dir;
+  TempDir dir("kept-io-st");
   const std::string path = (dir / "out.safetensors").string();
   auto write = [&](std::vector<NamedTensor> tensors, SafetensorsMetadata metadata = {}) {
     return error_of([&] { write_safetensors(dir / "out.safetensors", tensors, metadata); });
   };
-  Tensor t = iota_tensor(DType::F32, {2});
+  Tensor t = patterned_tensor(DType::F32, {2}, 7, 3);
   CHECK_THAT(write({{"a", t}, {"b", t}, {"a", t}}),
              Contains(path) && Contains("tensor \"a\"") && Contains("given twice"));
   CHECK_THAT(write({{"__metadata__", t}}), Contains(path) && Contains("reserved"));
@@ -479,11 +405,11 @@ TEST_CASE("safetensors writer rejects bad input, naming the file and tensor",
 TEST_CASE("safetensors header parser only ever throws kept::Error on mutated input",
           "[io][safetensors][errors]") {
   // A cheap in-process complement to the libFuzzer target in tests/fuzz.
-  std::vector<NamedTensor> tensors = {{"a", iota_tensor(DType::F32, {2, 2})},
-                                      {"b", iota_tensor(DType::BF16, {3})}};
-  TempDir dir;
+  std::vector<NamedTensor> tensors = {{"a", patterned_tensor(DType::F32, {2, 2}, 7, 3)},
+                                      {"b", patterned_tensor(DType::BF16, {3}, 7, 3)}};
+  TempDir dir("kept-io-st");
   write_safetensors(dir / "seed.safetensors", tensors, {{"format", "pt"}});
-  const std::string seed = read_bytes(dir / "seed.safetensors");
+  const std::string seed = read_file(dir / "seed.safetensors");
   std::mt19937 random(1234);
   int accepted = 0;
   for (int round = 0; round < 3000; ++round) {

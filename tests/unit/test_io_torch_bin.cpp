@@ -4,14 +4,11 @@
 // archives and malicious pickles.
 #include <catch2/catch.hpp>
 
-#include <unistd.h>
-
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <iterator>
 #include <random>
 #include <string>
 #include <vector>
@@ -23,8 +20,11 @@
 #include "kept/io/torch_checkpoint.hpp"
 #include "kept/io/torch_pickle.hpp"
 #include "kept/io/zip.hpp"
+#include "support/errors.hpp"
+#include "support/files.hpp"
 
 using namespace kept;
+using namespace kept::test;
 using Catch::Contains;
 using Catch::StartsWith;
 
@@ -42,44 +42,6 @@ const nlohmann::json& expected() {
   }();
   return json;
 }
-
-std::vector<std::byte> read_bytes(const std::filesystem::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  REQUIRE(in.good());
-  std::vector<char> chars((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  std::vector<std::byte> bytes(chars.size());
-  if (!chars.empty()) std::memcpy(bytes.data(), chars.data(), chars.size());
-  return bytes;
-}
-
-template <class Action>
-std::string error_of(Action&& action) {
-  try {
-    action();
-  } catch (const kept::Error& error) {
-    return error.what();
-  }
-  FAIL("expected a kept::Error");
-  return "";
-}
-
-class TempDir {
- public:
-  TempDir() {
-    std::string pattern = (std::filesystem::temp_directory_path() / "kept-io-bin-XXXXXX").string();
-    REQUIRE(::mkdtemp(pattern.data()) != nullptr);
-    path_ = pattern;
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    std::filesystem::remove_all(path_, ignored);
-  }
-  std::filesystem::path operator/(const std::string& name) const { return path_ / name; }
-  const std::filesystem::path& path() const { return path_; }
-
- private:
-  std::filesystem::path path_;
-};
 
 std::string hex_of(const Tensor& tensor) {
   static constexpr char kHex[] = "0123456789abcdef";
@@ -140,8 +102,8 @@ TEST_CASE("zip: CRC-32 and the ZIP64 and stored-entry rules", "[io][torch_bin]")
 
   // Python's zipfile accepted zip64.bin's ZIP64 structures; kept reads the same entries as from
   // the plain archive torch wrote.
-  auto plain_bytes = read_bytes(kFixtures / "views.bin");
-  auto zip64_bytes = read_bytes(kFixtures / "zip64.bin");
+  auto plain_bytes = read_file_bytes(kFixtures / "views.bin");
+  auto zip64_bytes = read_file_bytes(kFixtures / "zip64.bin");
   ZipReader plain(plain_bytes, "views.bin");
   ZipReader zip64(zip64_bytes, "zip64.bin");
   REQUIRE(plain.entries().size() == zip64.entries().size());
@@ -166,7 +128,7 @@ TEST_CASE("zip: CRC-32 and the ZIP64 and stored-entry rules", "[io][torch_bin]")
 }
 
 TEST_CASE("zip: corrupt directories are refused with the file and entry named", "[io][torch_bin]") {
-  const auto original = read_bytes(kFixtures / "views.bin");
+  const auto original = read_file_bytes(kFixtures / "views.bin");
   const std::size_t size = original.size();
   auto put32 = [](std::vector<std::byte>& bytes, std::size_t at, std::uint32_t value) {
     for (int i = 0; i < 4; ++i)
@@ -240,7 +202,7 @@ TEST_CASE("zip: corrupt directories are refused with the file and entry named", 
     CHECK_THAT(error_of([&] { ZipReader(bytes, "f.bin"); }), Contains("stored entry has"));
   }
   SECTION("a zip64 extra field too short for the saturated sizes") {
-    auto bytes = read_bytes(kFixtures / "zip64.bin");
+    auto bytes = read_file_bytes(kFixtures / "zip64.bin");
     const std::size_t z_locator = bytes.size() - 22 - 20;
     const std::size_t z_cd = get32(bytes, get32(bytes, z_locator + 8) + 48);
     const std::size_t name_length = detail::zip_u16(bytes.data() + z_cd + 28);
@@ -397,7 +359,7 @@ TEST_CASE("torch .bin: checkpoint directories, single and sharded", "[io][torch_
 }
 
 TEST_CASE("torch .bin: bad checkpoint directories are refused up front", "[io][torch_bin]") {
-  TempDir dir;
+  TempDir dir("kept-io-bin");
   const auto shards = kFixtures / "sharded";
   const std::string shard1 = "pytorch_model-00001-of-00002.bin";
   const std::string shard2 = "pytorch_model-00002-of-00002.bin";
@@ -464,7 +426,7 @@ namespace {
 
 // data.pkl of a fixture.
 std::vector<std::byte> fixture_pickle(const std::string& file_name) {
-  const auto bytes = read_bytes(kFixtures / file_name);
+  const auto bytes = read_file_bytes(kFixtures / file_name);
   ZipReader zip(bytes, file_name);
   auto pickle = zip.data(file_name.substr(0, file_name.size() - 4) + "/data.pkl", true);
   return {pickle.begin(), pickle.end()};
@@ -565,7 +527,7 @@ TEST_CASE("torch pickle: truncated, bit-flipped and random input never crashes",
     CHECK_THROWS_AS(parse_torch_pickle(prefix, "p"), kept::Error);
   }
   // Bit flips of the pickle, and of the whole archive read without a mapping (copies).
-  const auto archive = read_bytes(kFixtures / "views.bin");
+  const auto archive = read_file_bytes(kFixtures / "views.bin");
   std::mt19937 random(12345);
   for (int round = 0; round < 3000; ++round) {
     auto bytes = round % 2 ? pickle : archive;

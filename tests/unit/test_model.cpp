@@ -16,23 +16,6 @@ using namespace kept::test;
 
 namespace {
 
-ModelConfig tiny_config(Architecture architecture, bool attention_bias, bool mlp_bias) {
-  ModelConfig config;
-  config.architecture = architecture;
-  config.vocab_size = 37;
-  config.hidden_size = 12;
-  config.intermediate_size = 20;
-  config.num_layers = 2;
-  config.num_heads = 3;
-  config.num_kv_heads = 3;
-  config.head_dim = 4;
-  config.rope_theta = 1e4;
-  config.norm_eps = 1e-5;
-  config.attention_bias = attention_bias;
-  config.mlp_bias = mlp_bias;
-  return config;
-}
-
 // The loss every check uses: projections of the logits and of every residual-stream state, so
 // both the LM-head path and the hidden-state injection of backward() are exercised.
 struct ProjectedLoss {
@@ -79,7 +62,7 @@ TEST_CASE("Decoder gradients match finite differences and fp32 matches float64",
   const Case c =
       GENERATE(Case{Architecture::Orion, false, false}, Case{Architecture::Llama, false, false},
                Case{Architecture::Llama, true, true});
-  const ModelConfig config = tiny_config(c.architecture, c.attention_bias, c.mlp_bias);
+  const ModelConfig config = tiny_decoder_config(c.architecture, c.attention_bias, c.mlp_bias);
   INFO("architecture " << architecture_name(c.architecture) << ", attention_bias "
                        << c.attention_bias);
   auto run = [&](auto norm_tag) {
@@ -145,7 +128,7 @@ TEST_CASE("Decoder gradients match finite differences and fp32 matches float64",
 
 TEST_CASE("Inference mode gives the training-mode outputs with less memory", "[model]") {
   Cpu cpu;
-  ModelConfig config = tiny_config(Architecture::Orion, false, false);
+  ModelConfig config = tiny_decoder_config(Architecture::Orion, false, false);
   config.num_layers = 3;
   Decoder<LayerNorm, Cpu> model(cpu, config);
   init_parameters(model, {.seed = 5, .std = 0.3});
@@ -167,14 +150,14 @@ TEST_CASE("Inference mode gives the training-mode outputs with less memory", "[m
 
 TEST_CASE("Decoder rejects bad token ids and shapes", "[model]") {
   Cpu cpu;
-  Decoder<RMSNorm, Cpu> model(cpu, tiny_config(Architecture::Llama, false, false));
+  Decoder<RMSNorm, Cpu> model(cpu, tiny_decoder_config(Architecture::Llama, false, false));
   Decoder<RMSNorm, Cpu>::Activations acts;
   std::vector<std::int32_t> tokens{1, 2, 37};
   CHECK_THROWS_WITH(model.forward(cpu, tokens, 1, 3, acts, ForwardMode::Inference),
                     Catch::Contains("token id 37") && Catch::Contains("vocabulary of 37"));
   CHECK_THROWS_WITH(model.forward(cpu, tokens, 2, 2, acts, ForwardMode::Inference),
                     Catch::Contains("batch 2"));
-  ModelConfig bad = tiny_config(Architecture::Llama, false, false);
+  ModelConfig bad = tiny_decoder_config(Architecture::Llama, false, false);
   bad.num_kv_heads = 1;
   CHECK_THROWS_WITH((Decoder<RMSNorm, Cpu>(cpu, bad)), Catch::Contains("num_key_value_heads"));
 }

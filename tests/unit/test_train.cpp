@@ -5,15 +5,10 @@
 // for bit.
 #include <catch2/catch.hpp>
 
-#include <signal.h>
-#include <sys/resource.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -31,48 +26,15 @@
 #include "kept/train/checkpoint_state.hpp"
 #include "kept/train/data.hpp"
 #include "kept/train/schedule.hpp"
+#include "support/errors.hpp"
+#include "support/files.hpp"
+#include "support/tensors.hpp"
 
 using namespace kept;
+using namespace kept::test;
 using Catch::Contains;
 
 namespace {
-
-class TrainTempDir {
- public:
-  TrainTempDir() {
-    std::string pattern = (std::filesystem::temp_directory_path() / "kept-train-XXXXXX").string();
-    REQUIRE(::mkdtemp(pattern.data()) != nullptr);
-    path_ = pattern;
-  }
-  ~TrainTempDir() {
-    std::error_code ignored;
-    std::filesystem::remove_all(path_, ignored);
-  }
-  std::filesystem::path operator/(const std::string& name) const { return path_ / name; }
-  const std::filesystem::path& path() const { return path_; }
-
- private:
-  std::filesystem::path path_;
-};
-
-template <class Action>
-std::string train_error_of(Action&& action) {
-  try {
-    action();
-  } catch (const kept::Error& error) {
-    return error.what();
-  }
-  FAIL("expected a kept::Error");
-  return "";
-}
-
-std::vector<std::string> listing_of(const std::filesystem::path& dir) {
-  std::vector<std::string> names;
-  for (const auto& entry : std::filesystem::directory_iterator(dir))
-    names.push_back(entry.path().filename().string());
-  std::sort(names.begin(), names.end());
-  return names;
-}
 
 Tensor f32_tensor(Shape shape, const std::vector<float>& values) {
   Tensor t = Tensor::empty(DType::F32, shape);
@@ -99,31 +61,6 @@ void set_grad(Parameter& p, const std::vector<float>& g) {
   REQUIRE(p.grad.defined());
   std::copy(g.begin(), g.end(), p.grad.data<float>());
 }
-
-bool same_bits(const Tensor& a, const Tensor& b) {
-  return a.dtype() == b.dtype() && a.shape() == b.shape() &&
-         std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
-}
-
-// Lowers RLIMIT_FSIZE so a write fails part-way with EFBIG, the path a full disk takes.
-class TrainFileSizeLimit {
- public:
-  explicit TrainFileSizeLimit(rlim_t bytes) {
-    REQUIRE(::getrlimit(RLIMIT_FSIZE, &saved_) == 0);
-    previous_ = ::signal(SIGXFSZ, SIG_IGN);
-    rlimit lowered = saved_;
-    lowered.rlim_cur = bytes;
-    REQUIRE(::setrlimit(RLIMIT_FSIZE, &lowered) == 0);
-  }
-  ~TrainFileSizeLimit() {
-    ::setrlimit(RLIMIT_FSIZE, &saved_);
-    ::signal(SIGXFSZ, previous_);
-  }
-
- private:
-  rlimit saved_{};
-  sighandler_t previous_{};
-};
 
 nlohmann::json load_reference() {
   std::ifstream in(std::string(KEPT_TEST_DATA_DIR) + "/train_reference.json");
@@ -269,18 +206,18 @@ TEST_CASE("AdamW refuses what it cannot update, naming the parameter", "[train][
     p.grad = Tensor::zeros(DType::F64, {2});
     std::vector<Parameter*> params = {&p};
     AdamW opt;
-    CHECK_THAT(train_error_of([&] { opt.step(params); }),
+    CHECK_THAT(error_of([&] { opt.step(params); }),
                Contains("model.layers.0.mlp.up_proj.weight") && Contains("F64"));
   }
   SECTION("two parameters with one name") {
     Parameter q = make_param(p.name, ParamRole::Weight, {2}, {1, 2});
     std::vector<Parameter*> params = {&p, &q};
     AdamW opt;
-    CHECK_THAT(train_error_of([&] { opt.step(params); }), Contains("two parameters are named"));
+    CHECK_THAT(error_of([&] { opt.step(params); }), Contains("two parameters are named"));
   }
   SECTION("bad hyper-parameters") {
-    CHECK_THAT(train_error_of([] { AdamW opt({.beta1 = 1.0}); }), Contains("beta1"));
-    CHECK_THAT(train_error_of([] { AdamW opt({.weight_decay = -1}); }), Contains("weight_decay"));
+    CHECK_THAT(error_of([] { AdamW opt({.beta1 = 1.0}); }), Contains("beta1"));
+    CHECK_THAT(error_of([] { AdamW opt({.weight_decay = -1}); }), Contains("weight_decay"));
   }
 }
 
@@ -320,7 +257,7 @@ TEST_CASE("AdamW state saved and loaded continues bit-identically", "[train][ada
   AdamW straight_opt(config);
   run_steps(straight, straight_opt, 0, 6);
 
-  TrainTempDir dir;
+  TempDir dir("kept-train");
   std::vector<Parameter> first = make_params();
   AdamW first_opt(config);
   auto first_ptrs = run_steps(first, first_opt, 0, 3);
@@ -344,11 +281,11 @@ TEST_CASE("AdamW state saved and loaded continues bit-identically", "[train][ada
   run_steps(resumed, resumed_opt, 3, 6);
   for (std::size_t i = 0; i < straight.size(); ++i) {
     INFO(straight[i].name);
-    CHECK(same_bits(resumed[i].value, straight[i].value));
-    CHECK(
-        same_bits(*resumed_opt.exp_avg(straight[i].name), *straight_opt.exp_avg(straight[i].name)));
-    CHECK(same_bits(*resumed_opt.exp_avg_sq(straight[i].name),
-                    *straight_opt.exp_avg_sq(straight[i].name)));
+    CHECK(same_bytes(resumed[i].value, straight[i].value));
+    CHECK(same_bytes(*resumed_opt.exp_avg(straight[i].name),
+                     *straight_opt.exp_avg(straight[i].name)));
+    CHECK(same_bytes(*resumed_opt.exp_avg_sq(straight[i].name),
+                     *straight_opt.exp_avg_sq(straight[i].name)));
   }
 
   SECTION("load errors name the parameter and leave the optimizer unchanged") {
@@ -358,29 +295,29 @@ TEST_CASE("AdamW state saved and loaded continues bit-identically", "[train][ada
       for (auto& t : state)
         if (t.name == "exp_avg/a.bias") t.tensor = Tensor::zeros(DType::F32, {4});
       CHECK_THAT(
-          train_error_of([&] { target.load_state(state, first_ptrs, "opt.st"); }),
+          error_of([&] { target.load_state(state, first_ptrs, "opt.st"); }),
           Contains("opt.st") && Contains("exp_avg/a.bias") && Contains("[4]") && Contains("[3]"));
     }
     SECTION("state for a parameter the model lacks") {
       std::vector<Parameter*> fewer = {first_ptrs[0], first_ptrs[2]};
-      CHECK_THAT(train_error_of([&] { target.load_state(state, fewer, "opt.st"); }),
+      CHECK_THAT(error_of([&] { target.load_state(state, fewer, "opt.st"); }),
                  Contains("state for parameter a.bias"));
     }
     SECTION("a missing moment") {
       std::erase_if(state, [](const NamedTensor& t) { return t.name == "exp_avg_sq/a.weight"; });
-      CHECK_THAT(train_error_of([&] { target.load_state(state, first_ptrs, "opt.st"); }),
+      CHECK_THAT(error_of([&] { target.load_state(state, first_ptrs, "opt.st"); }),
                  Contains("missing exp_avg_sq/a.weight"));
     }
     SECTION("different betas") {
       AdamWConfig other = config;
       other.beta2 = 0.999;
       AdamW different(other);
-      CHECK_THAT(train_error_of([&] { different.load_state(state, first_ptrs, "opt.st"); }),
+      CHECK_THAT(error_of([&] { different.load_state(state, first_ptrs, "opt.st"); }),
                  Contains("adamw.beta2") && Contains("0.99"));
     }
     SECTION("an unknown tensor") {
       state.push_back({"momentum/a.weight", Tensor::zeros(DType::F32, {2, 3})});
-      CHECK_THAT(train_error_of([&] { target.load_state(state, first_ptrs, "opt.st"); }),
+      CHECK_THAT(error_of([&] { target.load_state(state, first_ptrs, "opt.st"); }),
                  Contains("unexpected tensor momentum/a.weight"));
     }
     CHECK(target.steps_taken() == 0);
@@ -553,9 +490,9 @@ TEST_CASE("cosine schedule: warmup, cosine, floor", "[train][schedule]") {
   CHECK(no_warmup.lr(0) == 2.0);
   CHECK(no_warmup.lr(2) == Approx(1.0).epsilon(1e-15));
 
-  CHECK_THAT(train_error_of([] { CosineSchedule{.warmup_steps = 5, .total_steps = 4}.validate(); }),
+  CHECK_THAT(error_of([] { CosineSchedule{.warmup_steps = 5, .total_steps = 4}.validate(); }),
              Contains("warmup_steps"));
-  CHECK_THAT(train_error_of([] { CosineSchedule{.peak_lr = 1e-4, .min_lr = 1e-3}.validate(); }),
+  CHECK_THAT(error_of([] { CosineSchedule{.peak_lr = 1e-4, .min_lr = 1e-3}.validate(); }),
              Contains("min_lr"));
 }
 
@@ -635,15 +572,15 @@ TrainerState tiny_state(std::int64_t step) {
 }  // namespace
 
 TEST_CASE("checkpoint state saves and loads every bit", "[train][checkpoint]") {
-  TrainTempDir dir;
+  TempDir dir("kept-train");
   TinyRun run;
   run.train(3);
   const TrainerState state = tiny_state(3);
   const auto path = save_checkpoint(dir / "run", state, run.ptrs(), run.optimizer);
   CHECK(path == dir / "run" / "step-000003");
-  CHECK(listing_of(path) ==
+  CHECK(listing(path) ==
         std::vector<std::string>{"model.safetensors", "optimizer.safetensors", "trainer.json"});
-  CHECK(listing_of(dir / "run") == std::vector<std::string>{"step-000003"});
+  CHECK(listing(dir / "run") == std::vector<std::string>{"step-000003"});
   {
     SafetensorsFile model(path / "model.safetensors");
     CHECK(model.size() == 3);  // frozen parameters are part of the model
@@ -655,11 +592,11 @@ TEST_CASE("checkpoint state saves and loads every bit", "[train][checkpoint]") {
       load_checkpoint(path, fresh.ptrs(), fresh.optimizer, state.config_hash);
   for (std::size_t i = 0; i < run.params.size(); ++i) {
     INFO(run.params[i].name);
-    CHECK(same_bits(fresh.params[i].value, run.params[i].value));
+    CHECK(same_bytes(fresh.params[i].value, run.params[i].value));
   }
   CHECK(fresh.optimizer.steps_taken() == 3);
-  CHECK(same_bits(*fresh.optimizer.exp_avg("model.norm.weight"),
-                  *run.optimizer.exp_avg("model.norm.weight")));
+  CHECK(same_bytes(*fresh.optimizer.exp_avg("model.norm.weight"),
+                   *run.optimizer.exp_avg("model.norm.weight")));
   CHECK(loaded.step == 3);
   CHECK(loaded.tokens_seen == 3072);
   CHECK(loaded.loader == state.loader);
@@ -673,11 +610,11 @@ TEST_CASE("checkpoint state saves and loads every bit", "[train][checkpoint]") {
   run.train(2, 2.0f);
   fresh.train(2, 2.0f);
   for (std::size_t i = 0; i < run.params.size(); ++i)
-    CHECK(same_bits(fresh.params[i].value, run.params[i].value));
+    CHECK(same_bytes(fresh.params[i].value, run.params[i].value));
 
   SECTION("a different configuration is refused") {
     TinyRun other;
-    CHECK_THAT(train_error_of([&] {
+    CHECK_THAT(error_of([&] {
                  load_checkpoint(path, other.ptrs(), other.optimizer, config_hash("other"));
                }),
                Contains(path.string()) && Contains(state.config_hash) &&
@@ -687,13 +624,13 @@ TEST_CASE("checkpoint state saves and loads every bit", "[train][checkpoint]") {
     TinyRun other;
     other.params.pop_back();
     CHECK_THAT(
-        train_error_of([&] { load_checkpoint(path, other.ptrs(), other.optimizer); }),
+        error_of([&] { load_checkpoint(path, other.ptrs(), other.optimizer); }),
         Contains("model.safetensors") && Contains("frozen.weight") && Contains("not a parameter"));
   }
   SECTION("a parameter of another shape is refused, naming it, and nothing is written") {
     TinyRun other;
     other.params[1] = make_param("model.norm.weight", ParamRole::NormWeight, {4}, {5, 5, 5, 5});
-    CHECK_THAT(train_error_of([&] { load_checkpoint(path, other.ptrs(), other.optimizer); }),
+    CHECK_THAT(error_of([&] { load_checkpoint(path, other.ptrs(), other.optimizer); }),
                Contains("model.norm.weight") && Contains("[3]") && Contains("[4]"));
     CHECK(other.params[0].value.data<float>()[1] == 1.0f);
     CHECK(other.optimizer.steps_taken() == 0);
@@ -704,7 +641,7 @@ TEST_CASE("checkpoint state saves and loads every bit", "[train][checkpoint]") {
     json["step"] = 4;
     write_file_atomically(path / "trainer.json", json.dump());
     TinyRun other;
-    CHECK_THAT(train_error_of([&] { load_checkpoint(path, other.ptrs(), other.optimizer); }),
+    CHECK_THAT(error_of([&] { load_checkpoint(path, other.ptrs(), other.optimizer); }),
                Contains("trainer.json") && Contains("step 3"));
   }
   SECTION("trainer.json with a broken loader state") {
@@ -712,13 +649,13 @@ TEST_CASE("checkpoint state saves and loads every bit", "[train][checkpoint]") {
     json["loader"].erase("position");
     write_file_atomically(path / "trainer.json", json.dump());
     TinyRun other;
-    CHECK_THAT(train_error_of([&] { load_checkpoint(path, other.ptrs(), other.optimizer); }),
+    CHECK_THAT(error_of([&] { load_checkpoint(path, other.ptrs(), other.optimizer); }),
                Contains("trainer.json") && Contains("\"position\""));
   }
 }
 
 TEST_CASE("latest_checkpoint picks the newest complete checkpoint", "[train][checkpoint]") {
-  TrainTempDir dir;
+  TempDir dir("kept-train");
   const auto run_dir = dir / "run";
   CHECK_FALSE(latest_checkpoint(run_dir).has_value());  // no run directory yet: a fresh start
   TinyRun run;
@@ -749,16 +686,16 @@ TEST_CASE("latest_checkpoint picks the newest complete checkpoint", "[train][che
 }
 
 TEST_CASE("save_checkpoint keeps the last K", "[train][checkpoint]") {
-  TrainTempDir dir;
+  TempDir dir("kept-train");
   TinyRun run;
   for (std::int64_t step = 1; step <= 5; ++step)
     save_checkpoint(dir / "run", tiny_state(step), run.ptrs(), run.optimizer, 2);
-  CHECK(listing_of(dir / "run") == std::vector<std::string>{"step-000004", "step-000005"});
+  CHECK(listing(dir / "run") == std::vector<std::string>{"step-000004", "step-000005"});
   // Re-saving an existing step replaces it atomically.
   TrainerState again = tiny_state(5);
   again.tokens_seen = 1;
   save_checkpoint(dir / "run", again, run.ptrs(), run.optimizer, 2);
-  CHECK(listing_of(dir / "run") == std::vector<std::string>{"step-000004", "step-000005"});
+  CHECK(listing(dir / "run") == std::vector<std::string>{"step-000004", "step-000005"});
   TinyRun fresh;
   CHECK(load_checkpoint(dir / "run" / "step-000005", fresh.ptrs(), fresh.optimizer).tokens_seen ==
         1);
@@ -766,7 +703,7 @@ TEST_CASE("save_checkpoint keeps the last K", "[train][checkpoint]") {
 
 TEST_CASE("a checkpoint write failing part-way leaves the previous one intact",
           "[train][checkpoint]") {
-  TrainTempDir dir;
+  TempDir dir("kept-train");
   const auto run_dir = dir / "run";
   // A model big enough that its file alone exceeds the limit below.
   TinyRun run;
@@ -774,7 +711,7 @@ TEST_CASE("a checkpoint write failing part-way leaves the previous one intact",
       make_param("big.weight", ParamRole::Weight, {64, 256}, std::vector<float>(64 * 256, 0.5f)));
   run.train(1);
   save_checkpoint(run_dir, tiny_state(1), run.ptrs(), run.optimizer);
-  const auto before = listing_of(run_dir / "step-000001");
+  const auto before = listing(run_dir / "step-000001");
   const std::string model_bytes =
       detail::read_text_file(run_dir / "step-000001" / "model.safetensors", 1 << 20);
   run.train(1, 3.0f);
@@ -782,36 +719,36 @@ TEST_CASE("a checkpoint write failing part-way leaves the previous one intact",
   SECTION("a new step") {
     std::string message;
     {
-      TrainFileSizeLimit limit(16 << 10);
-      message = train_error_of(
-          [&] { save_checkpoint(run_dir, tiny_state(2), run.ptrs(), run.optimizer, 1); });
+      FileSizeLimit limit(16 << 10);
+      message =
+          error_of([&] { save_checkpoint(run_dir, tiny_state(2), run.ptrs(), run.optimizer, 1); });
     }
     CHECK_THAT(message, Contains("File too large"));
-    CHECK(listing_of(run_dir) == std::vector<std::string>{"step-000001"});  // no debris
+    CHECK(listing(run_dir) == std::vector<std::string>{"step-000001"});  // no debris
   }
   SECTION("a new step, failing on the second file (model written, optimizer state not)") {
     // model.safetensors is ~66 KB, optimizer.safetensors ~132 KB (m and v of big.weight).
     std::string message;
     {
-      TrainFileSizeLimit limit(100 << 10);
-      message = train_error_of(
-          [&] { save_checkpoint(run_dir, tiny_state(2), run.ptrs(), run.optimizer, 1); });
+      FileSizeLimit limit(100 << 10);
+      message =
+          error_of([&] { save_checkpoint(run_dir, tiny_state(2), run.ptrs(), run.optimizer, 1); });
     }
     CHECK_THAT(message, Contains("optimizer.safetensors") && Contains("File too large"));
-    CHECK(listing_of(run_dir) == std::vector<std::string>{"step-000001"});
+    CHECK(listing(run_dir) == std::vector<std::string>{"step-000001"});
   }
   SECTION("re-saving the same step") {
     std::string message;
     {
-      TrainFileSizeLimit limit(16 << 10);
-      message = train_error_of(
-          [&] { save_checkpoint(run_dir, tiny_state(1), run.ptrs(), run.optimizer); });
+      FileSizeLimit limit(16 << 10);
+      message =
+          error_of([&] { save_checkpoint(run_dir, tiny_state(1), run.ptrs(), run.optimizer); });
     }
     CHECK_THAT(message, Contains("File too large"));
-    CHECK(listing_of(run_dir) == std::vector<std::string>{"step-000001"});
+    CHECK(listing(run_dir) == std::vector<std::string>{"step-000001"});
   }
   CHECK(latest_checkpoint(run_dir) == run_dir / "step-000001");
-  CHECK(listing_of(run_dir / "step-000001") == before);
+  CHECK(listing(run_dir / "step-000001") == before);
   CHECK(detail::read_text_file(run_dir / "step-000001" / "model.safetensors", 1 << 20) ==
         model_bytes);
   TinyRun fresh;
@@ -972,7 +909,7 @@ class TinyLanguageModelRun {
 
 TEST_CASE("a run killed and resumed reproduces the uninterrupted losses bit for bit",
           "[train][data][resume]") {
-  TrainTempDir dir;
+  TempDir dir("kept-train");
   TinyLanguageModelRun straight(dir / "straight");
   const std::vector<float> expected = straight.train(20);
   REQUIRE(expected.size() == 20);
@@ -998,7 +935,7 @@ TEST_CASE("a run killed and resumed reproduces the uninterrupted losses bit for 
       CHECK(std::bit_cast<std::uint32_t>(losses[i]) == std::bit_cast<std::uint32_t>(expected[i]));
     }
     for (std::size_t i = 0; i < straight.params().size(); ++i)
-      CHECK(same_bits(second.params()[i].value, straight.params()[i].value));
+      CHECK(same_bytes(second.params()[i].value, straight.params()[i].value));
     // keep_last = 2
     CHECK(list_checkpoints(run_dir).size() == 2);
   }

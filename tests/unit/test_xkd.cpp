@@ -726,21 +726,6 @@ TEST_CASE("Evaluation sums match the references and add up over batches", "[xkd]
 // ---- end to end --------------------------------------------------------------------------
 
 namespace {
-ModelConfig tiny_xkd_config(Architecture architecture) {
-  ModelConfig config;
-  config.architecture = architecture;
-  config.vocab_size = 37;
-  config.hidden_size = 12;
-  config.intermediate_size = 20;
-  config.num_layers = 2;
-  config.num_heads = 3;
-  config.num_kv_heads = 3;
-  config.head_dim = 4;
-  config.rope_theta = 1e4;
-  config.norm_eps = 1e-5;
-  return config;
-}
-
 template <class Model>
 void randomize_model(Model& model, Random& random) {
   randomize(model.embed_tokens, random, 1.0);
@@ -755,8 +740,8 @@ TEST_CASE("XKD end to end: Orion teacher, Llama student, KL + Eq. 1 through Deco
           "[xkd]") {
   Cpu64 cpu;
   Random random(77);
-  Decoder<LayerNorm, Cpu64> teacher(cpu, tiny_xkd_config(Architecture::Orion));
-  Decoder<RMSNorm, Cpu64> student(cpu, tiny_xkd_config(Architecture::Llama));
+  Decoder<LayerNorm, Cpu64> teacher(cpu, tiny_decoder_config(Architecture::Orion));
+  Decoder<RMSNorm, Cpu64> student(cpu, tiny_decoder_config(Architecture::Llama));
   randomize_model(teacher, random);
   randomize_model(student, random);
   const std::int64_t batch = 2, seq = 5;
