@@ -20,7 +20,8 @@
 //               constant per-vocabulary logit offset, reported. --no-bias-fold keeps the pure
 //               template (no biases): centring only, which removes the mean error and leaves
 //               the bias terms to distillation.
-// The centring and folding run in float64 and round once to the tensor's dtype.
+// The centring and folding run in float64 and round once to the tensor's dtype, row by row
+// (no tensor is widened to float64 as a whole).
 //
 // Streaming. Every target tensor is planned from the config first (names, shapes, dtypes),
 // then produced one at a time while its bytes are written: a copied tensor is a view of the
@@ -39,6 +40,7 @@
 #include <set>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "kept/io/checkpoint.hpp"
@@ -135,54 +137,135 @@ void validate_source_checkpoint(const Reader& source, const ModelConfig& config)
 
 namespace convert_detail {
 
+// The float64 arithmetic below streams: no tensor is ever widened to float64 as a whole (the
+// 84,608 x 5,120 Orion embedding would be 3.5 GB of doubles). Each element is widened exactly
+// when read and rounded once when written, with the same summation orders and the same
+// rounding as widening the whole tensor (Tensor::to(F64)), computing, and rounding back
+// (Tensor::to(dtype): round-to-odd then to the 16-bit type), so the bytes written are those of
+// that reference. Memory: the output tensor (in the source dtype) and one row per thread.
+
+// Calls fn(T{}) with T the element type of the float `dtype`.
+template <class Fn>
+decltype(auto) with_float_type(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::F32:
+      return fn(float{});
+    case DType::F64:
+      return fn(double{});
+    case DType::BF16:
+      return fn(bf16{});
+    case DType::F16:
+      return fn(f16{});
+    default:
+      fail("dtype ", dtype_name(dtype), " is not a floating-point type");
+  }
+}
+
+// Exact widening of a stored element to double.
+template <class T>
+double widen(T value) {
+  if constexpr (std::is_same_v<T, double>)
+    return value;
+  else if constexpr (std::is_same_v<T, float>)
+    return static_cast<double>(value);
+  else
+    return static_cast<double>(to_float(value));
+}
+
+// A double rounded once to T, exactly as Tensor::to(F64 -> T) rounds it.
+template <class T>
+T narrow(double value) {
+  if constexpr (std::is_same_v<T, double>)
+    return value;
+  else if constexpr (std::is_same_v<T, float>)
+    return static_cast<float>(value);
+  else if constexpr (std::is_same_v<T, bf16>)
+    return to_bf16(to_float_round_to_odd(value));
+  else
+    return to_f16(to_float_round_to_odd(value));
+}
+
 // Row r of `matrix` [rows, cols] minus its mean over the columns (embedding rows).
 inline Tensor centre_rows(const Tensor& matrix) {
-  Tensor values = matrix.to(DType::F64);
   const std::int64_t rows = matrix.dim(0), cols = matrix.dim(1);
-  double* data = values.data<double>();
-#pragma omp parallel for schedule(static)
-  for (std::int64_t r = 0; r < rows; ++r) {
-    double mean = 0;
-    for (std::int64_t c = 0; c < cols; ++c)
-      mean += data[r * cols + c];
-    mean /= static_cast<double>(cols);
-    for (std::int64_t c = 0; c < cols; ++c)
-      data[r * cols + c] -= mean;
-  }
-  return values.to(matrix.dtype());
+  Tensor result = Tensor::empty(matrix.dtype(), matrix.shape());
+  with_float_type(matrix.dtype(), [&]<class T>(T) {
+    const T* in = matrix.data<T>();
+    T* out = result.data<T>();
+#pragma omp parallel
+    {
+      std::vector<double> row(static_cast<std::size_t>(cols));
+#pragma omp for schedule(static)
+      for (std::int64_t r = 0; r < rows; ++r) {
+        const T* source = in + r * cols;
+        double mean = 0;
+        for (std::int64_t c = 0; c < cols; ++c) {
+          row[static_cast<std::size_t>(c)] = widen(source[c]);
+          mean += row[static_cast<std::size_t>(c)];
+        }
+        mean /= static_cast<double>(cols);
+        T* target = out + r * cols;
+        for (std::int64_t c = 0; c < cols; ++c)
+          target[c] = narrow<T>(row[static_cast<std::size_t>(c)] - mean);
+      }
+    }
+  });
+  return result;
 }
 
 // W [out, in] with each column minus its mean over the output dimension, so W x has zero
-// mean over the output for every x (o_proj, down_proj).
+// mean over the output for every x (o_proj, down_proj). Two passes: the column sums (each
+// column summed over the rows in order; threads take strips of columns), then the output.
 inline Tensor centre_output_dimension(const Tensor& matrix) {
-  Tensor values = matrix.to(DType::F64);
   const std::int64_t rows = matrix.dim(0), cols = matrix.dim(1);
-  double* data = values.data<double>();
+  constexpr std::int64_t kStrip = 1024;  // columns per strip: 8 KB of sums, in L1
+  Tensor result = Tensor::empty(matrix.dtype(), matrix.shape());
   std::vector<double> column_mean(static_cast<std::size_t>(cols), 0.0);
-  for (std::int64_t r = 0; r < rows; ++r)
-    for (std::int64_t c = 0; c < cols; ++c)
-      column_mean[c] += data[r * cols + c];
-  for (double& mean : column_mean)
-    mean /= static_cast<double>(rows);
+  with_float_type(matrix.dtype(), [&]<class T>(T) {
+    const T* in = matrix.data<T>();
+    T* out = result.data<T>();
+    const std::int64_t strips = (cols + kStrip - 1) / kStrip;
 #pragma omp parallel for schedule(static)
-  for (std::int64_t r = 0; r < rows; ++r)
-    for (std::int64_t c = 0; c < cols; ++c)
-      data[r * cols + c] -= column_mean[c];
-  return values.to(matrix.dtype());
+    for (std::int64_t strip = 0; strip < strips; ++strip) {
+      const std::int64_t begin = strip * kStrip, end = std::min(cols, begin + kStrip);
+      double* sums = column_mean.data() + begin;
+      for (std::int64_t r = 0; r < rows; ++r) {
+        const T* source = in + r * cols;
+        for (std::int64_t c = begin; c < end; ++c)
+          sums[c - begin] += widen(source[c]);
+      }
+    }
+    for (double& mean : column_mean)
+      mean /= static_cast<double>(rows);
+#pragma omp parallel for schedule(static)
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const T* source = in + r * cols;
+      T* target = out + r * cols;
+      for (std::int64_t c = 0; c < cols; ++c)
+        target[c] = narrow<T>(widen(source[c]) - column_mean[static_cast<std::size_t>(c)]);
+    }
+  });
+  return result;
 }
 
 // W [out, in] b [in] in float64, as a tensor of `dtype`.
 inline Tensor matrix_vector(const Tensor& matrix, const Tensor& vector, DType dtype) {
-  const Tensor w = matrix.to(DType::F64), b = vector.to(DType::F64);
   const std::int64_t rows = matrix.dim(0), cols = matrix.dim(1);
+  const Tensor b = vector.to(DType::F64);  // [in]: small
+  const double* bias = b.data<double>();
   Tensor result = Tensor::empty(DType::F64, {rows});
+  double* sums = result.data<double>();
+  with_float_type(matrix.dtype(), [&]<class T>(T) {
+    const T* in = matrix.data<T>();
 #pragma omp parallel for schedule(static)
-  for (std::int64_t r = 0; r < rows; ++r) {
-    double sum = 0;
-    for (std::int64_t c = 0; c < cols; ++c)
-      sum += w.data<double>()[r * cols + c] * b.data<double>()[c];
-    result.data<double>()[r] = sum;
-  }
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const T* source = in + r * cols;
+      double sum = 0;
+      for (std::int64_t c = 0; c < cols; ++c)
+        sum += widen(source[c]) * bias[c];
+      sums[r] = sum;
+    }
+  });
   return result.to(dtype);
 }
 
@@ -286,7 +369,8 @@ ConversionReport convert_checkpoint(const Reader& source, const ModelConfig& sou
   for (const auto& [name, weights] : options.calibrated_norm_weights)
     KEPT_CHECK(std::any_of(specs.begin(), specs.end(),
                            [&](const TensorSpec& spec) { return spec.name == name; }),
-               "calibrated conversion: weights given for \"", name, "\", which is not a norm of the model");
+               "calibrated conversion: weights given for \"", name,
+               "\", which is not a norm of the model");
 
   ModelConfig written = target;
   write_hf_config(directory / "config.json", written);
