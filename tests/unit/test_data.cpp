@@ -84,7 +84,10 @@ TEST_CASE("UTF-8 validation finds the first bad sequence with its offset and lin
   }
 }
 
-TEST_CASE("strip_ansi_escapes removes ESC [ digits ; letter and nothing else", "[data][text]") {
+TEST_CASE(
+    "strip_ansi_escapes removes CSI escape sequences (ESC, bracket, digits, letter) and nothing "
+    "else",
+    "[data][text]") {
   CHECK(strip_ansi_escapes("\x1b[1;31mred\x1b[0m plain \x1b[m.") == "red plain .");
   CHECK(strip_ansi_escapes("\x1b[2J\x1b[10;20Hcursor") == "cursor");
   CHECK(strip_ansi_escapes("\xE4\xB8\xAD\x1b[32m\xE6\x96\x87\x1b[0m") ==
@@ -272,7 +275,7 @@ TEST_CASE("packing: EOS after every document, targets shifted by one", "[data][p
   }
 }
 
-TEST_CASE("loader: an epoch covers every window once; held-out documents never appear",
+TEST_CASE("loader: an epoch covers every window once and held-out documents never appear",
           "[data][loader]") {
   // 30 documents of 0..12 tokens; seq_len 7, batch 3.
   std::vector<int> lengths;
@@ -387,7 +390,8 @@ TEST_CASE("loader: an epoch covers every window once; held-out documents never a
   }
 }
 
-TEST_CASE("loader: same seed, same batches; another seed, another order", "[data][loader]") {
+TEST_CASE("loader: the same seed gives the same batches, another seed another order",
+          "[data][loader]") {
   std::vector<int> lengths(40, 0);
   for (int d = 0; d < 40; ++d)
     lengths[static_cast<std::size_t>(d)] = 3 + d % 9;

@@ -13,6 +13,7 @@
 #include "kept/io/atomic_file.hpp"
 #include "kept/io/checkpoint.hpp"
 #include "kept/io/safetensors.hpp"
+#include "kept/io/weights.hpp"
 #include "support/errors.hpp"
 #include "support/files.hpp"
 #include "support/tensors.hpp"
@@ -383,4 +384,16 @@ TEST_CASE("atomic directory appears only at commit", "[io][atomic]") {
     CHECK_THAT(error_of([&] { AtomicDirectory output(dir / "plain", true); }),
                Contains((dir / "plain").string()) && Contains("not a directory"));
   }
+}
+
+TEST_CASE("only per-layer RoPE frequency buffers are ignorable checkpoint tensors",
+          "[io][checkpoint]") {
+  CHECK(kept::is_ignorable_checkpoint_tensor("model.layers.0.self_attn.rotary_emb.inv_freq"));
+  CHECK(kept::is_ignorable_checkpoint_tensor("model.layers.39.self_attn.rotary_emb.inv_freq"));
+  CHECK_FALSE(kept::is_ignorable_checkpoint_tensor("model.layers..self_attn.rotary_emb.inv_freq"));
+  CHECK_FALSE(kept::is_ignorable_checkpoint_tensor("model.layers.x.self_attn.rotary_emb.inv_freq"));
+  CHECK_FALSE(
+      kept::is_ignorable_checkpoint_tensor("model.layers.1.self_attn.rotary_emb.inv_freqs"));
+  CHECK_FALSE(kept::is_ignorable_checkpoint_tensor("model.rotary_emb.inv_freq"));
+  CHECK_FALSE(kept::is_ignorable_checkpoint_tensor("model.layers.0.self_attn.q_proj.weight"));
 }

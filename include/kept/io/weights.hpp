@@ -9,9 +9,9 @@
 #pragma once
 
 #include <filesystem>
-#include <regex>
 #include <set>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "kept/io/atomic_file.hpp"
@@ -25,9 +25,20 @@ namespace kept {
 
 // Tensors that HF checkpoints may carry but that hold no parameter (older exports saved the
 // RoPE frequency buffer).
+// Matches `model.layers.<digits>.self_attn.rotary_emb.inv_freq` (no std::regex: GCC 12's
+// <regex> trips -Wmaybe-uninitialized under the sanitizers).
 inline bool is_ignorable_checkpoint_tensor(const std::string& name) {
-  static const std::regex rotary_buffer(R"(model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq)");
-  return std::regex_match(name, rotary_buffer);
+  constexpr std::string_view prefix = "model.layers.";
+  constexpr std::string_view suffix = ".self_attn.rotary_emb.inv_freq";
+  const std::string_view view(name);
+  if (view.size() <= prefix.size() + suffix.size() || !view.starts_with(prefix) ||
+      !view.ends_with(suffix))
+    return false;
+  const std::string_view layer =
+      view.substr(prefix.size(), view.size() - prefix.size() - suffix.size());
+  for (const char c : layer)
+    if (c < '0' || c > '9') return false;
+  return true;
 }
 
 // Where a reader looks tensors up: its one weight file, or the index of a sharded checkpoint.
