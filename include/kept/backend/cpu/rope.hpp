@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "kept/backend/cpu/vector_math.hpp"
 #include "kept/core/error.hpp"
 
 namespace kept::cpu {
@@ -68,12 +69,13 @@ inline void rope_apply(T* x, std::int64_t batch, std::int64_t seq, std::int64_t 
 #pragma omp parallel for schedule(static)
   for (std::int64_t token = 0; token < batch * seq; ++token) {
     const std::int64_t position = token % seq;
-    const T* cos = table.cos(position);
-    const T* sin = table.sin(position);
+    const T* __restrict cos = table.cos(position);
+    const T* __restrict sin = table.sin(position);
     T* row = x + token * heads * head_dim;
     for (std::int64_t h = 0; h < heads; ++h) {
-      T* first = row + h * head_dim;
-      T* second = first + half;
+      T* __restrict first = row + h * head_dim;
+      T* __restrict second = first + half;
+      KEPT_PRAGMA_SIMD
       for (std::int64_t i = 0; i < half; ++i) {
         const T a = first[i], b = second[i], s = sign * sin[i];
         first[i] = a * cos[i] - b * s;
