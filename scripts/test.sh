@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The test command (README, .ci/run): installs what is missing, builds kept with every part
 # (CUDA translation units included when nvcc is present), and runs
-#   1. ctest on the Release build: Catch2 unit tests, the HF transformers parity tests, the
-#      Coq proof check, the install-and-build-the-examples test, the CUDA tests (skipped with
-#      a message when no GPU is present);
+#   1. ctest on the Release build: Catch2 unit tests, the HF transformers parity and CLI tests,
+#      the Coq proof check, the install-and-build-the-examples test, the CUDA tests (skipped
+#      with a message when no GPU is present);
 #   2. the unit tests again under AddressSanitizer + UndefinedBehaviorSanitizer;
 #   3. the libFuzzer targets for a short budget (clang).
 # Exits non-zero if anything fails.
@@ -16,19 +16,31 @@ start=$SECONDS
 stage() { printf '\n==== kept: %s (%ds) ====\n' "$1" $((SECONDS - start)); }
 
 stage "dependencies"
-bash scripts/install_deps.sh
+KEPT_SKIP_PYTHON=1 bash scripts/install_deps.sh
+# The Python venv (PyPI downloads) is prepared while the C++ compiles.
+mkdir -p build
+bash scripts/python_env.sh > build/python_env.log 2>&1 &
+venv_pid=$!
 
 stage "Release build"
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DKEPT_CUDA=AUTO >/dev/null
 cmake --build build -j "$jobs"
 
+stage "Python venv"
+if ! wait "$venv_pid"; then
+  cat build/python_env.log >&2
+  echo "kept: the Python test environment could not be set up (log above)" >&2
+  exit 1
+fi
+cmake -S . -B build >/dev/null  # picks up the venv's interpreter for the parity tests
+
 stage "ctest (Release)"
 ctest --test-dir build --output-on-failure -j "$jobs"
 
 stage "unit tests under AddressSanitizer + UBSan"
-cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKEPT_CUDA=OFF \
-  -DKEPT_SANITIZE=address,undefined -DKEPT_BUILD_BENCH=OFF >/dev/null
-cmake --build build-asan -j "$jobs" --target kept_tests kept
+cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=None -DCMAKE_CXX_FLAGS="-O1 -g" -DKEPT_CUDA=OFF \
+  -DKEPT_SANITIZE=address,undefined -DKEPT_BUILD_REFERENCE=OFF -DKEPT_BUILD_BENCH=OFF >/dev/null
+cmake --build build-asan -j "$jobs" --target kept_tests
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
   ./build-asan/tests/kept_tests
 
