@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ -d /usr/local/cuda/bin ]] && export PATH="/usr/local/cuda/bin:$PATH"
-bash scripts/install_deps.sh
+KEPT_SKIP_PYTHON=1 bash scripts/install_deps.sh  # the demo needs no Python
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DKEPT_CUDA=AUTO >/dev/null
 cmake --build build -j "${KEPT_JOBS:-$(nproc)}" --target kept
 exec ./build/reference/kept demo "$@"
