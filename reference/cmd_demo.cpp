@@ -307,10 +307,10 @@ void run(const Options& options) {
   std::printf(
       "\nKEPT on a toy Orion: held-out text, %lld tokens (uniform guess: perplexity 2000)\n",
       static_cast<long long>(rows.front().report.tokens));
-  std::printf("| %-31s | %10s | %12s | %15s |\n", "model", "perplexity", "KL to teacher",
+  std::printf("| %-31s | %10s | %13s | %15s |\n", "model", "perplexity", "KL to teacher",
               "top-1 agreement");
   std::printf("|%s|%s|%s|%s|\n", std::string(33, '-').c_str(), std::string(12, '-').c_str(),
-              std::string(14, '-').c_str(), std::string(17, '-').c_str());
+              std::string(15, '-').c_str(), std::string(17, '-').c_str());
   nlohmann::json table = nlohmann::json::array();
   for (const Row& row : rows) {
     std::printf("| %-31s | %10.3f | %13.4f | %14.2f%% |\n", row.label.c_str(),
