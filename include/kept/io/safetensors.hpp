@@ -61,6 +61,7 @@
 #include "kept/io/atomic_file.hpp"
 #include "kept/io/json.hpp"
 #include "kept/io/mapped_file.hpp"
+#include "kept/io/tensor_table.hpp"
 
 namespace kept {
 
@@ -313,15 +314,12 @@ class SafetensorsFile {
     std::span<const std::byte> bytes(static_cast<const std::byte*>(mapping->data()), size);
     header_ = parse_safetensors_header(bytes, where);
 
-    tensors_.reserve(header_.tensors.size());
-    for (std::size_t i = 0; i < header_.tensors.size(); ++i) {
-      const SafetensorsEntry& entry = header_.tensors[i];
+    for (const SafetensorsEntry& entry : header_.tensors) {
       const std::size_t offset = static_cast<std::size_t>(header_.data_start() + entry.begin);
       Tensor view = Tensor::from_storage(entry.dtype, entry.shape, mapping, offset);
       // Misaligned for its element type: copy (see the top comment).
       if (offset % dtype_size(entry.dtype) != 0) view = view.clone();
-      tensors_.push_back(std::move(view));
-      index_.emplace(entry.name, i);
+      tensors_.add(entry.name, std::move(view));
     }
   }
 
@@ -329,30 +327,15 @@ class SafetensorsFile {
   const SafetensorsHeader& header() const { return header_; }
   const SafetensorsMetadata& metadata() const { return header_.metadata; }
   std::size_t size() const { return tensors_.size(); }
-
   // Tensor names in data order.
-  std::vector<std::string> names() const {
-    std::vector<std::string> result;
-    result.reserve(header_.tensors.size());
-    for (const SafetensorsEntry& entry : header_.tensors)
-      result.push_back(entry.name);
-    return result;
-  }
-  bool contains(std::string_view name) const { return index_.find(name) != index_.end(); }
-
-  const Tensor& tensor(std::string_view name) const {
-    auto found = index_.find(name);
-    if (found == index_.end())
-      fail(path_.string(), ": tensor ", detail::quote_json(name), " not found (the file holds ",
-           tensors_.size(), " tensors)");
-    return tensors_[found->second];
-  }
+  const std::vector<std::string>& names() const { return tensors_.names(); }
+  bool contains(std::string_view name) const { return tensors_.contains(name); }
+  const Tensor& tensor(std::string_view name) const { return tensors_.get(name, path_); }
 
  private:
   std::filesystem::path path_;
   SafetensorsHeader header_;
-  std::vector<Tensor> tensors_;  // parallel to header_.tensors
-  std::map<std::string, std::size_t, std::less<>> index_;
+  TensorTable tensors_;  // in header_.tensors order
 };
 
 namespace detail {

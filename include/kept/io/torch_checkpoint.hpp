@@ -39,6 +39,7 @@
 #include "kept/core/error.hpp"
 #include "kept/core/tensor.hpp"
 #include "kept/io/json.hpp"
+#include "kept/io/tensor_table.hpp"
 #include "kept/io/torch_pickle.hpp"
 #include "kept/io/zip.hpp"
 
@@ -135,31 +136,20 @@ class TorchCheckpointFile {
     const std::shared_ptr<Storage> mapping = map_file_private(path);
     TorchArchiveTensors contents =
         read_torch_archive(mapped_bytes(mapping), mapping, path.string());
-    names_ = std::move(contents.names);
-    tensors_ = std::move(contents.tensors);
-    for (std::size_t i = 0; i < names_.size(); ++i)
-      index_.emplace(names_[i], i);
+    for (std::size_t i = 0; i < contents.names.size(); ++i)
+      tensors_.add(std::move(contents.names[i]), std::move(contents.tensors[i]));
   }
 
   const std::filesystem::path& path() const { return path_; }
   std::size_t size() const { return tensors_.size(); }
   // Tensor names in the state dict's order.
-  const std::vector<std::string>& names() const { return names_; }
-  bool contains(std::string_view name) const { return index_.find(name) != index_.end(); }
-
-  const Tensor& tensor(std::string_view name) const {
-    auto found = index_.find(name);
-    if (found == index_.end())
-      fail(path_.string(), ": tensor ", detail::quote_json(name), " not found (the file holds ",
-           tensors_.size(), " tensors)");
-    return tensors_[found->second];
-  }
+  const std::vector<std::string>& names() const { return tensors_.names(); }
+  bool contains(std::string_view name) const { return tensors_.contains(name); }
+  const Tensor& tensor(std::string_view name) const { return tensors_.get(name, path_); }
 
  private:
   std::filesystem::path path_;
-  std::vector<std::string> names_;
-  std::vector<Tensor> tensors_;  // parallel to names_
-  std::map<std::string, std::size_t, std::less<>> index_;
+  TensorTable tensors_;  // in the state dict's order
 };
 
 }  // namespace kept
