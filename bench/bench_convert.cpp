@@ -56,7 +56,9 @@
 #include <string>
 #include <vector>
 
+#include "bench_common.hpp"
 #include "kept/convert/convert.hpp"
+#include "kept/core/random.hpp"
 #include "kept/io/checkpoint.hpp"
 #include "kept/io/hf_config.hpp"
 #include "kept/model/parameter_specs.hpp"
@@ -69,6 +71,7 @@ namespace {
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
+using namespace kept::bench;
 using Clock = std::chrono::steady_clock;
 
 struct Options {
@@ -82,28 +85,6 @@ struct Options {
   std::uint64_t shard_bytes = 1'000'000'000ull;
   std::string json_path;
 };
-
-std::string read_first_line(const char* path) {
-  std::ifstream in(path);
-  std::string line;
-  std::getline(in, line);
-  return line;
-}
-
-// The load averages (first three fields of /proc/loadavg).
-std::string loadavg() {
-  std::istringstream in(read_first_line("/proc/loadavg"));
-  std::string a, b, c;
-  in >> a >> b >> c;
-  return a + " " + b + " " + c;
-}
-
-std::string cpu_model() {
-  std::ifstream in("/proc/cpuinfo");
-  for (std::string line; std::getline(in, line);)
-    if (line.starts_with("model name")) return line.substr(line.find(':') + 2);
-  return "?";
-}
 
 // Resident set of this process, bytes (VmRSS).
 std::uint64_t self_rss_bytes() {
@@ -138,13 +119,6 @@ kept::ModelConfig orion_config(std::int64_t layers) {
   return config;
 }
 
-std::uint64_t splitmix64(std::uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-
 // Uniform in [-1, 1) from the top 24 bits.
 float uniform_pm1(std::uint64_t bits) {
   return static_cast<float>(static_cast<double>(bits >> 40) / 8388608.0 - 1.0);
@@ -160,7 +134,7 @@ kept::Tensor synthetic_tensor(const kept::TensorSpec& spec, kept::ParamRole role
   constexpr float kHalfWidth = 0.0346410f;  // uniform std 0.02
 #pragma omp parallel for schedule(static)
   for (std::int64_t i = 0; i < count; ++i) {
-    const float u = uniform_pm1(splitmix64(seed ^ static_cast<std::uint64_t>(i)));
+    const float u = uniform_pm1(kept::Random::hash(seed ^ static_cast<std::uint64_t>(i)));
     float value;
     switch (role) {
       case kept::ParamRole::NormWeight:
@@ -173,7 +147,8 @@ kept::Tensor synthetic_tensor(const kept::TensorSpec& spec, kept::ParamRole role
       default:
         value = kHalfWidth * u;
         if (embedding)  // a per-row offset: the rows have a clearly non-zero mean
-          value += 0.01f * uniform_pm1(splitmix64(~seed ^ static_cast<std::uint64_t>(i / cols)));
+          value +=
+              0.01f * uniform_pm1(kept::Random::hash(~seed ^ static_cast<std::uint64_t>(i / cols)));
     }
     out[i] = kept::to_bf16(value);
   }
@@ -403,14 +378,6 @@ int usage(const char* argv0) {
                "          [--kept PATH | --in-process] [--shard-bytes N] [--json PATH]\n",
                argv0);
   return 2;
-}
-
-std::vector<std::string> split_commas(const std::string& text) {
-  std::vector<std::string> parts;
-  std::stringstream in(text);
-  for (std::string part; std::getline(in, part, ',');)
-    if (!part.empty()) parts.push_back(part);
-  return parts;
 }
 
 double mb(std::uint64_t bytes) {

@@ -46,6 +46,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "bench_common.hpp"
 #include "kept/backend/cpu.hpp"
 #include "kept/layers/attention.hpp"
 #include "kept/layers/linear.hpp"
@@ -68,6 +69,7 @@ using kept::MatrixView;
 using kept::Tensor;
 using kept::Transpose;
 using json = nlohmann::json;
+using namespace kept::bench;
 
 // ---- options and timing ----------------------------------------------------------------------
 
@@ -82,10 +84,6 @@ struct Options {
   int min_reps = 5, max_reps = 25;
   double budget_s = 1.5;  // per case, after warmup
 };
-
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
 struct Timing {
   double median_ms = 0, min_ms = 0;
@@ -846,19 +844,6 @@ void bench_rope(Bench& bench) {
 
 // ---- report ----------------------------------------------------------------------------------
 
-std::string read_first_line(const char* path) {
-  std::ifstream in(path);
-  std::string line;
-  std::getline(in, line);
-  return line;
-}
-std::string cpu_model() {
-  std::ifstream in("/proc/cpuinfo");
-  std::string line;
-  while (std::getline(in, line))
-    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
-  return "unknown";
-}
 std::string mem_total() {
   std::ifstream in("/proc/meminfo");
   std::string line;

@@ -38,6 +38,8 @@
 #include <string>
 #include <vector>
 
+#include "bench_common.hpp"
+#include "kept/core/random.hpp"
 #include "kept/opm.hpp"
 
 #ifndef KEPT_BENCH_FLAGS
@@ -47,6 +49,7 @@
 namespace {
 
 using json = nlohmann::json;
+using namespace kept::bench;
 using Clock = std::chrono::steady_clock;
 
 struct Options {
@@ -57,38 +60,6 @@ struct Options {
   int threads = 0;  // 0: OpenMP's default
   std::string json_path;
 };
-
-double now_s() {
-  return std::chrono::duration<double>(Clock::now().time_since_epoch()).count();
-}
-
-std::string read_first_line(const char* path) {
-  std::ifstream in(path);
-  std::string line;
-  std::getline(in, line);
-  return line;
-}
-
-std::string loadavg() {
-  std::istringstream in(read_first_line("/proc/loadavg"));
-  std::string a, b, c;
-  in >> a >> b >> c;
-  return a + " " + b + " " + c;
-}
-
-std::string cpu_model() {
-  std::ifstream in("/proc/cpuinfo");
-  for (std::string line; std::getline(in, line);)
-    if (line.starts_with("model name")) return line.substr(line.find(':') + 2);
-  return "?";
-}
-
-std::uint64_t splitmix64(std::uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
 
 double uniform01(std::uint64_t bits) {
   return static_cast<double>(bits >> 11) * 0x1.0p-53;
@@ -101,12 +72,12 @@ std::vector<float> activations(std::int64_t tokens, std::int64_t dim, std::uint6
   const std::int64_t massive[] = {7, dim / 3, dim - 5};
 #pragma omp parallel for schedule(static)
   for (std::int64_t t = 0; t < tokens; ++t) {
-    const double offset = 0.5 * (uniform01(splitmix64(seed ^ (0xabcdull + t))) - 0.5);
+    const double offset = 0.5 * (uniform01(kept::Random::hash(seed ^ (0xabcdull + t))) - 0.5);
     for (std::int64_t i = 0; i < dim; ++i) {
       const std::uint64_t k = seed + static_cast<std::uint64_t>(t * dim + i) * 4;
       double v = 0;
       for (int j = 0; j < 4; ++j)
-        v += uniform01(splitmix64(k + j)) - 0.5;
+        v += uniform01(kept::Random::hash(k + j)) - 0.5;
       v = v * std::sqrt(3.0) + offset;
       for (std::int64_t m : massive)
         if (i == m) v *= 40.0;
@@ -214,8 +185,8 @@ DimResult bench_dim(const Options& options, std::int64_t dim) {
 
   std::vector<double> g(static_cast<std::size_t>(dim)), b(static_cast<std::size_t>(dim));
   for (std::int64_t k = 0; k < dim; ++k) {
-    g[static_cast<std::size_t>(k)] = 1.0 + 0.2 * (uniform01(splitmix64(k)) - 0.5);
-    b[static_cast<std::size_t>(k)] = 0.1 * (uniform01(splitmix64(~k)) - 0.5);
+    g[static_cast<std::size_t>(k)] = 1.0 + 0.2 * (uniform01(kept::Random::hash(k)) - 0.5);
+    b[static_cast<std::size_t>(k)] = 0.1 * (uniform01(kept::Random::hash(~k)) - 0.5);
   }
   std::vector<double> solve_times;
   kept::OpmSolution solution;
@@ -232,9 +203,8 @@ DimResult bench_dim(const Options& options, std::int64_t dim) {
 
 std::vector<std::int64_t> parse_dims(const std::string& text) {
   std::vector<std::int64_t> dims;
-  std::stringstream in(text);
-  for (std::string part; std::getline(in, part, ',');)
-    if (!part.empty()) dims.push_back(std::stoll(part));
+  for (const std::string& part : split_commas(text))
+    dims.push_back(std::stoll(part));
   return dims;
 }
 

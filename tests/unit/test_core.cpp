@@ -6,6 +6,7 @@
 #include <limits>
 
 #include "kept/core/dtype.hpp"
+#include "kept/core/random.hpp"
 #include "kept/core/shape.hpp"
 #include "kept/core/tensor.hpp"
 
@@ -137,7 +138,8 @@ TEST_CASE("float64 to bf16 and f16 rounds once, correctly", "[core][dtype]") {
   Tensor values = Tensor::empty(DType::F64, {20000});
   for (std::int64_t i = 0; i < values.numel(); ++i) {
     state = state * 6364136223846793005ull + 1442695040888963407ull;
-    const double base = std::ldexp(1.0 + static_cast<double>(state >> 12) * 0x1p-52, static_cast<int>(state % 20) - 10);
+    const double base = std::ldexp(1.0 + static_cast<double>(state >> 12) * 0x1p-52,
+                                   static_cast<int>(state % 20) - 10);
     // Half the values sit exactly at a bf16 halfway point plus a hair (below float precision).
     int exponent;
     std::frexp(base, &exponent);
@@ -151,4 +153,16 @@ TEST_CASE("float64 to bf16 and f16 rounds once, correctly", "[core][dtype]") {
     REQUIRE(to_float(as_bf16.data<bf16>()[i]) == reference(value, 8, -133));
     REQUIRE(to_float(as_f16.data<f16>()[i]) == reference(value, 11, -24));
   }
+}
+
+TEST_CASE("Random is SplitMix64: the published sequence for seed 0, and hash(counter)",
+          "[core][random]") {
+  // Vigna's reference splitmix64.c from state 0.
+  kept::Random random(0);
+  CHECK(random.next_u64() == 0xe220a8397b1dcdafull);
+  CHECK(random.next_u64() == 0x6e789e6aa1b965f4ull);
+  CHECK(random.next_u64() == 0x06c45d188009454full);
+  // hash(state) is the value next_u64() returns from that state.
+  CHECK(kept::Random::hash(0) == 0xe220a8397b1dcdafull);
+  CHECK(kept::Random::hash(0x9e3779b97f4a7c15ull) == 0x6e789e6aa1b965f4ull);
 }

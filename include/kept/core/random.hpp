@@ -17,11 +17,18 @@ class Random {
  public:
   explicit Random(std::uint64_t seed) : state_(seed) {}
 
-  std::uint64_t next_u64() {
-    std::uint64_t z = (state_ += 0x9e3779b97f4a7c15ull);
+  // SplitMix64 as a stateless hash: the value next_u64() returns from state `counter`. Loops
+  // that fill data in parallel use it to get the same numbers in any order.
+  static std::uint64_t hash(std::uint64_t counter) {
+    std::uint64_t z = counter + 0x9e3779b97f4a7c15ull;
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
     return z ^ (z >> 31);
+  }
+  std::uint64_t next_u64() {
+    const std::uint64_t value = hash(state_);
+    state_ += 0x9e3779b97f4a7c15ull;
+    return value;
   }
   // Uniform in [0, 1) with 53 random bits.
   double uniform() { return static_cast<double>(next_u64() >> 11) * 0x1p-53; }
