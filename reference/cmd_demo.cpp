@@ -259,6 +259,7 @@ void run(const Options& options) {
     job.min_lr = 1e-4;
     job.warmup_steps = std::min<std::int64_t>(10, job.steps);
     job.weight_decay = 0.0;
+    job.eval_every = std::max<std::int64_t>(1, job.steps / 6);  // a recovery curve in loss.png
     job.output = (out / name).string();
     std::printf("  %s: %lld steps of %lld x %lld tokens\n", objective_name(objective),
                 static_cast<long long>(job.steps), static_cast<long long>(batch),

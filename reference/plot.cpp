@@ -83,6 +83,10 @@ void draw_panel(gdImagePtr image, const Chart& chart, int top, int width, int he
     draw_string(image, font, left + 10, plot_top + 10, "(no data)", black);
     return;
   }
+  if (chart.x_low < chart.x_high) {
+    xr.low = std::min(xr.low, chart.x_low);
+    xr.high = std::max(xr.high, chart.x_high);
+  }
   if (xr.high == xr.low) xr.high = xr.low + 1;
   if (yr.high == yr.low) {
     yr.low -= chart.log_y ? 0.5 : std::max(1e-12, std::fabs(yr.low) * 0.1);

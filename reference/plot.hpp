@@ -23,6 +23,9 @@ struct Chart {
   std::string title, x_label, y_label;
   bool log_y = false;
   std::vector<Series> series;
+  // The x axis spans [x_low, x_high] when x_low < x_high (panels that share a step axis),
+  // else the data's range.
+  double x_low = 0, x_high = 0;
 };
 
 // Writes the charts one above the other into a PNG, atomically. Throws kept::Error naming the

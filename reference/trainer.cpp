@@ -476,13 +476,18 @@ class Run {
                "loss",
                true,
                {{"train", train_steps_, train_losses_, false}}};
+    // Both panels span the whole run, so an evaluation lines up with the loss above it.
+    loss.x_low = 0;
+    loss.x_high = static_cast<double>(job_.steps);
     std::vector<Chart> panels{loss};
     if (!eval_steps_.empty()) {
       Chart eval{"held-out evaluation",
                  "step",
                  teacher_ ? "KL(teacher || student)" : "perplexity",
                  true,
-                 {}};
+                 {},
+                 loss.x_low,
+                 loss.x_high};
       if (teacher_)
         eval.series.push_back({"KL to the teacher", eval_steps_, eval_kl_, true});
       else
