@@ -37,6 +37,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "kept/backend/cpu/parallel.hpp"
 #include "kept/backend/cpu/vector_math.hpp"
 
 namespace kept::cpu {
@@ -63,14 +64,6 @@ struct ColumnPartials {
   int arrays;
   std::vector<T> values;
 };
-
-// This thread's rows of `rows`, in one contiguous range (the static schedule).
-inline void thread_rows(std::int64_t rows, std::int64_t& begin, std::int64_t& end) {
-  const std::int64_t threads = omp_get_num_threads(), thread = omp_get_thread_num();
-  const std::int64_t per = rows / threads, extra = rows % threads;
-  begin = thread * per + std::min(thread, extra);
-  end = begin + per + (thread < extra ? 1 : 0);
-}
 
 // sum_c (x[c] - shift)^2
 template <class T>
@@ -403,7 +396,7 @@ inline void layernorm_forward(const T* x, const T* weight, const T* bias, T* y, 
 #pragma omp parallel
   {
     std::int64_t begin, end;
-    detail::thread_rows(rows, begin, end);
+    detail::thread_share(rows, 1, begin, end);
     bool dispatched = false;
     KEPT_CPU_DISPATCH_TO(T, isa, detail::layernorm_forward_rows,
                          (x, weight, bias, y, mean, rstd, begin, end, cols, eps))
@@ -426,7 +419,7 @@ inline void layernorm_backward(const T* dy, const T* x, const T* weight, const T
     T* dweight_partial = partials.slot(thread, 0);
     T* dbias_partial = partials.slot(thread, 1);
     std::int64_t begin, end;
-    detail::thread_rows(rows, begin, end);
+    detail::thread_share(rows, 1, begin, end);
     bool dispatched = false;
     KEPT_CPU_DISPATCH_TO(
         T, isa, detail::layernorm_backward_rows,
@@ -447,7 +440,7 @@ inline void rmsnorm_forward(const T* x, const T* weight, T* y, T* rstd, std::int
 #pragma omp parallel
   {
     std::int64_t begin, end;
-    detail::thread_rows(rows, begin, end);
+    detail::thread_share(rows, 1, begin, end);
     bool dispatched = false;
     KEPT_CPU_DISPATCH_TO(T, isa, detail::rmsnorm_forward_rows,
                          (x, weight, y, rstd, begin, end, cols, eps))
@@ -466,7 +459,7 @@ inline void rmsnorm_backward(const T* dy, const T* x, const T* weight, const T* 
   {
     T* dweight_partial = partials.slot(omp_get_thread_num(), 0);
     std::int64_t begin, end;
-    detail::thread_rows(rows, begin, end);
+    detail::thread_share(rows, 1, begin, end);
     bool dispatched = false;
     KEPT_CPU_DISPATCH_TO(T, isa, detail::rmsnorm_backward_rows,
                          (dy, x, weight, rstd, dx, dweight_partial, begin, end, cols))

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "kept/backend/cpu/parallel.hpp"
 #include "kept/backend/cpu/vector_math.hpp"
 
 namespace kept::cpu {
@@ -63,16 +64,6 @@ KEPT_CPU_ENTRY_POINTS(swiglu_backward_span, swiglu_backward_span<float>,
                        float* d_up, std::int64_t begin, std::int64_t end),
                       (d_out, gate, up, d_gate, d_up, begin, end))
 
-// This thread's [begin, end) of `count` elements, in chunks of 16 (64 bytes for fp32).
-inline void thread_span(std::int64_t count, std::int64_t& begin, std::int64_t& end) {
-  const std::int64_t threads = omp_get_num_threads(), thread = omp_get_thread_num();
-  const std::int64_t blocks = (count + 15) / 16;
-  const std::int64_t per = blocks / threads, extra = blocks % threads;
-  const std::int64_t first = thread * per + std::min(thread, extra);
-  begin = std::min(count, first * 16);
-  end = std::min(count, (first + per + (thread < extra ? 1 : 0)) * 16);
-}
-
 }  // namespace detail
 
 template <class T>
@@ -81,7 +72,7 @@ inline void swiglu_forward(const T* gate, const T* up, T* out, std::int64_t coun
 #pragma omp parallel
   {
     std::int64_t begin, end;
-    detail::thread_span(count, begin, end);
+    detail::thread_share(count, 16, begin, end);
     bool dispatched = false;
     KEPT_CPU_DISPATCH_TO(T, isa, detail::swiglu_forward_span, (gate, up, out, begin, end))
     if (!dispatched) detail::swiglu_forward_span<T>(gate, up, out, begin, end);
@@ -95,7 +86,7 @@ inline void swiglu_backward(const T* d_out, const T* gate, const T* up, T* d_gat
 #pragma omp parallel
   {
     std::int64_t begin, end;
-    detail::thread_span(count, begin, end);
+    detail::thread_share(count, 16, begin, end);
     bool dispatched = false;
     KEPT_CPU_DISPATCH_TO(T, isa, detail::swiglu_backward_span,
                          (d_out, gate, up, d_gate, d_up, begin, end))
