@@ -241,7 +241,8 @@ class AtomicDirectory {
       fail(destination_.string(), ": cannot inspect the output path: ", error.message());
     if (!std::filesystem::exists(status)) return false;
     if (!force_)
-      fail(destination_.string(), ": output directory already exists (use force to replace it)");
+      fail(destination_.string(),
+           ": output directory already exists (--force replaces it; in the API, force = true)");
     if (!std::filesystem::is_directory(status))
       fail(destination_.string(), ": exists and is not a directory; refusing to replace it");
     return true;
