@@ -70,11 +70,120 @@
 #include <type_traits>
 #include <vector>
 
+#include "kept/backend/cpu/vector_math.hpp"
 #include "kept/core/dtype.hpp"
 #include "kept/core/error.hpp"
 #include "kept/core/tensor.hpp"
 
 namespace kept {
+
+namespace detail {
+// The accumulator's per-row loops, float64 arithmetic on float or double input. For float input
+// they also get AVX2 and AVX-512 entry points picked at run time (backend/cpu/vector_math.hpp):
+// float64 lanes are few at the baseline ISA and these loops are arithmetic-bound.
+
+// sum_c x_c and sum_c x_c^2. The simd reductions keep one partial sum a lane, which breaks the
+// add-latency chain of a scalar loop (same float64 arithmetic, summed in another order).
+template <class T>
+KEPT_ALWAYS_INLINE void opm_row_moments(const T* __restrict x, std::int64_t cols, double* sum_out,
+                                        double* squares_out) {
+  double sum = 0, squares = 0;
+#pragma omp simd reduction(+ : sum, squares)
+  for (std::int64_t c = 0; c < cols; ++c) {
+    const double v = x[c];
+    sum += v;
+    squares += v * v;
+  }
+  *sum_out = sum;
+  *squares_out = squares;
+}
+
+// sum_c (x_c - mu)^2
+template <class T>
+KEPT_ALWAYS_INLINE void opm_row_centred_squares(const T* __restrict x, std::int64_t cols, double mu,
+                                                double* centred_out) {
+  double centred = 0;
+#pragma omp simd reduction(+ : centred)
+  for (std::int64_t c = 0; c < cols; ++c) {
+    const double e = static_cast<double>(x[c]) - mu;
+    centred += e * e;
+  }
+  *centred_out = centred;
+}
+
+// One token's contribution to the five per-coordinate sums (a = (x - mu) / s, u = x / rms):
+// sums[kAA] += a^2, [kA] += a, [kAU] += a u, [kU] += u, [kUU] += u^2; `sums` holds the five
+// arrays of `cols` one after the other.
+template <class T>
+KEPT_ALWAYS_INLINE void opm_accumulate_row(const T* __restrict x, std::int64_t cols, double mu,
+                                           double inv_s, double inv_r, double* __restrict sums) {
+  double* __restrict aa = sums;
+  double* __restrict a1 = sums + cols;
+  double* __restrict au = sums + 2 * cols;
+  double* __restrict u1 = sums + 3 * cols;
+  double* __restrict uu = sums + 4 * cols;
+#pragma omp simd
+  for (std::int64_t c = 0; c < cols; ++c) {
+    const double v = x[c];
+    const double a = (v - mu) * inv_s;
+    const double u = v * inv_r;
+    aa[c] += a * a;
+    a1[c] += a;
+    au[c] += a * u;
+    u1[c] += u;
+    uu[c] += u * u;
+  }
+}
+
+// The same for kRows tokens at once, each coordinate's sums loaded and stored once for all of
+// them (the sums, 5 x cols doubles, live in L2; one row at a time their traffic was the limit).
+// Rows are added in order, so the result is bit-identical to kRows calls of the one-row form.
+// `rows` points to kRows rows; `scale` holds mu, inv_s, inv_r for each.
+template <int kRows, class T>
+KEPT_ALWAYS_INLINE void opm_accumulate_rows(const T* const* rows, std::int64_t cols,
+                                            const double* scale, double* __restrict sums) {
+  double* __restrict aa = sums;
+  double* __restrict a1 = sums + cols;
+  double* __restrict au = sums + 2 * cols;
+  double* __restrict u1 = sums + 3 * cols;
+  double* __restrict uu = sums + 4 * cols;
+#pragma omp simd
+  for (std::int64_t c = 0; c < cols; ++c) {
+    double s_aa = aa[c], s_a = a1[c], s_au = au[c], s_u = u1[c], s_uu = uu[c];
+    for (int k = 0; k < kRows; ++k) {
+      const double v = rows[k][c];
+      const double a = (v - scale[3 * k]) * scale[3 * k + 1];
+      const double u = v * scale[3 * k + 2];
+      s_aa += a * a;
+      s_a += a;
+      s_au += a * u;
+      s_u += u;
+      s_uu += u * u;
+    }
+    aa[c] = s_aa;
+    a1[c] = s_a;
+    au[c] = s_au;
+    u1[c] = s_u;
+    uu[c] = s_uu;
+  }
+}
+inline constexpr int kOpmRowsAtOnce = 8;
+
+KEPT_CPU_ENTRY_POINTS(opm_row_moments, opm_row_moments<float>,
+                      (const float* x, std::int64_t cols, double* sum, double* squares),
+                      (x, cols, sum, squares))
+KEPT_CPU_ENTRY_POINTS(opm_row_centred_squares, opm_row_centred_squares<float>,
+                      (const float* x, std::int64_t cols, double mu, double* centred),
+                      (x, cols, mu, centred))
+KEPT_CPU_ENTRY_POINTS(opm_accumulate_row, opm_accumulate_row<float>,
+                      (const float* x, std::int64_t cols, double mu, double inv_s, double inv_r,
+                       double* sums),
+                      (x, cols, mu, inv_s, inv_r, sums))
+KEPT_CPU_ENTRY_POINTS(opm_accumulate_rows, (opm_accumulate_rows<kOpmRowsAtOnce, float>),
+                      (const float* const* rows, std::int64_t cols, const double* scale,
+                       double* sums),
+                      (rows, cols, scale, sums))
+}  // namespace detail
 
 // Element types add() takes: float or double, const or not.
 template <class T>
@@ -479,6 +588,7 @@ class OpmAccumulator {
     const std::int64_t rows = x.rows, cols = x.cols;
     const double inv_cols = 1.0 / static_cast<double>(cols);
     const double eps = eps_;
+    const cpu::CpuIsa isa = cpu::cpu_isa();
 
     // Pass 1: per-token statistics in double, validated before anything is committed.
     std::vector<RowStats> stats(static_cast<std::size_t>(rows));
@@ -486,22 +596,18 @@ class OpmAccumulator {
 #pragma omp parallel for schedule(static)
     for (std::int64_t r = 0; r < rows; ++r) {
       const T* xr = x.row(r);
-      double sum = 0, squares = 0;
-      for (std::int64_t c = 0; c < cols; ++c) {
-        const double v = xr[c];
-        sum += v;
-        squares += v * v;
-      }
+      double sum = 0, squares = 0, centred = 0;
+      bool dispatched = false;
+      KEPT_CPU_DISPATCH_TO(T, isa, detail::opm_row_moments, (xr, cols, &sum, &squares))
+      if (!dispatched) detail::opm_row_moments(xr, cols, &sum, &squares);
       if (!std::isfinite(sum) || !std::isfinite(squares)) {
         status[static_cast<std::size_t>(r)] = kRowNonFinite;
         continue;
       }
       const double mu = sum * inv_cols;
-      double centred = 0;
-      for (std::int64_t c = 0; c < cols; ++c) {
-        const double e = static_cast<double>(xr[c]) - mu;
-        centred += e * e;
-      }
+      dispatched = false;
+      KEPT_CPU_DISPATCH_TO(T, isa, detail::opm_row_centred_squares, (xr, cols, mu, &centred))
+      if (!dispatched) detail::opm_row_centred_squares(xr, cols, mu, &centred);
       const double var_eps = centred * inv_cols + eps;
       const double ms_eps = squares * inv_cols + eps;
       if (!(var_eps > 0) || !(ms_eps > 0)) {
@@ -531,6 +637,8 @@ class OpmAccumulator {
 
     // Pass 2: per-coordinate sums. Fixed blocks of kRowsPerBlock rows, each into its own partial,
     // added in block order: the result does not depend on the thread count.
+    static_assert(kAA == 0 && kA == 1 && kAU == 2 && kU == 3 && kUU == 4 && kSumCount == 5,
+                  "detail::opm_accumulate_row writes the sums in this order");
     const std::int64_t width = kSumCount * cols;
     const std::int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
     const std::int64_t per_round =
@@ -545,24 +653,29 @@ class OpmAccumulator {
         const std::int64_t begin = (first + k) * kRowsPerBlock;
         const std::int64_t end = std::min(rows, begin + kRowsPerBlock);
         double* out = partials.data() + k * width;
-        double* aa = out + kAA * cols;
-        double* a1 = out + kA * cols;
-        double* au = out + kAU * cols;
-        double* u1 = out + kU * cols;
-        double* uu = out + kUU * cols;
-        for (std::int64_t r = begin; r < end; ++r) {
+        constexpr int kAtOnce = detail::kOpmRowsAtOnce;
+        std::int64_t r = begin;
+        for (; r + kAtOnce <= end; r += kAtOnce) {
+          const T* group[kAtOnce];
+          double scale[3 * kAtOnce];
+          for (int j = 0; j < kAtOnce; ++j) {
+            const RowStats& s = stats[static_cast<std::size_t>(r + j)];
+            group[j] = x.row(r + j);
+            scale[3 * j] = s.mu;
+            scale[3 * j + 1] = s.inv_s;
+            scale[3 * j + 2] = s.inv_r;
+          }
+          bool dispatched = false;
+          KEPT_CPU_DISPATCH_TO(T, isa, detail::opm_accumulate_rows, (group, cols, scale, out))
+          if (!dispatched) detail::opm_accumulate_rows<kAtOnce>(group, cols, scale, out);
+        }
+        for (; r < end; ++r) {
           const T* xr = x.row(r);
           const RowStats s = stats[static_cast<std::size_t>(r)];
-          for (std::int64_t c = 0; c < cols; ++c) {
-            const double v = xr[c];
-            const double a = (v - s.mu) * s.inv_s;
-            const double u = v * s.inv_r;
-            aa[c] += a * a;
-            a1[c] += a;
-            au[c] += a * u;
-            u1[c] += u;
-            uu[c] += u * u;
-          }
+          bool dispatched = false;
+          KEPT_CPU_DISPATCH_TO(T, isa, detail::opm_accumulate_row,
+                               (xr, cols, s.mu, s.inv_s, s.inv_r, out))
+          if (!dispatched) detail::opm_accumulate_row(xr, cols, s.mu, s.inv_s, s.inv_r, out);
         }
       }
       for (std::int64_t k = 0; k < count; ++k) {
