@@ -324,28 +324,25 @@ inline detail::GemmPlanCache& Cuda::gemm_plans() {
   return *gemm_plans_;
 }
 
-inline void Cuda::matmul(MatrixView<const bf16> a, bool transpose_a, MatrixView<const bf16> b,
-                         bool transpose_b, MatrixView<bf16> c, float alpha, float beta) {
-  const GemmProblem p = detail::make_gemm_problem(a, transpose_a, b, transpose_b, c, alpha, beta);
+inline void Cuda::run_gemm(const GemmProblem& p) {
   detail::check_gemm(
       gemm_rowmajor(gemm_plans(), lt_handle(), workspace(), workspace_bytes(), stream(), p), p,
       __FILE__, __LINE__);
 }
 
 inline void Cuda::matmul(MatrixView<const bf16> a, bool transpose_a, MatrixView<const bf16> b,
+                         bool transpose_b, MatrixView<bf16> c, float alpha, float beta) {
+  run_gemm(detail::make_gemm_problem(a, transpose_a, b, transpose_b, c, alpha, beta));
+}
+
+inline void Cuda::matmul(MatrixView<const bf16> a, bool transpose_a, MatrixView<const bf16> b,
                          bool transpose_b, MatrixView<float> c, float alpha, float beta) {
-  const GemmProblem p = detail::make_gemm_problem(a, transpose_a, b, transpose_b, c, alpha, beta);
-  detail::check_gemm(
-      gemm_rowmajor(gemm_plans(), lt_handle(), workspace(), workspace_bytes(), stream(), p), p,
-      __FILE__, __LINE__);
+  run_gemm(detail::make_gemm_problem(a, transpose_a, b, transpose_b, c, alpha, beta));
 }
 
 inline void Cuda::matmul(MatrixView<const float> a, bool transpose_a, MatrixView<const float> b,
                          bool transpose_b, MatrixView<float> c, float alpha, float beta) {
-  const GemmProblem p = detail::make_gemm_problem(a, transpose_a, b, transpose_b, c, alpha, beta);
-  detail::check_gemm(
-      gemm_rowmajor(gemm_plans(), lt_handle(), workspace(), workspace_bytes(), stream(), p), p,
-      __FILE__, __LINE__);
+  run_gemm(detail::make_gemm_problem(a, transpose_a, b, transpose_b, c, alpha, beta));
 }
 
 }  // namespace kept::cuda

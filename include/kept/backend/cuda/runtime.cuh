@@ -253,6 +253,7 @@ struct CublasHandleDeleter {
 // The cuBLASLt matmul plans (descriptors + chosen algorithm) per GEMM shape; defined in gemm.cuh.
 struct GemmPlanCache;
 }  // namespace detail
+struct GemmProblem;  // one GEMM, type-erased; defined in gemm.cuh
 
 // ---- the backend context
 // ----------------------------------------------------------------------------
@@ -352,6 +353,8 @@ class Cuda {
 
  private:
   detail::GemmPlanCache& gemm_plans();
+  // Runs one GEMM on the backend stream (every matmul overload ends here); defined in gemm.cuh.
+  void run_gemm(const GemmProblem& problem);
 
   int device_ = 0;
   int sm_count_ = 0;
