@@ -2,7 +2,8 @@
 //
 // Reads an Orion / StableLM checkpoint (config.json + safetensors, single or sharded),
 // writes a Llama checkpoint that transformers loads with trust_remote_code=False, and says what
-// it did. DST is built under a temporary name beside it and renamed into place at the end, so
+// it did, with a complete HF tokenizer (kept/io/hf_tokenizer.hpp; the source's remote-code
+// tokenizer files and any *.py are never copied). DST is built under a temporary name beside it and renamed into place at the end, so
 // an interrupted or failed conversion leaves no DST (and an existing DST is only replaced with
 // --force).
 #include <cstdio>
@@ -15,37 +16,14 @@
 #include "kept/io/atomic_file.hpp"
 #include "kept/io/checkpoint.hpp"
 #include "kept/io/hf_config.hpp"
+#include "kept/io/hf_tokenizer.hpp"
 #include "progress.hpp"
 
 namespace kept::cli {
 namespace {
 
-// Tokenizer and chat-template files travel unchanged: the vocabulary is the same.
-constexpr const char* kTokenizerFiles[] = {"tokenizer.model",
-                                           "tokenizer.json",
-                                           "tokenizer_config.json",
-                                           "special_tokens_map.json",
-                                           "added_tokens.json",
-                                           "vocab.json",
-                                           "merges.txt",
-                                           "chat_template.jinja"};
-
-std::size_t copy_tokenizer_files(const std::filesystem::path& from,
-                                 const std::filesystem::path& to) {
-  std::size_t copied = 0;
-  for (const char* name : kTokenizerFiles) {
-    std::error_code error;
-    if (!std::filesystem::is_regular_file(from / name, error)) continue;
-    std::filesystem::copy_file(from / name, to / name, error);
-    KEPT_CHECK(!error, (from / name).string(), ": cannot copy to ", (to / name).string(), ": ",
-               error.message());
-    ++copied;
-  }
-  return copied;
-}
-
 struct Options {
-  std::string source, destination, mode = "paper", calibration;
+  std::string source, destination, mode = "paper", calibration, chat_template = "auto";
   bool bias_fold = true, force = false;
   std::int64_t calibration_tokens = 65536, sequence_length = 512;
 };
@@ -58,7 +36,31 @@ void run(const Options& options) {
                "--opm calibrated needs calibration text: --calib FILE");
   const ModelConfig source_config = read_hf_config(source_dir / "config.json");
   const CheckpointReader source = CheckpointReader::open(source_dir);
-  validate_source_checkpoint(source, source_config);
+  const std::vector<std::string> skipped = validate_source_checkpoint(source, source_config);
+  // The tokenizer is read (and any problem with it reported) before the long tensor work.
+  std::error_code missing;
+  const bool has_tokenizer = std::filesystem::is_regular_file(source_dir / "tokenizer.model", missing);
+  std::optional<TokenizerSource> tokenizer;
+  if (has_tokenizer) tokenizer = read_tokenizer_source(source_dir);
+  HfTokenizerOptions tokenizer_options = tokenizer_options_for(source_config);
+  if (options.chat_template == "none") {
+    tokenizer_options.drop_chat_template = true;
+  } else if (options.chat_template == "orion") {
+    tokenizer_options.chat_template = std::string(kOrionChatTemplate);
+  } else if (options.chat_template != "auto") {
+    tokenizer_options.chat_template =
+        detail::read_text_file(options.chat_template, kMaxTokenizerConfigBytes);
+    KEPT_CHECK(!tokenizer_options.chat_template.empty(), options.chat_template,
+               ": the chat template file is empty");
+  }
+  if (tokenizer) {
+    KEPT_CHECK(tokenizer->model.size() <= source_config.vocab_size, tokenizer->model_file.string(),
+               ": the tokenizer has ", tokenizer->model.size(), " pieces but ",
+               (source_dir / "config.json").string(), " has a vocabulary of ",
+               source_config.vocab_size, "; they do not belong together");
+    // Fails here, before any tensor is written, if the tokenizer cannot be expressed.
+    build_tokenizer_json(tokenizer->model, tokenizer->model_file.string(), false, false);
+  }
 
   // Refuse an existing DST before any work (AtomicDirectory checks again at commit).
   AtomicDirectory output(options.destination, options.force);
@@ -89,7 +91,8 @@ void run(const Options& options) {
   const ConversionReport report =
       convert_checkpoint(source, source_config, output.path(), conversion);
   progress.finish();
-  const std::size_t tokenizer_files = copy_tokenizer_files(source_dir, output.path());
+  std::optional<HfTokenizerReport> tokenizer_report;
+  if (tokenizer) tokenizer_report = write_hf_tokenizer(*tokenizer, output.path(), tokenizer_options);
   // Measured on the finished output before it is renamed into place: a failure here leaves no
   // DST behind.
   std::optional<Fidelity> fidelity;
@@ -114,7 +117,21 @@ void run(const Options& options) {
       "mlp_bias %s\n",
       report.target.norm_eps, report.target.rope_theta,
       report.target.attention_bias ? "true" : "false", report.target.mlp_bias ? "true" : "false");
-  std::printf("  tokenizer files  %zu copied\n", tokenizer_files);
+  if (!skipped.empty())
+    std::printf("  skipped          %zu tensor(s) that hold no parameter (e.g. %s)\n",
+                skipped.size(), skipped.front().c_str());
+  if (tokenizer_report) {
+    std::printf("  tokenizer        %s, %lld pieces%s%s\n", tokenizer_report->tokenizer_class.c_str(),
+                static_cast<long long>(tokenizer_report->vocab_size),
+                tokenizer_report->chat_template ? ", chat template" : "",
+                tokenizer_report->dropped_auto_map ? ", the source's auto_map (remote code) dropped"
+                                                   : "");
+    if (!tokenizer_report->class_reason.empty())
+      std::printf("                   (not LlamaTokenizer: %s; tokenizer.json keeps the ids exact)\n",
+                  tokenizer_report->class_reason.c_str());
+  } else {
+    std::printf("  tokenizer        none: %s has no tokenizer.model\n", options.source.c_str());
+  }
   if (mode == OpmMode::Exact)
     std::printf(
         "  final-norm term  W_lm b_final: max |logit offset| %.4g, range %.4g (no Llama slot; 0 "
@@ -159,6 +176,11 @@ void register_convert(CLI::App& app) {
       ->capture_default_str();
   command->add_flag("!--no-bias-fold", options->bias_fold,
                     "Exact mode: centre only, keep the pure Llama template (no biases)");
+  command
+      ->add_option("--chat-template", options->chat_template,
+                   "Chat template of the output: auto (the source's, if any), none, orion "
+                   "(<s>Human: {q}\\n\\nAssistant: </s>{a}</s>), or a Jinja file")
+      ->capture_default_str();
   command->add_flag("--force", options->force, "Replace an existing destination");
   command->callback([options] { run(*options); });
 }

@@ -26,6 +26,7 @@
 #include "kept/convert/convert.hpp"
 #include "kept/io/atomic_file.hpp"
 #include "kept/io/hf_config.hpp"
+#include "kept/io/hf_tokenizer.hpp"
 #include "kept/train/data.hpp"
 #include "models.hpp"
 #include "progress.hpp"
@@ -237,7 +238,8 @@ void run(const Options& options) {
     AtomicDirectory directory(destination, true);
     const ConversionReport report =
         convert_checkpoint(teacher_reader, teacher_config, directory.path(), conversion);
-    fs::copy_file(tokenizer, directory.path() / "tokenizer.model");
+    write_hf_tokenizer(read_tokenizer_source(tokenizer), directory.path(),
+                       tokenizer_options_for(llama_config_for(teacher_config, conversion)));
     directory.commit();
     std::printf("  %-10s -> %s (%zu tensors, %zu copied bit-exact)\n", opm_mode_name(mode),
                 destination.c_str(), report.tensors, report.copied);

@@ -1,8 +1,11 @@
 // kept tokenizer --input corpus.txt --vocab-size 2000 --output DIR
 //
 // Trains a SentencePiece BPE tokenizer with byte fallback (any UTF-8 text, Korean and Chinese
-// included, tokenizes without <unk>), with Orion's special ids: unk 0, bos 1, eos 2.
-// Writes DIR/tokenizer.model.
+// included, tokenizes without <unk>), with Orion's special ids (unk 0, bos 1, eos 2) and
+// Orion's normaliser settings: the identity rule, whitespace kept as written (code indentation
+// survives; runs of spaces may become pieces of their own), no dummy prefix. Those are also the
+// settings transformers 5's LlamaTokenizer reproduces exactly (kept/io/hf_tokenizer.hpp).
+// Writes DIR/tokenizer.model and the HF tokenizer files beside it.
 #include <sentencepiece_trainer.h>
 
 #include <cstdio>
@@ -12,6 +15,7 @@
 #include "commands.hpp"
 #include "corpus.hpp"
 #include "kept/io/atomic_file.hpp"
+#include "kept/io/hf_tokenizer.hpp"
 
 namespace kept::cli {
 
@@ -40,6 +44,8 @@ void train_tokenizer(const std::filesystem::path& corpus, std::int64_t vocab_siz
       " --model_type=bpe --byte_fallback=true --character_coverage=" +
       std::to_string(character_coverage) +
       " --unk_id=0 --bos_id=1 --eos_id=2 --pad_id=-1 --max_sentence_length=65536"
+      " --normalization_rule_name=identity --remove_extra_whitespaces=false"
+      " --add_dummy_prefix=false --allow_whitespace_only_pieces=true"
       " --minloglevel=2 --num_threads=2 --input_sentence_size=300000"
       " --shuffle_input_sentence=true";
   const auto status = sentencepiece::SentencePieceTrainer::Train(arguments);
@@ -49,21 +55,34 @@ void train_tokenizer(const std::filesystem::path& corpus, std::int64_t vocab_siz
   KEPT_CHECK(!error, (output / "tokenizer.model").string(),
              ": cannot move the trained model into place: ", error.message());
   std::filesystem::remove(prefix.string() + ".vocab", error);
+  write_hf_tokenizer(read_tokenizer_source(output / "tokenizer.model"), output);
 }
 
 void register_tokenizer(CLI::App& app) {
   struct Options {
-    std::string input, output;
+    std::string input, from, output, chat_template;
     std::int64_t vocab_size = 2000;
     double character_coverage = 0.9995;
   };
   auto options = std::make_shared<Options>();
-  CLI::App* command =
-      app.add_subcommand("tokenizer", "Train a byte-fallback SentencePiece BPE tokenizer");
-  command->add_option("--input", options->input, "Training text (plain text or JSONL)")
-      ->required()
-      ->check(CLI::ExistingFile);
+  CLI::App* command = app.add_subcommand(
+      "tokenizer",
+      "Train a byte-fallback SentencePiece BPE tokenizer, or write the HF files of an existing one");
+  CLI::Option* input =
+      command->add_option("--input", options->input, "Training text (plain text or JSONL)")
+          ->check(CLI::ExistingFile);
+  CLI::Option* from =
+      command
+          ->add_option("--from", options->from,
+                       "An existing SentencePiece tokenizer.model (or its directory, whose "
+                       "tokenizer_config.json, special_tokens_map.json, generation_config.json "
+                       "and chat template are honoured): write its HF tokenizer files")
+          ->check(CLI::ExistingPath);
+  input->excludes(from);
   command->add_option("--output", options->output, "Directory for tokenizer.model")->required();
+  command
+      ->add_option("--chat-template", options->chat_template,
+                   "With --from: orion, none, or a Jinja file (default: the source's, if any)");
   command->add_option("--vocab-size", options->vocab_size, "Vocabulary size")
       ->check(CLI::Range(260, 1 << 20))
       ->capture_default_str();
@@ -75,10 +94,35 @@ void register_tokenizer(CLI::App& app) {
       ->check(CLI::Range(0.5, 1.0))
       ->capture_default_str();
   command->callback([options] {
+    if (!options->from.empty()) {
+      const TokenizerSource source = read_tokenizer_source(options->from);
+      HfTokenizerOptions hf;
+      if (options->chat_template == "none") hf.drop_chat_template = true;
+      else if (options->chat_template == "orion") hf.chat_template = std::string(kOrionChatTemplate);
+      else if (!options->chat_template.empty())
+        hf.chat_template = detail::read_text_file(options->chat_template, kMaxTokenizerConfigBytes);
+      // Everything is checked and built before the output directory is touched.
+      build_tokenizer_json(source.model, source.model_file.string(), false, false);
+      std::error_code error;
+      std::filesystem::create_directories(options->output, error);
+      KEPT_CHECK(!error, options->output, ": cannot create: ", error.message());
+      const HfTokenizerReport report = write_hf_tokenizer(source, options->output, hf);
+      std::printf("wrote %s: %s, %lld pieces%s\n", options->output.c_str(),
+                  report.tokenizer_class.c_str(), static_cast<long long>(report.vocab_size),
+                  report.chat_template ? ", chat template" : "");
+      if (!report.class_reason.empty())
+        std::printf("  not LlamaTokenizer: %s; tokenizer.json keeps the ids exact\n",
+                    report.class_reason.c_str());
+      return;
+    }
+    KEPT_CHECK(!options->input.empty(), "kept tokenizer: give --input TEXT to train a tokenizer, "
+               "or --from MODEL to write the HF files of an existing one");
     train_tokenizer(options->input, options->vocab_size, options->output,
                     options->character_coverage);
-    std::printf("wrote %s/tokenizer.model (%lld pieces)\n", options->output.c_str(),
-                static_cast<long long>(options->vocab_size));
+    std::printf(
+        "wrote %s/tokenizer.model (%lld pieces) and its HF files (tokenizer.json, "
+        "tokenizer_config.json, special_tokens_map.json, generation_config.json)\n",
+        options->output.c_str(), static_cast<long long>(options->vocab_size));
   });
 }
 

@@ -10,6 +10,7 @@
 
 #include "corpus.hpp"
 #include "kept/io/atomic_file.hpp"
+#include "kept/io/hf_tokenizer.hpp"
 #include "kept/model/init.hpp"
 #include "kept/train/adamw.hpp"
 #include "kept/train/checkpoint_state.hpp"
@@ -292,13 +293,12 @@ class Run {
       log_eval(metrics, state.step, result.eval, !options_.quiet);
     }
     result.final_model = output_ / "final";
-    save_pretrained(student_, output_config(student_config_, job_.output_dtype), result.final_model,
-                    /*force=*/true);
-    std::error_code error;
-    fs::copy_file(tokenizer_.path(), result.final_model / "tokenizer.model",
-                  fs::copy_options::overwrite_existing, error);
-    KEPT_CHECK(!error, (result.final_model / "tokenizer.model").string(),
-               ": cannot copy the tokenizer: ", error.message());
+    const ModelConfig final_config = output_config(student_config_, job_.output_dtype);
+    save_pretrained(student_, final_config, result.final_model, /*force=*/true,
+                    [&](const fs::path& directory) {
+                      write_hf_tokenizer(read_tokenizer_source(tokenizer_.path()), directory,
+                                         tokenizer_options_for(final_config));
+                    });
     write_plot();
     return result;
   }

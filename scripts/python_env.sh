@@ -4,9 +4,12 @@
 #   scripts/python_env.sh [--force] [--recreate]
 #
 # The venv lives outside the repository, at ${KEPT_VENV:-$HOME/.cache/kept/venv}. It is filled
-# from PyPI with tests/python/requirements.txt (pinned torch, transformers, safetensors, numpy,
-# sentencepiece, pytest). pip runs only when the requirements file changed since the last
-# successful install: a stamp file in the venv records the file's SHA-256.
+# from PyPI with tests/python/requirements.txt (pinned torch, transformers 5, safetensors, numpy,
+# sentencepiece, pytest). A second venv beside it, <venv>-4x, holds the transformers 4.x line
+# (tests/python/requirements-4x.txt, installed with --no-deps); a .pth file lets it import the
+# main venv's torch, numpy, safetensors, sentencepiece and pytest, so torch is downloaded once.
+# pip runs only when a requirements file changed since its last successful install: a stamp file
+# in each venv records the file's SHA-256.
 #
 #   --force     run pip even if the stamp says the requirements are installed
 #   --recreate  delete the venv first (only a directory that holds a pyvenv.cfg) and rebuild it
@@ -61,10 +64,8 @@ case "$venv/" in
 esac
 
 venv_python="$venv/bin/python"
-stamp="$venv/.kept-requirements.sha256"
 
 command -v sha256sum >/dev/null 2>&1 || die "sha256sum not found (coreutils)"
-req_hash=$(sha256sum "$requirements" | cut -d' ' -f1)
 
 # One installer at a time for a given venv (ctest -j, two shells): lock a file beside it.
 mkdir -p -- "$(dirname -- "$venv")" || die "cannot create $(dirname -- "$venv")"
@@ -100,24 +101,57 @@ if [[ ! -f "$venv/pyvenv.cfg" ]]; then
   "$base_python" -m venv "$venv" || die "python -m venv $venv failed"
 fi
 
-if ((force == 0)) && [[ -f "$stamp" ]] && [[ "$(cat "$stamp")" == "$req_hash" ]]; then
-  log "requirements already installed (stamp $stamp matches $requirements); use --force to reinstall"
-else
-  rm -f -- "$stamp"
-  pip_args=(--disable-pip-version-check --no-input install -r "$requirements")
+# install_requirements VENV REQUIREMENTS CHECK_IMPORTS [pip args...]: pip install -r into VENV
+# unless its stamp says this exact file is installed.
+install_requirements() {
+  local target="$1" file="$2" imports="$3"
+  shift 3
+  local target_stamp="$target/.kept-requirements.sha256" hash
+  hash=$(sha256sum "$file" | cut -d' ' -f1)
+  if ((force == 0)) && [[ -f "$target_stamp" ]] && [[ "$(cat "$target_stamp")" == "$hash" ]]; then
+    log "requirements already installed (stamp $target_stamp matches $file); use --force to reinstall"
+    return
+  fi
+  rm -f -- "$target_stamp"
+  local args=(--disable-pip-version-check --no-input install "$@" -r "$file")
   if [[ -n "${KEPT_PIP_ARGS:-}" ]]; then
     read -r -a extra <<<"$KEPT_PIP_ARGS"
-    pip_args+=("${extra[@]}")
+    args+=("${extra[@]}")
   fi
-  log "pip ${pip_args[*]}"
-  "$venv_python" -m pip "${pip_args[@]}" >&2 ||
+  log "pip ${args[*]} (into $target)"
+  "$target/bin/python" -m pip "${args[@]}" >&2 ||
     die "pip install failed (see above); nothing was stamped, rerun after fixing the cause"
-  "$venv_python" -c 'import torch, transformers, safetensors, numpy, pytest' >&2 ||
-    die "the packages installed but do not import in $venv_python (see above)"
-  tmp_stamp="$stamp.tmp.$$"
-  printf '%s\n' "$req_hash" >"$tmp_stamp"
-  mv -f -- "$tmp_stamp" "$stamp"
-  log "installed; stamp written to $stamp"
+  "$target/bin/python" -c "import $imports" >&2 ||
+    die "the packages installed but do not import in $target/bin/python (see above)"
+  printf '%s\n' "$hash" >"$target_stamp.tmp.$$"
+  mv -f -- "$target_stamp.tmp.$$" "$target_stamp"
+  log "installed; stamp written to $target_stamp"
+}
+
+install_requirements "$venv" "$requirements" "torch, transformers, safetensors, numpy, pytest"
+
+# The transformers 4.x line: its own site-packages first, then the main venv's (a .pth file).
+venv4="$venv-4x"
+requirements4="$repo_root/tests/python/requirements-4x.txt"
+[[ -f "$requirements4" ]] || die "requirements file not found: $requirements4"
+if ((recreate)) && [[ -f "$venv4/pyvenv.cfg" ]]; then
+  log "removing $venv4 (--recreate)"
+  rm -rf -- "$venv4"
 fi
+[[ -e "$venv4" && ! -f "$venv4/pyvenv.cfg" ]] &&
+  die "$venv4 exists but is not a venv (no pyvenv.cfg); remove it"
+if [[ ! -f "$venv4/pyvenv.cfg" ]]; then
+  log "creating venv $venv4 (transformers 4.x)"
+  "$(readlink -f "$venv_python")" -m venv --without-pip "$venv4" || die "python -m venv $venv4 failed"
+fi
+main_site=$("$venv_python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+site4=$("$venv4/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+printf '%s\n' "$main_site" >"$site4/kept-main-venv.pth"
+# pip itself comes from the main venv through the .pth file; --no-deps keeps it from touching
+# the main venv's packages.
+install_requirements "$venv4" "$requirements4" "transformers, tokenizers, torch, sentencepiece, google.protobuf" \
+  --no-deps --target "$site4" --upgrade
+"$venv4/bin/python" -c 'import transformers, sys; sys.exit(0 if transformers.__version__.startswith("4.") else 1)' ||
+  die "$venv4 does not import transformers 4.x first (check $site4/kept-main-venv.pth)"
 
 printf '%s\n' "$venv_python"

@@ -98,7 +98,7 @@ Source build_source(Cpu64& cpu, const fs::path& dir, DType dtype, std::uint64_t 
     for (auto& block : model.layers)
       for (auto* norm : {&block.input_layernorm, &block.post_attention_layernorm})
         std::memset(norm->bias.value.raw(), 0, norm->bias.value.nbytes());
-  save_pretrained(model, config, dir, false, max_shard_bytes);
+  save_pretrained(model, config, dir, false, {}, max_shard_bytes);
   // The values as stored, so comparisons are against what the converter read.
   Source stored(cpu, read_hf_config(dir / "config.json"));
   load_weights(stored, CheckpointReader::open(dir));

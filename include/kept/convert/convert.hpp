@@ -106,9 +106,9 @@ inline ModelConfig llama_config_for(const ModelConfig& source, const ConversionO
 
 // Checks that `source` holds exactly the tensors `config` implies for a LayerNorm decoder:
 // every one present, of that shape, of a float dtype, and nothing else. Throws naming the file
-// and tensor.
+// and tensor. Returns the tensors that hold no parameter and are skipped (RoPE inv_freq buffers).
 template <class Reader>
-void validate_source_checkpoint(const Reader& source, const ModelConfig& config) {
+std::vector<std::string> validate_source_checkpoint(const Reader& source, const ModelConfig& config) {
   KEPT_CHECK(config.norm_kind() == NormKind::LayerNorm, source.directory().string(),
              "/config.json: architecture '", architecture_name(config.architecture),
              "' is not a LayerNorm decoder; kept converts orion or stablelm checkpoints to llama");
@@ -129,10 +129,17 @@ void validate_source_checkpoint(const Reader& source, const ModelConfig& config)
     KEPT_CHECK(tensor.shape() == spec.shape, where, ": tensor \"", spec.name, "\" has shape ",
                tensor.shape(), ", but config.json implies ", spec.shape);
   }
-  for (const std::string& name : source.names())
-    if (!expected.count(name) && !is_ignorable_checkpoint_tensor(name))
-      fail((source.directory() / source.file_of(name)).string(), ": unexpected tensor \"", name,
-           "\"; config.json does not describe it (a different architecture?)");
+  std::vector<std::string> skipped;
+  for (const std::string& name : source.names()) {
+    if (expected.count(name)) continue;
+    if (is_ignorable_checkpoint_tensor(name)) {
+      skipped.push_back(name);
+      continue;
+    }
+    fail((source.directory() / source.file_of(name)).string(), ": unexpected tensor \"", name,
+         "\"; config.json does not describe it (a different architecture?)");
+  }
+  return skipped;
 }
 
 namespace convert_detail {

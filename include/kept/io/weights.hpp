@@ -9,6 +9,7 @@
 #pragma once
 
 #include <filesystem>
+#include <functional>
 #include <set>
 #include <string>
 #include <string_view>
@@ -89,6 +90,7 @@ void load_weights(Model& model, const CheckpointReader& reader) {
 template <class Model>
 void save_pretrained(Model& model, const ModelConfig& config,
                      const std::filesystem::path& destination, bool force,
+                     const std::function<void(const std::filesystem::path&)>& extra_files = {},
                      std::uint64_t max_shard_bytes = kDefaultMaxShardBytes) {
   AtomicDirectory directory(destination, force);
   write_hf_config(directory.path() / "config.json", config);
@@ -103,6 +105,8 @@ void save_pretrained(Model& model, const ModelConfig& config,
   write_checkpoint(
       directory.path(), specs, [&](std::size_t i) { return parameters[i]->value.to(config.dtype); },
       max_shard_bytes);
+  // Tokenizer and other files join the checkpoint before it is renamed into place.
+  if (extra_files) extra_files(directory.path());
   directory.commit();
 }
 
