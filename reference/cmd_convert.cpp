@@ -3,8 +3,9 @@
 // Reads an Orion / StableLM checkpoint (config.json + safetensors, single or sharded),
 // writes a Llama checkpoint that transformers loads with trust_remote_code=False, and says what
 // it did, with a complete HF tokenizer (kept/io/hf_tokenizer.hpp; the source's remote-code
-// tokenizer files and any *.py are never copied). DST is built under a temporary name beside it and renamed into place at the end, so
-// an interrupted or failed conversion leaves no DST (and an existing DST is only replaced with
+// tokenizer files and any *.py are never copied). DST is built under a temporary name beside it and
+// renamed into place at the end, so an interrupted or failed conversion leaves no DST (and an
+// existing DST is only replaced with
 // --force).
 #include <cstdio>
 #include <filesystem>
@@ -39,7 +40,8 @@ void run(const Options& options) {
   const std::vector<std::string> skipped = validate_source_checkpoint(source, source_config);
   // The tokenizer is read (and any problem with it reported) before the long tensor work.
   std::error_code missing;
-  const bool has_tokenizer = std::filesystem::is_regular_file(source_dir / "tokenizer.model", missing);
+  const bool has_tokenizer =
+      std::filesystem::is_regular_file(source_dir / "tokenizer.model", missing);
   std::optional<TokenizerSource> tokenizer;
   if (has_tokenizer) tokenizer = read_tokenizer_source(source_dir);
   HfTokenizerOptions tokenizer_options = tokenizer_options_for(source_config);
@@ -92,7 +94,8 @@ void run(const Options& options) {
       convert_checkpoint(source, source_config, output.path(), conversion);
   progress.finish();
   std::optional<HfTokenizerReport> tokenizer_report;
-  if (tokenizer) tokenizer_report = write_hf_tokenizer(*tokenizer, output.path(), tokenizer_options);
+  if (tokenizer)
+    tokenizer_report = write_hf_tokenizer(*tokenizer, output.path(), tokenizer_options);
   // Measured on the finished output before it is renamed into place: a failure here leaves no
   // DST behind.
   std::optional<Fidelity> fidelity;
@@ -121,14 +124,15 @@ void run(const Options& options) {
     std::printf("  skipped          %zu tensor(s) that hold no parameter (e.g. %s)\n",
                 skipped.size(), skipped.front().c_str());
   if (tokenizer_report) {
-    std::printf("  tokenizer        %s, %lld pieces%s%s\n", tokenizer_report->tokenizer_class.c_str(),
-                static_cast<long long>(tokenizer_report->vocab_size),
-                tokenizer_report->chat_template ? ", chat template" : "",
-                tokenizer_report->dropped_auto_map ? ", the source's auto_map (remote code) dropped"
-                                                   : "");
+    std::printf(
+        "  tokenizer        %s, %lld pieces%s%s\n", tokenizer_report->tokenizer_class.c_str(),
+        static_cast<long long>(tokenizer_report->vocab_size),
+        tokenizer_report->chat_template ? ", chat template" : "",
+        tokenizer_report->dropped_auto_map ? ", the source's auto_map (remote code) dropped" : "");
     if (!tokenizer_report->class_reason.empty())
-      std::printf("                   (not LlamaTokenizer: %s; tokenizer.json keeps the ids exact)\n",
-                  tokenizer_report->class_reason.c_str());
+      std::printf(
+          "                   (not LlamaTokenizer: %s; tokenizer.json keeps the ids exact)\n",
+          tokenizer_report->class_reason.c_str());
   } else {
     std::printf("  tokenizer        none: %s has no tokenizer.model\n", options.source.c_str());
   }

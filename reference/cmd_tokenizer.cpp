@@ -65,9 +65,9 @@ void register_tokenizer(CLI::App& app) {
     double character_coverage = 0.9995;
   };
   auto options = std::make_shared<Options>();
-  CLI::App* command = app.add_subcommand(
-      "tokenizer",
-      "Train a byte-fallback SentencePiece BPE tokenizer, or write the HF files of an existing one");
+  CLI::App* command = app.add_subcommand("tokenizer",
+                                         "Train a byte-fallback SentencePiece BPE tokenizer, or "
+                                         "write the HF files of an existing one");
   CLI::Option* input =
       command->add_option("--input", options->input, "Training text (plain text or JSONL)")
           ->check(CLI::ExistingFile);
@@ -80,9 +80,8 @@ void register_tokenizer(CLI::App& app) {
           ->check(CLI::ExistingPath);
   input->excludes(from);
   command->add_option("--output", options->output, "Directory for tokenizer.model")->required();
-  command
-      ->add_option("--chat-template", options->chat_template,
-                   "With --from: orion, none, or a Jinja file (default: the source's, if any)");
+  command->add_option("--chat-template", options->chat_template,
+                      "With --from: orion, none, or a Jinja file (default: the source's, if any)");
   command->add_option("--vocab-size", options->vocab_size, "Vocabulary size")
       ->check(CLI::Range(260, 1 << 20))
       ->capture_default_str();
@@ -97,8 +96,10 @@ void register_tokenizer(CLI::App& app) {
     if (!options->from.empty()) {
       const TokenizerSource source = read_tokenizer_source(options->from);
       HfTokenizerOptions hf;
-      if (options->chat_template == "none") hf.drop_chat_template = true;
-      else if (options->chat_template == "orion") hf.chat_template = std::string(kOrionChatTemplate);
+      if (options->chat_template == "none")
+        hf.drop_chat_template = true;
+      else if (options->chat_template == "orion")
+        hf.chat_template = std::string(kOrionChatTemplate);
       else if (!options->chat_template.empty())
         hf.chat_template = detail::read_text_file(options->chat_template, kMaxTokenizerConfigBytes);
       // Everything is checked and built before the output directory is touched.
@@ -115,7 +116,8 @@ void register_tokenizer(CLI::App& app) {
                     report.class_reason.c_str());
       return;
     }
-    KEPT_CHECK(!options->input.empty(), "kept tokenizer: give --input TEXT to train a tokenizer, "
+    KEPT_CHECK(!options->input.empty(),
+               "kept tokenizer: give --input TEXT to train a tokenizer, "
                "or --from MODEL to write the HF files of an existing one");
     train_tokenizer(options->input, options->vocab_size, options->output,
                     options->character_coverage);

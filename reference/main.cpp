@@ -33,8 +33,8 @@ int main(int argc, char** argv) {
   } catch (const std::bad_alloc&) {
     std::fprintf(stderr, "kept: error: out of memory\n");
     return 1;
-  } catch (const std::exception& error) {
-    std::fprintf(stderr, "kept: error: %s\n", error.what());
+  } catch (const std::exception& error) {  // a library's own type: escape it like kept::Error
+    std::fprintf(stderr, "kept: error: %s\n", kept::escape_for_message(error.what()).c_str());
     return 1;
   }
   return 0;

@@ -374,6 +374,9 @@ def test_bin_source_converts_like_its_safetensors_twin(world, kept_bin, tmp_path
     state = {k: v.clone().contiguous() for k, v in world.model.state_dict().items()}
     torch.save(state, bin_src / "pytorch_model.bin")
     write_tokenizer_files(bin_src, world.tokenizer)
+    # the twins carry the same side files (kept convert keeps the source's generation config)
+    if (world.source / "generation_config.json").is_file():
+        shutil.copyfile(world.source / "generation_config.json", bin_src / "generation_config.json")
     assert not list(bin_src.glob("*.safetensors"))
     for mode in ("exact", "paper"):
         a, b = tmp_path / f"from-bin-{mode}", tmp_path / f"from-safetensors-{mode}"

@@ -319,3 +319,37 @@ def test_orion_conversion_loads_on_both_lines_with_identical_ids_and_logits(orio
         assert rel < 1e-4, f"{line}: converted logits differ from the Orion source by {rel:.2e}"
     assert replies["5.x"]["modes"]["auto"]["ids"] == replies["4.x"]["modes"]["auto"]["ids"]
     assert replies["4.x"]["modes"]["llama_slow"]["ids"] == replies["4.x"]["modes"]["auto"]["ids"]
+
+
+# ---------------------------------------------------------------------------------------------
+# kept inspect: the tokenizer report, and tensors and config checked against each other
+# ---------------------------------------------------------------------------------------------
+
+
+def test_inspect_reports_the_tokenizer(orion, kept_bin):
+    _, source, dst, _ = orion
+    out = run_kept(kept_bin, "inspect", str(dst)).stdout
+    assert "tokenizer      LlamaTokenizer, SentencePiece bpe, 500 pieces (model vocabulary 520)" in out, out
+    assert "without remote code  yes; has a chat template" in out, out
+    assert "every tensor config.json implies" in out
+    src = run_kept(kept_bin, "inspect", str(source)).stdout
+    assert "OrionTokenizer" in src and "auto_map (remote code)" in src, src
+    assert "1 without a parameter skipped" in src, src
+
+
+def test_inspect_refuses_tensors_that_contradict_config(orion, kept_bin, tmp_path):
+    from kept_testing import expect_failure
+    _, _, dst, _ = orion
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in dst.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    config = json.loads((bad / "config.json").read_text())
+    config["intermediate_size"] = ORION.inter + 2
+    (bad / "config.json").write_text(json.dumps(config))
+    expect_failure(kept_bin, "inspect", str(bad),
+                   needles=["model.layers.0.mlp.", "has shape", "config.json implies"])
+    config["intermediate_size"] = ORION.inter
+    config["num_hidden_layers"] = 10**9
+    (bad / "config.json").write_text(json.dumps(config))
+    expect_failure(kept_bin, "inspect", str(bad), needles=["num_hidden_layers", "1000000000", "limit"])

@@ -30,20 +30,28 @@ inline std::string escape_for_message(std::string_view text) {
   while (i < text.size()) {
     const auto byte = static_cast<unsigned char>(text[i]);
     if (byte < 0x80) {
-      if (byte == '\n') out += "\\n";
-      else if (byte == '\t') out += "\\t";
-      else if (byte == '\r') out += "\\r";
-      else if (byte < 0x20 || byte == 0x7f) escape_byte(byte);
-      else out += static_cast<char>(byte);
+      if (byte == '\n')
+        out += "\\n";
+      else if (byte == '\t')
+        out += "\\t";
+      else if (byte == '\r')
+        out += "\\r";
+      else if (byte < 0x20 || byte == 0x7f)
+        escape_byte(byte);
+      else
+        out += static_cast<char>(byte);
       ++i;
       continue;
     }
     // The length of a well-formed sequence starting here (RFC 3629: no overlongs, no
     // surrogates, nothing above U+10FFFF), or 0.
     std::size_t length = 0;
-    if (byte >= 0xc2 && byte <= 0xdf) length = 2;
-    else if (byte >= 0xe0 && byte <= 0xef) length = 3;
-    else if (byte >= 0xf0 && byte <= 0xf4) length = 4;
+    if (byte >= 0xc2 && byte <= 0xdf)
+      length = 2;
+    else if (byte >= 0xe0 && byte <= 0xef)
+      length = 3;
+    else if (byte >= 0xf0 && byte <= 0xf4)
+      length = 4;
     bool valid = length != 0 && i + length <= text.size();
     for (std::size_t k = 1; valid && k < length; ++k)
       valid = (static_cast<unsigned char>(text[i + k]) & 0xc0) == 0x80;

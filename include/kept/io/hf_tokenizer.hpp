@@ -73,7 +73,7 @@ inline constexpr std::string_view kOrionChatTemplate =
 
 // What a source directory says about its tokenizer, beyond tokenizer.model.
 struct TokenizerSource {
-  std::filesystem::path model_file;   // tokenizer.model
+  std::filesystem::path model_file;  // tokenizer.model
   SentencePieceModel model;
   nlohmann::json tokenizer_config;    // tokenizer_config.json, or null
   nlohmann::json special_tokens_map;  // special_tokens_map.json, or null
@@ -185,7 +185,8 @@ inline std::string base64(std::string_view bytes) {
     const std::uint32_t v = static_cast<std::uint8_t>(bytes[i]) << 16 |
                             static_cast<std::uint8_t>(bytes[i + 1]) << 8 |
                             static_cast<std::uint8_t>(bytes[i + 2]);
-    for (int shift = 18; shift >= 0; shift -= 6) out += kTable[(v >> shift) & 63];
+    for (int shift = 18; shift >= 0; shift -= 6)
+      out += kTable[(v >> shift) & 63];
   }
   if (i < bytes.size()) {
     std::uint32_t v = static_cast<std::uint8_t>(bytes[i]) << 16;
@@ -231,8 +232,8 @@ inline std::string llama_tokenizer_mismatch(const SentencePieceModel& model) {
 
 // The tokenizer.json of `model` (see the top of this file). `add_bos` / `add_eos` go into the
 // post-processor.
-inline nlohmann::json build_tokenizer_json(const SentencePieceModel& model, const std::string& where,
-                                           bool add_bos, bool add_eos) {
+inline nlohmann::json build_tokenizer_json(const SentencePieceModel& model,
+                                           const std::string& where, bool add_bos, bool add_eos) {
   using nlohmann::json;
   KEPT_CHECK(model.kind == SentencePieceModel::Kind::Bpe, where, ": a ",
              sentencepiece_kind_name(model.kind),
@@ -274,7 +275,8 @@ inline nlohmann::json build_tokenizer_json(const SentencePieceModel& model, cons
     return std::tie(a.merged, a.left) < std::tie(b.merged, b.left);
   });
   json merge_list = json::array();
-  for (const Merge& merge : merges) merge_list.push_back(json::array({merge.l, merge.r}));
+  for (const Merge& merge : merges)
+    merge_list.push_back(json::array({merge.l, merge.r}));
 
   json added = json::array();
   for (std::int64_t id = 0; id < model.size(); ++id) {
@@ -315,7 +317,8 @@ inline nlohmann::json build_tokenizer_json(const SentencePieceModel& model, cons
   auto add_special = [&](std::int64_t id, json& sequence, int type_id) {
     const std::string& text = model.pieces[static_cast<std::size_t>(id)].piece;
     sequence.push_back({{"SpecialToken", {{"id", text}, {"type_id", type_id}}}});
-    special_tokens[text] = {{"id", text}, {"ids", json::array({id})}, {"tokens", json::array({text})}};
+    special_tokens[text] = {
+        {"id", text}, {"ids", json::array({id})}, {"tokens", json::array({text})}};
   };
   for (int side = 0; side < 2; ++side) {
     json& sequence = side == 0 ? single : pair;
@@ -382,8 +385,9 @@ inline HfTokenizerReport write_hf_tokenizer(const TokenizerSource& source,
   // training packs documents with eos only).
   auto flag = [&](const char* key) {
     if (config.is_object() && config.contains(key)) {
-      KEPT_CHECK(config[key].is_boolean(), (source.model_file.parent_path() / "tokenizer_config.json").string(),
-                 ": field \"", key, "\" must be true or false, found ", detail::describe_json(config[key]));
+      KEPT_CHECK(config[key].is_boolean(),
+                 (source.model_file.parent_path() / "tokenizer_config.json").string(), ": field \"",
+                 key, "\" must be true or false, found ", detail::describe_json(config[key]));
       return config[key].get<bool>();
     }
     return false;
@@ -392,7 +396,8 @@ inline HfTokenizerReport write_hf_tokenizer(const TokenizerSource& source,
 
   const json tokenizer_json = build_tokenizer_json(model, where, add_bos, add_eos);
   report.class_reason = llama_tokenizer_mismatch(model);
-  report.tokenizer_class = report.class_reason.empty() ? "LlamaTokenizer" : "PreTrainedTokenizerFast";
+  report.tokenizer_class =
+      report.class_reason.empty() ? "LlamaTokenizer" : "PreTrainedTokenizerFast";
 
   std::string chat_template = source.chat_template;
   if (!options.chat_template.empty()) chat_template = options.chat_template;
@@ -415,8 +420,10 @@ inline HfTokenizerReport write_hf_tokenizer(const TokenizerSource& source,
                            {"spaces_between_special_tokens", false}};
   if (report.tokenizer_class == "LlamaTokenizer") tokenizer_config["add_prefix_space"] = false;
   json special_map = json::object();
-  for (auto [key, value] : {std::pair{"bos_token", &bos}, {"eos_token", &eos},
-                            {"unk_token", &unk}, {"pad_token", &pad}}) {
+  for (auto [key, value] : {std::pair{"bos_token", &bos},
+                            {"eos_token", &eos},
+                            {"unk_token", &unk},
+                            {"pad_token", &pad}}) {
     tokenizer_config[key] = *value ? json(**value) : json(nullptr);
     if (*value) special_map[key] = **value;
   }
@@ -428,14 +435,17 @@ inline HfTokenizerReport write_hf_tokenizer(const TokenizerSource& source,
   if (report.chat_template) tokenizer_config["chat_template"] = chat_template;
 
   // Generation config: the source's (it holds no code), with the model's ids where known.
-  json generation = source.generation_config.is_object() ? source.generation_config : json::object();
+  json generation =
+      source.generation_config.is_object() ? source.generation_config : json::object();
   generation.erase("transformers_version");
   if (options.bos_token_id) generation["bos_token_id"] = *options.bos_token_id;
   if (options.eos_token_id) generation["eos_token_id"] = *options.eos_token_id;
   if (options.pad_token_id && *options.pad_token_id >= 0)
     generation["pad_token_id"] = *options.pad_token_id;
-  if (!generation.contains("bos_token_id") && model.bos_id >= 0) generation["bos_token_id"] = model.bos_id;
-  if (!generation.contains("eos_token_id") && model.eos_id >= 0) generation["eos_token_id"] = model.eos_id;
+  if (!generation.contains("bos_token_id") && model.bos_id >= 0)
+    generation["bos_token_id"] = model.bos_id;
+  if (!generation.contains("eos_token_id") && model.eos_id >= 0)
+    generation["eos_token_id"] = model.eos_id;
 
   auto write = [&](const char* name, const std::string& contents) {
     write_file_atomically(directory / name, contents);
@@ -449,7 +459,8 @@ inline HfTokenizerReport write_hf_tokenizer(const TokenizerSource& source,
     else
       report.files.emplace_back("tokenizer.model");
   }
-  write("tokenizer.json", detail::dump_json(tokenizer_json, (directory / "tokenizer.json").string()));
+  write("tokenizer.json",
+        detail::dump_json(tokenizer_json, (directory / "tokenizer.json").string()));
   write("tokenizer_config.json",
         detail::dump_json(tokenizer_config, (directory / "tokenizer_config.json").string()));
   write("special_tokens_map.json",

@@ -35,7 +35,14 @@ inline constexpr std::uint64_t kMaxTokenizerModelBytes = 256ull << 20;
 
 struct SentencePiece {
   // SentencePiece's ModelProto.SentencePiece.Type.
-  enum class Type : int { Normal = 1, Unknown = 2, Control = 3, UserDefined = 4, Unused = 5, Byte = 6 };
+  enum class Type : int {
+    Normal = 1,
+    Unknown = 2,
+    Control = 3,
+    UserDefined = 4,
+    Unused = 5,
+    Byte = 6
+  };
   std::string piece;
   float score = 0;
   Type type = Type::Normal;
@@ -67,10 +74,14 @@ struct SentencePieceModel {
 
 inline const char* sentencepiece_kind_name(SentencePieceModel::Kind kind) {
   switch (kind) {
-    case SentencePieceModel::Kind::Unigram: return "unigram";
-    case SentencePieceModel::Kind::Bpe: return "bpe";
-    case SentencePieceModel::Kind::Word: return "word";
-    case SentencePieceModel::Kind::Char: return "char";
+    case SentencePieceModel::Kind::Unigram:
+      return "unigram";
+    case SentencePieceModel::Kind::Bpe:
+      return "bpe";
+    case SentencePieceModel::Kind::Word:
+      return "word";
+    case SentencePieceModel::Kind::Char:
+      return "char";
   }
   return "unknown";
 }
@@ -111,7 +122,8 @@ class ProtoReader {
     KEPT_CHECK(bytes_.size() - position_ >= 4, where_, ": truncated fixed32 at byte ", offset());
     std::uint32_t bits = 0;
     for (int i = 0; i < 4; ++i)
-      bits |= static_cast<std::uint32_t>(static_cast<std::uint8_t>(bytes_[position_ + i])) << (8 * i);
+      bits |= static_cast<std::uint32_t>(static_cast<std::uint8_t>(bytes_[position_ + i]))
+              << (8 * i);
     position_ += 4;
     float value;
     std::memcpy(&value, &bits, 4);
@@ -120,13 +132,20 @@ class ProtoReader {
   void skip(int wire_type) {
     std::size_t ignored = 0;
     switch (wire_type) {
-      case 0: varint(); return;
+      case 0:
+        varint();
+        return;
       case 1:
-        KEPT_CHECK(bytes_.size() - position_ >= 8, where_, ": truncated fixed64 at byte ", offset());
+        KEPT_CHECK(bytes_.size() - position_ >= 8, where_, ": truncated fixed64 at byte ",
+                   offset());
         position_ += 8;
         return;
-      case 2: bytes(&ignored); return;
-      case 5: fixed32_float(); return;
+      case 2:
+        bytes(&ignored);
+        return;
+      case 5:
+        fixed32_float();
+        return;
       default:
         fail(where_, ": unsupported protobuf wire type ", wire_type, " at byte ", offset(),
              " (not a SentencePiece model?)");
@@ -161,7 +180,8 @@ inline std::int64_t proto_int32(std::uint64_t raw) {
 }  // namespace detail
 
 // Parses the bytes of a tokenizer.model; `where` names it in errors.
-inline SentencePieceModel parse_sentencepiece_model(std::string_view file, const std::string& where) {
+inline SentencePieceModel parse_sentencepiece_model(std::string_view file,
+                                                    const std::string& where) {
   SentencePieceModel model;
   detail::ProtoReader top(file, where, 0);
   int field = 0, wire = 0;
@@ -208,13 +228,26 @@ inline SentencePieceModel parse_sentencepiece_model(std::string_view file, const
                        " is unknown");
             model.kind = static_cast<SentencePieceModel::Kind>(value);
             break;
-          case 24: model.treat_whitespace_as_suffix = value != 0; break;
-          case 35: model.byte_fallback = value != 0; break;
-          case 40: model.unk_id = detail::proto_int32(value); break;
-          case 41: model.bos_id = detail::proto_int32(value); break;
-          case 42: model.eos_id = detail::proto_int32(value); break;
-          case 43: model.pad_id = detail::proto_int32(value); break;
-          default: break;
+          case 24:
+            model.treat_whitespace_as_suffix = value != 0;
+            break;
+          case 35:
+            model.byte_fallback = value != 0;
+            break;
+          case 40:
+            model.unk_id = detail::proto_int32(value);
+            break;
+          case 41:
+            model.bos_id = detail::proto_int32(value);
+            break;
+          case 42:
+            model.eos_id = detail::proto_int32(value);
+            break;
+          case 43:
+            model.pad_id = detail::proto_int32(value);
+            break;
+          default:
+            break;
         }
       }
     } else if (field == 3) {
@@ -228,8 +261,9 @@ inline SentencePieceModel parse_sentencepiece_model(std::string_view file, const
           model.precompiled_charsmap = std::string(message.bytes(&ignored));
         } else if (field >= 3 && field <= 5 && wire == 0) {
           const bool value = message.varint() != 0;
-          (field == 3 ? model.add_dummy_prefix
-                      : field == 4 ? model.remove_extra_whitespaces : model.escape_whitespaces) = value;
+          (field == 3   ? model.add_dummy_prefix
+           : field == 4 ? model.remove_extra_whitespaces
+                        : model.escape_whitespaces) = value;
         } else {
           message.skip(wire);
         }

@@ -21,6 +21,7 @@
 #include "kept/io/safetensors.hpp"
 #include "kept/layers/parameter.hpp"
 #include "kept/model/config.hpp"
+#include "kept/model/parameter_specs.hpp"
 
 namespace kept {
 
@@ -49,6 +50,41 @@ std::string checkpoint_location(const Reader& reader) {
   if (reader.sharded() || files.size() != 1)
     return (reader.directory() / reader.index_file()).string();
   return (reader.directory() / files[0]).string();
+}
+
+// Checks that `source` holds exactly the tensors `config` implies: every one present, of that
+// shape, of a float dtype, and nothing else. Throws naming the file and tensor. Returns the
+// tensors that hold no parameter and are skipped (RoPE inv_freq buffers).
+template <class Reader>
+std::vector<std::string> check_checkpoint_tensors(const Reader& source, const ModelConfig& config) {
+  std::set<std::string, std::less<>> expected;
+  for (const ParameterSpec& spec : parameter_specs(config)) {
+    expected.insert(spec.name);
+    if (!source.contains(spec.name)) {
+      const bool norm_bias = spec.role == ParamRole::NormBias;
+      fail(checkpoint_location(source), ": tensor \"", spec.name, "\" is missing",
+           norm_bias ? " (a LayerNorm without bias: not the LayerNorm decoder kept converts; "
+                       "if it is an RMSNorm model there is nothing to convert)"
+                     : "");
+    }
+    const Tensor& tensor = source.tensor(spec.name);
+    const std::string where = (source.directory() / source.file_of(spec.name)).string();
+    KEPT_CHECK(is_float(tensor.dtype()), where, ": tensor \"", spec.name, "\" has dtype ",
+               dtype_name(tensor.dtype()), "; expected F32, BF16, F16 or F64");
+    KEPT_CHECK(tensor.shape() == spec.shape, where, ": tensor \"", spec.name, "\" has shape ",
+               tensor.shape(), ", but config.json implies ", spec.shape);
+  }
+  std::vector<std::string> skipped;
+  for (const std::string& name : source.names()) {
+    if (expected.count(name)) continue;
+    if (is_ignorable_checkpoint_tensor(name)) {
+      skipped.push_back(name);
+      continue;
+    }
+    fail((source.directory() / source.file_of(name)).string(), ": unexpected tensor \"", name,
+         "\"; config.json does not describe it (a different architecture?)");
+  }
+  return skipped;
 }
 
 // Fills every parameter of `model` from `reader`.

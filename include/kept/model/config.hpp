@@ -66,6 +66,25 @@ struct ModelConfig {
     positive(num_heads, "num_attention_heads");
     positive(head_dim, "head_dim");
     positive(max_position_embeddings, "max_position_embeddings");
+    // Upper bounds far above any real model (Orion-14B: 40 layers, hidden 5120, vocab 84608),
+    // so a corrupt or hostile config fails here instead of in an allocation of 10^18 bytes.
+    auto at_most = [&](std::int64_t value, std::int64_t limit, const char* field) {
+      KEPT_CHECK(value <= limit, where, ": field \"", field, "\" is ", value,
+                 ", more than kept's limit of ", limit, " (a corrupt config?)");
+    };
+    at_most(num_layers, 4096, "num_hidden_layers");
+    at_most(hidden_size, 1 << 20, "hidden_size");
+    at_most(intermediate_size, 1 << 22, "intermediate_size");
+    at_most(vocab_size, 1 << 24, "vocab_size");
+    at_most(num_heads, 1 << 14, "num_attention_heads");
+    at_most(max_position_embeddings, 1 << 26, "max_position_embeddings");
+    const double parameters =
+        static_cast<double>(num_layers) *
+            (4.0 * static_cast<double>(hidden_size) * static_cast<double>(hidden_size) +
+             3.0 * static_cast<double>(hidden_size) * static_cast<double>(intermediate_size)) +
+        2.0 * static_cast<double>(vocab_size) * static_cast<double>(hidden_size);
+    KEPT_CHECK(parameters <= 1e13, where, ": the config describes ", parameters,
+               " parameters, more than kept's limit of 1e13 (a corrupt config?)");
     KEPT_CHECK(num_kv_heads == num_heads, where, ": field \"num_key_value_heads\" is ",
                num_kv_heads, " but num_attention_heads is ", num_heads,
                "; kept implements multi-head attention only (no grouped-query attention)");
