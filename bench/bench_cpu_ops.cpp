@@ -632,7 +632,7 @@ void bench_attention(Bench& bench) {
            d_o = random_tensor({tokens, width}, 13), dq = zeros({tokens, width}),
            dk = zeros({tokens, width}), dv = zeros({tokens, width}),
            lse = zeros({as.batch, as.heads, as.seq});
-    const kept::cpu::AttentionShape shape{as.batch, as.seq, as.heads, as.head_dim};
+    const kept::AttentionShape shape{as.batch, as.seq, as.heads, as.head_dim};
     const std::string name = dims({as.batch, as.seq, as.heads, as.head_dim});
     const json params = {{"kind", "attention"},
                          {"batch", as.batch},

@@ -1,7 +1,8 @@
 // kept/backend/cpu.hpp: the CPU backend, kept's reference.
 //
 // A backend is the object the layer templates call for memory and primitive ops; layers are
-// written once as templates over it (Norm<LayerNorm, Cpu>, Norm<LayerNorm, Cuda>, ...). The CPU
+// written once as templates over it (Norm<LayerNorm, Cpu>, ...), and kept/backend/backend.hpp
+// states the contract as a concept. The CPU
 // backend computes with OpenBLAS GEMM and OpenMP threads, and every CUDA kernel is tested
 // against it. It comes in two precisions: Cpu (fp32, what jobs run) and Cpu64 (float64, the
 // reference that gradient checks and numerics reports compare against). The kernels live one
@@ -12,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kept/backend/backend.hpp"
 #include "kept/backend/cpu/attention.hpp"
 #include "kept/backend/cpu/embedding.hpp"
 #include "kept/backend/cpu/gemm.hpp"
@@ -101,11 +103,11 @@ struct CpuBackend {
   }
 
   void attention_forward(const T* q, const T* k, const T* v, T* o, T* lse,
-                         const cpu::AttentionShape& shape) {
+                         const AttentionShape& shape) {
     cpu::attention_forward<T>(q, k, v, o, lse, shape);
   }
   void attention_backward(const T* d_o, const T* q, const T* k, const T* v, const T* o,
-                          const T* lse, T* dq, T* dk, T* dv, const cpu::AttentionShape& shape) {
+                          const T* lse, T* dq, T* dk, T* dv, const AttentionShape& shape) {
     cpu::attention_backward<T>(d_o, q, k, v, o, lse, dq, dk, dv, shape);
   }
 
@@ -129,5 +131,6 @@ struct CpuBackend {
 
 using Cpu = CpuBackend<float>;
 using Cpu64 = CpuBackend<double>;
+static_assert(Backend<Cpu> && Backend<Cpu64>, "the CPU backend must satisfy kept::Backend");
 
 }  // namespace kept

@@ -15,7 +15,7 @@
 #include <cstdint>
 #include <string>
 
-#include "kept/backend/cpu/attention.hpp"
+#include "kept/core/attention_shape.hpp"
 #include "kept/core/tensor.hpp"
 #include "kept/layers/linear.hpp"
 
@@ -62,7 +62,7 @@ class Attention<MHA, Backend> {
     v_proj.forward(backend, x, as_matrix<Scalar>(cache.v));
     backend.rope(cache.q.template data<Scalar>(), batch, seq, heads_, rope, +1);
     backend.rope(cache.k.template data<Scalar>(), batch, seq, heads_, rope, +1);
-    const cpu::AttentionShape shape{batch, seq, heads_, head_dim_};
+    const AttentionShape shape{batch, seq, heads_, head_dim_};
     backend.attention_forward(cache.q.template data<Scalar>(), cache.k.template data<Scalar>(),
                               cache.v.template data<Scalar>(), cache.o.template data<Scalar>(),
                               cache.lse.template data<Scalar>(), shape);
@@ -86,7 +86,7 @@ class Attention<MHA, Backend> {
     o_proj.backward(backend, as_matrix<const Scalar>(cache.o), dy, &d_o_view);
     for (Tensor* t : {&dq, &dk, &dv})
       backend.fill_zero(*t);
-    const cpu::AttentionShape shape{batch, seq, heads_, head_dim_};
+    const AttentionShape shape{batch, seq, heads_, head_dim_};
     backend.attention_backward(d_o.template data<Scalar>(), cache.q.template data<Scalar>(),
                                cache.k.template data<Scalar>(), cache.v.template data<Scalar>(),
                                cache.o.template data<Scalar>(), cache.lse.template data<Scalar>(),

@@ -37,17 +37,11 @@
 
 #include "kept/backend/cpu/gemm.hpp"
 #include "kept/backend/cpu/vector_math.hpp"
+#include "kept/core/attention_shape.hpp"
 
 namespace kept::cpu {
 
-struct AttentionShape {
-  std::int64_t batch = 0, seq = 0, heads = 0, head_dim = 0;
-  std::int64_t row_stride() const { return heads * head_dim; }
-  template <class T>
-  T scale() const {
-    return T(1) / std::sqrt(static_cast<T>(head_dim));
-  }
-};
+using kept::AttentionShape;
 
 #ifndef KEPT_ATTENTION_ROW_BLOCK
 #define KEPT_ATTENTION_ROW_BLOCK 128
