@@ -4,7 +4,8 @@
 #   1. ctest on the Release build: Catch2 unit tests, the HF transformers parity and CLI tests,
 #      the Coq proof check, the install-and-build-the-examples test, the CUDA tests (skipped
 #      with a message when no GPU is present);
-#   2. the unit tests again under AddressSanitizer + UndefinedBehaviorSanitizer;
+#   2. the unit tests and the op registry (kept_ops, kept_ops --grad) again under
+#      AddressSanitizer + UndefinedBehaviorSanitizer;
 #   3. the libFuzzer targets for a short budget (clang).
 # Exits non-zero if anything fails.
 set -euo pipefail
@@ -40,9 +41,11 @@ ctest --test-dir build --output-on-failure -j "$jobs"
 stage "unit tests under AddressSanitizer + UBSan"
 cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=None -DCMAKE_CXX_FLAGS="-O1 -g" -DKEPT_CUDA=OFF \
   -DKEPT_SANITIZE=address,undefined -DKEPT_BUILD_REFERENCE=OFF -DKEPT_BUILD_BENCH=OFF >/dev/null
-cmake --build build-asan -j "$jobs" --target kept_tests
-ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
-  ./build-asan/tests/kept_tests
+cmake --build build-asan -j "$jobs" --target kept_tests kept_ops
+export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1
+./build-asan/tests/kept_tests
+./build-asan/tests/kept_ops
+./build-asan/tests/kept_ops --grad
 
 stage "fuzz targets (short budget)"
 CC=clang CXX=clang++ cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKEPT_CUDA=OFF \

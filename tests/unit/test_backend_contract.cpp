@@ -24,9 +24,9 @@ struct NoSwiglu : kept::Cpu {
 };
 
 template <class B>
-constexpr auto objectives = std::tuple{&kept::xkd::logit_kl<B>, &kept::xkd::logit_mse<B>,
-                                       &kept::xkd::cross_entropy<B>, &kept::xkd::hidden_mse<B>,
-                                       &kept::xkd::accumulate_eval<B>};
+constexpr auto objectives =
+    std::tuple{&kept::xkd::logit_kl<B>, &kept::xkd::logit_mse<B>, &kept::xkd::cross_entropy<B>,
+               &kept::xkd::hidden_mse<B>, &kept::xkd::accumulate_eval<B>};
 
 }  // namespace
 

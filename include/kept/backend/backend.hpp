@@ -13,8 +13,8 @@
 //  - Element type: B::Scalar for activations, parameters, gradients and row statistics today.
 //  - Matrices are row-major MatrixView<T> with a row stride; `Transpose::Yes` reads the view's
 //    transpose. GEMM: c = alpha * op(a) op(b) + beta * c.
-//  - Backward ops accumulate (+=) into parameter gradients (d_weight, d_bias, d_table) and write
-//    (=) activation gradients, except attention_backward, whose dq, dk, dv accumulate.
+//  - Backward ops of the norms, attention, embedding and bias accumulate (+=) into every gradient
+//    they produce; swiglu_backward overwrites (=) d_gate and d_up.
 //  - Shapes are passed explicitly; `count` is an element count, `rows x cols` a row layout.
 //  - A bad argument throws kept::Error naming the op.
 //
@@ -51,11 +51,11 @@ namespace kept {
 // The RoPE cos/sin table a backend keeps for (head_dim, theta, positions).
 template <class Table>
 concept RopeTableOf = std::default_initializable<Table> &&
-                      std::constructible_from<Table, std::int64_t, double, std::int64_t> &&
-                      requires(const Table& table) {
-                        { table.head_dim() } -> std::convertible_to<std::int64_t>;
-                        { table.positions() } -> std::convertible_to<std::int64_t>;
-                      };
+    std::constructible_from<Table, std::int64_t, double, std::int64_t> &&
+    requires(const Table& table) {
+  { table.head_dim() } -> std::convertible_to<std::int64_t>;
+  { table.positions() } -> std::convertible_to<std::int64_t>;
+};
 
 template <class B>
 concept Backend = requires {
@@ -63,12 +63,13 @@ concept Backend = requires {
   typename B::RopeTable;
   { B::space } -> std::convertible_to<MemorySpace>;
   { B::dtype } -> std::convertible_to<DType>;
-} && RopeTableOf<typename B::RopeTable> &&
-requires(B& b, Tensor& tensor, const Shape& shape, typename B::Scalar* out,
-         const typename B::Scalar* in, typename B::Scalar scalar, std::int64_t n,
-         MatrixView<typename B::Scalar> matrix, MatrixView<const typename B::Scalar> const_matrix,
-         Transpose transpose, const typename B::RopeTable& rope, const AttentionShape& attention,
-         const std::int32_t* tokens) {
+}
+&&RopeTableOf<typename B::RopeTable>&& requires(
+    B& b, Tensor& tensor, const Shape& shape, typename B::Scalar* out, const typename B::Scalar* in,
+    typename B::Scalar scalar, std::int64_t n, MatrixView<typename B::Scalar> matrix,
+    MatrixView<const typename B::Scalar> const_matrix, Transpose transpose,
+    const typename B::RopeTable& rope, const AttentionShape& attention,
+    const std::int32_t* tokens) {
   // memory
   { b.zeros(shape) } -> std::same_as<Tensor>;
   b.ensure(tensor, shape);

@@ -1,0 +1,464 @@
+// kept_ops: the op registry's driver (ggml's test-backend-ops, with kept's a-priori bounds).
+//
+//   kept_ops              every op case on every available backend against Cpu64: the fp32
+//                         backend within the case's derived bound (tests/ops/op_cases.hpp), every
+//                         backend bit-identical when run twice, no input written, and guard
+//                         elements before and after every buffer untouched
+//   kept_ops --grad       finite-difference gradient checks in float64 of every differentiable op
+//   kept_ops --list       one line per (op case, backend)
+//   --filter TEXT         only cases whose name contains TEXT;  --seed N: another draw
+//   --inject error|guard  the harness's own test: perturbs the fp32 backend's first output
+//                         (by 1e-3 of its size) or writes one element past its end; every fp32
+//                         case must then fail
+// Ends with the line `N passed, M failed`; exits 1 if anything failed.
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "ops/op_cases.hpp"
+
+namespace kept::ops {
+std::vector<OpCase> all_op_cases();
+}
+
+namespace {
+
+using kept::ops::Buffers;
+using kept::ops::GradCase;
+using kept::ops::OpCase;
+
+constexpr std::size_t kGuard = 16;
+
+// A buffer with guard elements on both sides, filled with a byte pattern no op writes.
+template <class T>
+class Guarded {
+ public:
+  explicit Guarded(const std::vector<double>& values) : storage_(values.size() + 2 * kGuard) {
+    std::memset(storage_.data(), 0xA5, storage_.size() * sizeof(T));
+    for (std::size_t i = 0; i < values.size(); ++i)
+      storage_[kGuard + i] = static_cast<T>(values[i]);
+  }
+  T* data() { return storage_.data() + kGuard; }
+  std::size_t size() const { return storage_.size() - 2 * kGuard; }
+  bool guards_intact() const {
+    const auto* bytes = reinterpret_cast<const unsigned char*>(storage_.data());
+    const std::size_t guard_bytes = kGuard * sizeof(T);
+    const std::size_t tail = (kGuard + size()) * sizeof(T);
+    for (std::size_t i = 0; i < guard_bytes; ++i)
+      if (bytes[i] != 0xA5 || bytes[tail + i] != 0xA5) return false;
+    return true;
+  }
+  std::vector<double> values() const {
+    return std::vector<double>(storage_.begin() + kGuard, storage_.end() - kGuard);
+  }
+
+ private:
+  std::vector<T> storage_;
+};
+
+template <class T>
+struct Run {
+  Buffers outputs;
+  std::string problem;  // "" when the buffers are sound
+};
+
+template <class T, class Backend, class Runner>
+Run<T> run_case(Backend& backend, const Runner& runner, const OpCase& op, const Buffers& inputs,
+                const Buffers& initial) {
+  std::vector<Guarded<T>> in, out;
+  for (const auto& v : inputs)
+    in.emplace_back(v);
+  for (const auto& v : initial)
+    out.emplace_back(v);
+  std::vector<const T*> in_ptr;
+  std::vector<T*> out_ptr;
+  for (auto& g : in)
+    in_ptr.push_back(g.data());
+  for (auto& g : out)
+    out_ptr.push_back(g.data());
+  runner(backend, in_ptr, out_ptr);
+  Run<T> run;
+  for (std::size_t i = 0; i < in.size(); ++i) {
+    if (!in[i].guards_intact())
+      run.problem += "guard around input " + op.input_names[i] + " written; ";
+    const std::vector<double> after = in[i].values();
+    for (std::size_t e = 0; e < after.size(); ++e)
+      if (std::memcmp(&after[e], &inputs[i][e], sizeof(double)) != 0 &&
+          !(std::isnan(after[e]) && std::isnan(inputs[i][e]))) {
+        run.problem += "input " + op.input_names[i] + " modified; ";
+        break;
+      }
+  }
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    if (!out[i].guards_intact())
+      run.problem += "guard around output " + op.output_names[i] + " written (out of bounds); ";
+    run.outputs.push_back(out[i].values());
+  }
+  return run;
+}
+
+bool same_bits(const Buffers& a, const Buffers& b) {
+  for (std::size_t i = 0; i < a.size(); ++i)
+    if (std::memcmp(a[i].data(), b[i].data(), a[i].size() * sizeof(double)) != 0) return false;
+  return true;
+}
+
+struct Tally {
+  int passed = 0, failed = 0, fp32_passed = 0, fp32_failed = 0;
+  void report(bool ok, const char* backend, const std::string& name, const std::string& detail) {
+    (ok ? passed : failed)++;
+    if (std::string(backend) == "cpu") (ok ? fp32_passed : fp32_failed)++;
+    std::printf("%-4s %-6s %-62s %s\n", ok ? "ok" : "FAIL", backend, name.c_str(), detail.c_str());
+  }
+};
+
+std::string g_inject;  // --inject
+
+void check_case(OpCase op, std::uint64_t seed, Tally& tally) {
+  if (!g_inject.empty()) {
+    auto runner = op.run32;
+    op.run32 = [runner, op](kept::Cpu& b, const std::vector<const float*>& in,
+                            const std::vector<float*>& out) {
+      runner(b, in, out);
+      if (g_inject == "error")
+        out[0][0] += 1e-3f * (std::abs(out[0][0]) + 1.0f);
+      else
+        out[0][op.output_names.empty() ? 0 : -1] = 0.0f;  // the guard before it
+    };
+  }
+  kept::Random random(seed ^ std::hash<std::string>{}(op.name()));
+  Buffers inputs, initial;
+  op.generate(random, inputs, initial);
+  kept::Cpu64 cpu64;
+  kept::Cpu cpu;
+  try {
+    const Run<double> reference = run_case<double>(cpu64, op.run64, op, inputs, initial);
+    const Run<double> again = run_case<double>(cpu64, op.run64, op, inputs, initial);
+    std::string problem = reference.problem;
+    if (!same_bits(reference.outputs, again.outputs)) problem += "two runs differ; ";
+    tally.report(problem.empty(), "cpu64", op.name(),
+                 problem.empty() ? "guards, determinism" : problem);
+
+    const Run<float> got = run_case<float>(cpu, op.run32, op, inputs, initial);
+    const Run<float> got_again = run_case<float>(cpu, op.run32, op, inputs, initial);
+    problem = got.problem;
+    if (!same_bits(got.outputs, got_again.outputs)) problem += "two runs differ; ";
+    const Buffers bounds = op.bound(inputs, initial, reference.outputs);
+    double worst = 0;  // max |error| / bound over all outputs
+    std::string where;
+    for (std::size_t o = 0; o < got.outputs.size(); ++o)
+      for (std::size_t e = 0; e < got.outputs[o].size(); ++e) {
+        const double error = std::abs(got.outputs[o][e] - reference.outputs[o][e]);
+        const double ratio = error == 0 ? 0 : bounds[o][e] > 0 ? error / bounds[o][e] : INFINITY;
+        if (!(ratio <= worst)) {
+          worst = ratio;
+          char text[200];
+          std::snprintf(text, sizeof text, "%s[%zu]: |%.9g - %.9g| = %.3g vs bound %.3g",
+                        op.output_names[o].c_str(), e, got.outputs[o][e], reference.outputs[o][e],
+                        error, bounds[o][e]);
+          where = text;
+        }
+      }
+    char summary[64];
+    std::snprintf(summary, sizeof summary, "error/bound %.3f", worst);
+    const bool ok = problem.empty() && worst <= 1.0;
+    tally.report(ok, "cpu", op.name(), ok ? summary : problem + (worst > 1.0 ? where : ""));
+  } catch (const std::exception& error) {
+    tally.report(false, "cpu", op.name(), std::string("threw: ") + error.what());
+  }
+}
+
+// ---- gradient checks -------------------------------------------------------------------------
+
+std::vector<GradCase> all_grad_cases();
+
+void grad_check(const GradCase& op, std::uint64_t seed, Tally& tally) {
+  kept::Random random(seed ^ std::hash<std::string>{}(op.name()));
+  kept::Cpu64 cpu64;
+  Buffers inputs;
+  op.generate(random, inputs);
+  try {
+    const Buffers outputs = op.forward(cpu64, inputs);
+    Buffers d_outputs;
+    for (std::size_t o = 0; o < outputs.size(); ++o) {
+      bool statistic = false;
+      for (int s : op.statistics)
+        statistic |= static_cast<std::size_t>(s) == o;
+      d_outputs.push_back(
+          statistic ? std::vector<double>(outputs[o].size(), 0.0)
+                    : kept::ops::draw(random, static_cast<std::int64_t>(outputs[o].size()), 1.0));
+    }
+    auto loss = [&](const Buffers& x) {
+      const Buffers y = op.forward(cpu64, x);
+      double sum = 0;
+      for (std::size_t o = 0; o < y.size(); ++o)
+        for (std::size_t e = 0; e < y[o].size(); ++e)
+          sum += d_outputs[o][e] * y[o][e];
+      return sum;
+    };
+    const Buffers grads = op.backward(cpu64, inputs, outputs, d_outputs);
+    double worst = 0;
+    std::string where;
+    for (std::size_t g = 0; g < op.differentiable.size(); ++g) {
+      const int k = op.differentiable[g];
+      const std::size_t size = inputs[k].size();
+      double scale = 1;
+      for (double v : grads[g])
+        scale = std::max(scale, std::abs(v));
+      const std::size_t step = std::max<std::size_t>(1, size / 300);  // at most ~300 elements
+      for (std::size_t e = 0; e < size; e += step) {
+        Buffers plus = inputs, minus = inputs;
+        const double h = 1e-6 * std::max(1.0, std::abs(inputs[k][e]));
+        plus[k][e] += h;
+        minus[k][e] -= h;
+        const double numeric = (loss(plus) - loss(minus)) / (2 * h);
+        const double ratio = std::abs(numeric - grads[g][e]) / (1e-6 * scale);
+        if (ratio > worst) {
+          worst = ratio;
+          char text[200];
+          std::snprintf(text, sizeof text, "d%s[%zu]: analytic %.10g, finite differences %.10g",
+                        op.input_names[k].c_str(), e, grads[g][e], numeric);
+          where = text;
+        }
+      }
+    }
+    char summary[64];
+    std::snprintf(summary, sizeof summary, "error/(1e-6 max|grad|) %.3f", worst);
+    tally.report(worst <= 1.0, "cpu64", op.name(), worst <= 1.0 ? summary : where);
+  } catch (const std::exception& error) {
+    tally.report(false, "cpu64", op.name(), std::string("threw: ") + error.what());
+  }
+}
+
+}  // namespace
+
+// The differentiable ops, forward and backward in float64 through the Cpu64 backend.
+namespace {
+
+using kept::ops::draw;
+
+std::vector<GradCase> all_grad_cases() {
+  std::vector<GradCase> cases;
+  const std::int64_t rows = 5, cols = 7;
+  for (const bool layer : {true, false}) {
+    GradCase c{layer ? "layernorm" : "rmsnorm",
+               "rows=5 cols=7",
+               {"x", "weight", "bias"},
+               layer ? std::vector<int>{0, 1, 2} : std::vector<int>{0, 1},
+               layer ? std::vector<int>{1, 2} : std::vector<int>{1},
+               {},
+               {},
+               {}};
+    c.generate = [=](kept::Random& r, Buffers& in) {
+      in = {draw(r, rows * cols, 1.0, 0.5), draw(r, cols, 0.3, 1.0), draw(r, cols, 0.3)};
+    };
+    c.forward = [=](kept::Cpu64& b, const Buffers& in) {
+      Buffers out = {std::vector<double>(rows * cols), std::vector<double>(rows),
+                     std::vector<double>(rows)};
+      if (layer)
+        b.layernorm_forward(in[0].data(), in[1].data(), in[2].data(), out[0].data(), out[1].data(),
+                            out[2].data(), rows, cols, 1e-5);
+      else
+        b.rmsnorm_forward(in[0].data(), in[1].data(), out[0].data(), out[1].data(), rows, cols,
+                          1e-5);
+      if (!layer) out.pop_back();
+      return out;
+    };
+    c.backward = [=](kept::Cpu64& b, const Buffers& in, const Buffers& out, const Buffers& dout) {
+      Buffers g = {std::vector<double>(rows * cols), std::vector<double>(cols),
+                   std::vector<double>(cols)};
+      if (layer)
+        b.layernorm_backward(dout[0].data(), in[0].data(), in[1].data(), out[1].data(),
+                             out[2].data(), g[0].data(), g[1].data(), g[2].data(), rows, cols);
+      else
+        b.rmsnorm_backward(dout[0].data(), in[0].data(), in[1].data(), out[1].data(), g[0].data(),
+                           g[1].data(), rows, cols);
+      if (!layer) g.pop_back();
+      return g;
+    };
+    cases.push_back(c);
+  }
+  {
+    const std::int64_t batch = 2, seq = 5, heads = 2, dim = 4, count = batch * seq * heads * dim;
+    GradCase c{"rope", "batch=2 seq=5 heads=2 head_dim=4", {"x"}, {0}, {}, {}, {}, {}};
+    c.generate = [=](kept::Random& r, Buffers& in) { in = {draw(r, count, 1.0)}; };
+    auto apply = [=](kept::Cpu64& b, std::vector<double> x, int direction) {
+      const kept::Cpu64::RopeTable table(dim, 1e4, seq);
+      b.rope(x.data(), batch, seq, heads, table, direction);
+      return x;
+    };
+    c.forward = [=](kept::Cpu64& b, const Buffers& in) { return Buffers{apply(b, in[0], 1)}; };
+    c.backward = [=](kept::Cpu64& b, const Buffers&, const Buffers&, const Buffers& dout) {
+      return Buffers{apply(b, dout[0], -1)};
+    };
+    cases.push_back(c);
+  }
+  {
+    const std::int64_t n = 40;
+    GradCase c{"swiglu", "n=40", {"gate", "up"}, {0, 1}, {}, {}, {}, {}};
+    c.generate = [=](kept::Random& r, Buffers& in) { in = {draw(r, n, 3.0), draw(r, n, 1.0)}; };
+    c.forward = [=](kept::Cpu64& b, const Buffers& in) {
+      Buffers out = {std::vector<double>(n)};
+      b.swiglu_forward(in[0].data(), in[1].data(), out[0].data(), n);
+      return out;
+    };
+    c.backward = [=](kept::Cpu64& b, const Buffers& in, const Buffers&, const Buffers& dout) {
+      Buffers g = {std::vector<double>(n), std::vector<double>(n)};
+      b.swiglu_backward(dout[0].data(), in[0].data(), in[1].data(), g[0].data(), g[1].data(), n);
+      return g;
+    };
+    cases.push_back(c);
+  }
+  {
+    const kept::AttentionShape shape{2, 6, 2, 4};
+    const std::int64_t count = 2 * 6 * 2 * 4, lse = 2 * 2 * 6;
+    GradCase c{
+        "attention", "batch=2 seq=6 heads=2 head_dim=4", {"q", "k", "v"}, {0, 1, 2}, {1}, {}, {},
+        {}};
+    c.generate = [=](kept::Random& r, Buffers& in) {
+      in = {draw(r, count, 1.0), draw(r, count, 1.0), draw(r, count, 1.0)};
+    };
+    c.forward = [=](kept::Cpu64& b, const Buffers& in) {
+      Buffers out = {std::vector<double>(count), std::vector<double>(lse)};
+      b.attention_forward(in[0].data(), in[1].data(), in[2].data(), out[0].data(), out[1].data(),
+                          shape);
+      return out;
+    };
+    c.backward = [=](kept::Cpu64& b, const Buffers& in, const Buffers& out, const Buffers& dout) {
+      Buffers g(3, std::vector<double>(count, 0.0));
+      b.attention_backward(dout[0].data(), in[0].data(), in[1].data(), in[2].data(), out[0].data(),
+                           out[1].data(), g[0].data(), g[1].data(), g[2].data(), shape);
+      return g;
+    };
+    cases.push_back(c);
+  }
+  {
+    const std::int64_t count = 9, vocab = 5, dim = 3;
+    const std::vector<std::int32_t> tokens = {0, 4, 2, 2, 1, 4, 0, 3, 2};
+    GradCase c{"embedding", "count=9 vocab=5 dim=3", {"table"}, {0}, {}, {}, {}, {}};
+    c.generate = [=](kept::Random& r, Buffers& in) { in = {draw(r, vocab * dim, 1.0)}; };
+    c.forward = [=](kept::Cpu64& b, const Buffers& in) {
+      Buffers out = {std::vector<double>(count * dim)};
+      b.embedding_forward(tokens.data(), count, in[0].data(), vocab, dim, out[0].data());
+      return out;
+    };
+    c.backward = [=](kept::Cpu64& b, const Buffers&, const Buffers&, const Buffers& dout) {
+      Buffers g = {std::vector<double>(vocab * dim, 0.0)};
+      b.embedding_backward(tokens.data(), count, dout[0].data(), dim, g[0].data());
+      return g;
+    };
+    cases.push_back(c);
+  }
+  {
+    // out = x + bias (row broadcast): add_bias forward, bias_backward for d_bias.
+    const std::int64_t r = 4, n = 6;
+    GradCase c{"add_bias", "rows=4 cols=6", {"x", "bias"}, {0, 1}, {}, {}, {}, {}};
+    c.generate = [=](kept::Random& random, Buffers& in) {
+      in = {draw(random, r * n, 1.0), draw(random, n, 1.0)};
+    };
+    c.forward = [=](kept::Cpu64& b, const Buffers& in) {
+      Buffers out = {in[0]};
+      b.add_bias(kept::MatrixView<double>(out[0].data(), r, n), in[1].data());
+      return out;
+    };
+    c.backward = [=](kept::Cpu64& b, const Buffers&, const Buffers&, const Buffers& dout) {
+      Buffers g = {dout[0], std::vector<double>(n, 0.0)};
+      b.bias_backward(kept::MatrixView<const double>(dout[0].data(), r, n), g[1].data());
+      return g;
+    };
+    cases.push_back(c);
+  }
+  {
+    // y = x W^T (Linear's GEMM); backward dx = dy W, dW = dy^T x, both through gemm.
+    const std::int64_t m = 5, k = 7, n = 3;
+    GradCase c{"gemm", "m=5 k=7 n=3 (x W^T)", {"x", "w"}, {0, 1}, {}, {}, {}, {}};
+    c.generate = [=](kept::Random& random, Buffers& in) {
+      in = {draw(random, m * k, 1.0), draw(random, n * k, 1.0)};
+    };
+    using View = kept::MatrixView<double>;
+    using Const = kept::MatrixView<const double>;
+    c.forward = [=](kept::Cpu64& b, const Buffers& in) {
+      Buffers out = {std::vector<double>(m * n)};
+      b.gemm(Const(in[0].data(), m, k), kept::Transpose::No, Const(in[1].data(), n, k),
+             kept::Transpose::Yes, View(out[0].data(), m, n));
+      return out;
+    };
+    c.backward = [=](kept::Cpu64& b, const Buffers& in, const Buffers&, const Buffers& dout) {
+      Buffers g = {std::vector<double>(m * k), std::vector<double>(n * k)};
+      b.gemm(Const(dout[0].data(), m, n), kept::Transpose::No, Const(in[1].data(), n, k),
+             kept::Transpose::No, View(g[0].data(), m, k));
+      b.gemm(Const(dout[0].data(), m, n), kept::Transpose::Yes, Const(in[0].data(), m, k),
+             kept::Transpose::No, View(g[1].data(), n, k));
+      return g;
+    };
+    cases.push_back(c);
+  }
+  return cases;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  bool list = false, grad = false;
+  std::string filter;
+  std::uint64_t seed = 2026;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--list")
+      list = true;
+    else if (arg == "--grad")
+      grad = true;
+    else if (arg == "--filter" && i + 1 < argc)
+      filter = argv[++i];
+    else if (arg == "--seed" && i + 1 < argc)
+      seed = std::stoull(argv[++i]);
+    else if (arg == "--inject" && i + 1 < argc)
+      g_inject = argv[++i];
+    else {
+      std::fprintf(stderr,
+                   "kept_ops: unknown argument '%s'\nusage: kept_ops [--list] [--grad] "
+                   "[--filter TEXT] [--seed N] [--inject error|guard]\n",
+                   arg.c_str());
+      return 2;
+    }
+  }
+  if (!g_inject.empty() && g_inject != "error" && g_inject != "guard") {
+    std::fprintf(stderr, "kept_ops: --inject takes error or guard, not '%s'\n", g_inject.c_str());
+    return 2;
+  }
+  Tally tally;
+  if (grad) {
+    for (const GradCase& op : all_grad_cases()) {
+      if (!filter.empty() && op.name().find(filter) == std::string::npos) continue;
+      if (list)
+        std::printf("%s cpu64 (grad)\n", op.name().c_str());
+      else
+        grad_check(op, seed, tally);
+    }
+  } else {
+    for (const OpCase& op : kept::ops::all_op_cases()) {
+      if (!filter.empty() && op.name().find(filter) == std::string::npos) continue;
+      if (list) {
+        std::printf("%s cpu64\n%s cpu\n", op.name().c_str(), op.name().c_str());
+        continue;
+      }
+      check_case(op, seed, tally);
+    }
+  }
+  if (list) return 0;
+  if (!g_inject.empty()) {
+    // Expected: every fp32 case failed, every float64 case passed.
+    const int float64_failed = tally.failed - tally.fp32_failed;
+    const bool detected = tally.fp32_passed == 0 && tally.fp32_failed > 0 && float64_failed == 0;
+    std::printf("injected %s: %d of %d fp32 cases caught, %d float64 cases failed: %s\n",
+                g_inject.c_str(), tally.fp32_failed, tally.fp32_failed + tally.fp32_passed,
+                float64_failed, detected ? "the harness works" : "THE HARNESS MISSED IT");
+    std::printf("%d passed, %d failed\n", detected ? 1 : 0, detected ? 0 : 1);
+    return detected ? 0 : 1;
+  }
+  std::printf("%d passed, %d failed\n", tally.passed, tally.failed);
+  return tally.failed == 0 && tally.passed > 0 ? 0 : 1;
+}
