@@ -101,14 +101,8 @@ double seconds_since(Clock::time_point start) {
 // ---- the synthetic source ----------------------------------------------------------------------
 
 kept::ModelConfig orion_config(std::int64_t layers) {
-  kept::ModelConfig config;
-  config.architecture = kept::Architecture::Orion;
-  config.vocab_size = 84608;
-  config.hidden_size = 5120;
-  config.intermediate_size = 15360;
-  config.num_layers = layers;
-  config.num_heads = config.num_kv_heads = 40;
-  config.head_dim = 128;
+  kept::ModelConfig config =
+      kept::ModelConfig::decoder(kept::Architecture::Orion, 84608, 5120, 15360, layers, 40);
   config.max_position_embeddings = 4096;
   config.rope_theta = 10000;
   config.norm_eps = 1e-5;

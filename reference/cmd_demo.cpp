@@ -179,15 +179,7 @@ void run(const Options& options) {
 
   // The teacher: Orion's architecture (LayerNorm with bias everywhere, no attention or MLP
   // biases, untied head), at toy size.
-  ModelConfig teacher_config;
-  teacher_config.architecture = Architecture::Orion;
-  teacher_config.vocab_size = 2000;
-  teacher_config.hidden_size = 128;
-  teacher_config.intermediate_size = 352;
-  teacher_config.num_layers = 4;
-  teacher_config.num_heads = 4;
-  teacher_config.num_kv_heads = 4;
-  teacher_config.head_dim = 32;
+  ModelConfig teacher_config = ModelConfig::decoder(Architecture::Orion, 2000, 128, 352, 4, 4);
   teacher_config.max_position_embeddings = 512;
   teacher_config.rope_theta = 10000;
   teacher_config.norm_eps = 1e-5;

@@ -10,12 +10,11 @@ EvalReport summarize(const xkd::EvalSums& sums, std::int64_t seq, bool has_teach
   report.tokens = sums.tokens;
   report.has_teacher = has_teacher;
   if (sums.tokens == 0) return report;
-  const double count = static_cast<double>(sums.tokens);
-  report.student_perplexity = std::exp(sums.student_ce / count);
+  report.student_perplexity = sums.student_perplexity();
   if (has_teacher) {
-    report.teacher_perplexity = std::exp(sums.teacher_ce / count);
-    report.kl = sums.kl / count;
-    report.agreement = static_cast<double>(sums.agree) / count;
+    report.teacher_perplexity = sums.teacher_perplexity();
+    report.kl = sums.mean_kl();
+    report.agreement = sums.agreement_rate();
   }
   // Context-length buckets [0, 1), [1, 2), [2, 4), [4, 8), ...: powers of two, so long contexts
   // still collect enough tokens for a stable perplexity.

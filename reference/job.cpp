@@ -2,25 +2,22 @@
 
 #include <set>
 
+#include "kept/core/enum_names.hpp"
 #include "kept/core/error.hpp"
 #include "kept/io/json.hpp"
 
 namespace kept::cli {
 
+namespace {
+constexpr EnumName<Objective> kObjectiveNames[] = {{Objective::XkdLogit, "xkd-logit"},
+                                                   {Objective::XkdLogitMse, "xkd-logit-mse"},
+                                                   {Objective::XkdHidden, "xkd-hidden"},
+                                                   {Objective::CrossEntropy, "ce"},
+                                                   {Objective::NormOnly, "norm-only"}};
+}  // namespace
+
 const char* objective_name(Objective objective) {
-  switch (objective) {
-    case Objective::XkdLogit:
-      return "xkd-logit";
-    case Objective::XkdLogitMse:
-      return "xkd-logit-mse";
-    case Objective::XkdHidden:
-      return "xkd-hidden";
-    case Objective::CrossEntropy:
-      return "ce";
-    case Objective::NormOnly:
-      return "norm-only";
-  }
-  return "?";
+  return enum_name(kObjectiveNames, objective).data();  // the table's literals end in '\0'
 }
 
 bool needs_teacher(Objective objective) {
@@ -96,15 +93,10 @@ TrainJob parse_job(const nlohmann::json& json, const std::string& where) {
   Fields fields(json, where);
   std::string objective = objective_name(job.objective);
   fields.get("objective", objective);
-  bool known = false;
-  for (Objective candidate : {Objective::XkdLogit, Objective::XkdLogitMse, Objective::XkdHidden,
-                              Objective::CrossEntropy, Objective::NormOnly})
-    if (objective == objective_name(candidate)) {
-      job.objective = candidate;
-      known = true;
-    }
-  KEPT_CHECK(known, where, ": field \"objective\": unknown objective \"", objective,
-             "\" (xkd-logit, xkd-logit-mse, xkd-hidden, ce or norm-only)");
+  const std::optional<Objective> parsed = parse_enum(kObjectiveNames, objective);
+  KEPT_CHECK(parsed, where, ": field \"objective\": unknown objective \"", objective, "\" (",
+             enum_name_list(kObjectiveNames), ")");
+  job.objective = *parsed;
   fields.get("student", job.student);
   fields.object("init", [&](Fields& init) {
     init.get("config", job.init_config);

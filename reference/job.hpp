@@ -1,27 +1,30 @@
 // reference/job.hpp: a training job, as a JSON file (`kept train JOB.json`).
 //
+// clang-format off
 //   {
-//     "objective": "xkd-logit",           // xkd-logit | xkd-logit-mse | xkd-hidden | ce |
-//     norm-only "student": "runs/converted",        // checkpoint to train, or "init" to start from
-//     scratch: "init": {"config": "config.json", "seed": 0, "std": 0.02}, "teacher":
-//     "models/orion",          // frozen; needed by the xkd objectives and norm-only "tokenizer":
-//     "models/orion/tokenizer.model",   // default: the student's, then the teacher's "data":
-//     {"train": "corpus.txt", "held_out_fraction": 0.05, "seq_len": 256, "seed": 0}, "batch_size":
-//     8, "grad_accum": 1, "steps": 1000, "optimizer": {"lr": 3e-4, "beta1": 0.9, "beta2": 0.95,
-//     "eps": 1e-8, "weight_decay": 0.1,
+//     "objective": "xkd-logit",              // xkd-logit | xkd-logit-mse | xkd-hidden | ce | norm-only
+//     "student": "runs/converted",           // checkpoint to train, or "init" to start from scratch:
+//     "init": {"config": "config.json", "seed": 0, "std": 0.02},
+//     "teacher": "models/orion",             // frozen; needed by the xkd objectives and norm-only
+//     "tokenizer": "models/orion/tokenizer.model",  // default: the student's, then the teacher's
+//     "data": {"train": "corpus.txt", "held_out_fraction": 0.05, "seq_len": 256, "seed": 0},
+//     "batch_size": 8,
+//     "grad_accum": 1,
+//     "steps": 1000,
+//     "optimizer": {"lr": 3e-4, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1,
 //                   "decay_norms": false, "decay_biases": false},
 //     "schedule": {"warmup_steps": 50, "min_lr": 3e-5},
 //     "clip_grad_norm": 1.0,
-//     "temperature": 1.0,                 // xkd-logit
-//     "centre_teacher": false,            // xkd-hidden: compare with centred teacher states
+//     "temperature": 1.0,                    // xkd-logit
+//     "centre_teacher": false,               // xkd-hidden: compare with centred teacher states
 //     "norm_only": {"loss": "opm-l2", "init": "random", "seed": 0},
 //     "eval": {"every": 100, "max_batches": 16},
 //     "checkpoint": {"every": 200, "keep": 2},
 //     "log_every": 1,
 //     "output": "runs/xkd-logit",
-//     "output_dtype": "bf16"              // dtype of the final HF checkpoint (default: the
-//     student's)
+//     "output_dtype": "bf16"                 // dtype of the final HF checkpoint (default: the student's)
 //   }
+// clang-format on
 // Unknown fields are errors (a misspelt "weight_decay" must not silently train without decay),
 // and every error names the job file and the field. Command-line flags override fields.
 #pragma once

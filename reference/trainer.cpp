@@ -409,30 +409,12 @@ class Run {
     double loss = 0;
     const NormInputObserver<float> observer = [&](const std::string& site,
                                                   MatrixView<const float> x) {
-      const std::int64_t rows = x.rows, cols = x.cols;
       Parameter* w = weights.at(site + ".weight");
       const auto& [g, b] = teacher_norms.at(site);
-      cpu_.ensure(norm_target_, {rows, cols});
-      cpu_.ensure(norm_output_, {rows, cols});
-      cpu_.ensure(norm_rstd_, {rows});
-      cpu_.ensure(norm_scratch_, {rows, cols});
-      float* y = norm_target_.data<float>();
-      float* z = norm_output_.data<float>();
-      cpu_.layernorm_forward(x.data, g->value.data<float>(), b->value.data<float>(), y, nullptr,
-                             nullptr, rows, cols, static_cast<float>(teacher_eps));
-      cpu_.rmsnorm_forward(x.data, w->value.data<float>(), z, norm_rstd_.data<float>(), rows, cols,
-                           static_cast<float>(student_eps));
-      double site_loss = 0;
-      for (std::int64_t i = 0; i < rows * cols; ++i) {
-        const double difference = static_cast<double>(z[i]) - y[i];
-        site_loss += difference * difference;
-        z[i] = static_cast<float>(2.0 * difference / normalizer);  // dL/dz
-      }
-      loss += site_loss / normalizer;
-      cpu_.fill_zero(norm_scratch_);  // dL/dx is not needed: the activations are the teacher's
-      cpu_.rmsnorm_backward(z, x.data, w->value.data<float>(), norm_rstd_.data<float>(),
-                            norm_scratch_.data<float>(), w->template grad_data<float>(), rows,
-                            cols);
+      loss += xkd::opm_l2(cpu_, x, g->value.data<float>(), b->value.data<float>(),
+                          static_cast<float>(teacher_eps), w->value.data<float>(),
+                          static_cast<float>(student_eps), w->template grad_data<float>(),
+                          normalizer, opm_workspace_);
     };
     teacher_->forward(cpu_, batch.inputs, batch.batch, batch.seq, teacher_acts_,
                       ForwardMode::Inference, false, &observer);
@@ -510,7 +492,7 @@ class Run {
   typename Teacher::Activations teacher_acts_;
   Tensor d_hidden_;
   std::vector<Tensor> d_states_;
-  Tensor norm_target_, norm_output_, norm_rstd_, norm_scratch_;
+  xkd::OpmL2Workspace<Cpu> opm_workspace_;
   std::vector<double> train_steps_, train_losses_, eval_steps_, eval_perplexity_, eval_kl_;
 };
 

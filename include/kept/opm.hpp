@@ -1,14 +1,14 @@
 // kept/opm.hpp: OPM (Optimized Parameter Mapping), the weight of the RMSNorm that replaces a
 // LayerNorm, solved in closed form from one streaming pass over calibration activations.
 //
-// The math (kept-notes.md section 2; the Llamion report, Appendix A). For a token x in R^d:
+// The math (proofs/opm-derivation.md, proved in proofs/opm.v). For a token x in R^d:
 //   LayerNorm: y_i = g_i a_i + b_i,  a_i = (x_i - mu) / s,  mu = mean(x),  s = sqrt(var(x) + eps)
 //   RMSNorm:   z_i = w_i u_i,        u_i = x_i / r,         r = sqrt(mean(x^2) + eps)
 // (var is the biased variance, as torch.nn.LayerNorm; eps is the same in both.) Over calibration
 // tokens t the L2 output-alignment objective is
 //   L(w) = sum_t sum_i (y_ti - w_i u_ti)^2.
 // Each w_i appears in one term only and L is a convex quadratic in it, so with the per-coordinate
-// sums (in brackets, the names used in the brief and the notes)
+// sums (in brackets, the names other write-ups of this derivation use)
 //   S_au_i = sum_t a_ti u_ti  [S_ab]    S_u_i = sum_t u_ti  [S_a1]    S_uu_i = sum_t u_ti^2  [S_bb]
 //   S_aa_i = sum_t a_ti^2               S_a_i = sum_t a_ti            T = number of tokens
 // the minimiser is

@@ -53,15 +53,7 @@ void randomize(Module& module, Random& random, double scale = 0.3) {
 // heads of 4), intermediate size 20, 2 layers.
 inline ModelConfig tiny_decoder_config(Architecture architecture, bool attention_bias = false,
                                        bool mlp_bias = false) {
-  ModelConfig config;
-  config.architecture = architecture;
-  config.vocab_size = 37;
-  config.hidden_size = 12;
-  config.intermediate_size = 20;
-  config.num_layers = 2;
-  config.num_heads = 3;
-  config.num_kv_heads = 3;
-  config.head_dim = 4;
+  ModelConfig config = ModelConfig::decoder(architecture, 37, 12, 20, 2, 3);
   config.rope_theta = 1e4;
   config.norm_eps = 1e-5;
   config.attention_bias = attention_bias;

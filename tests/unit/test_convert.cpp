@@ -53,15 +53,7 @@ using Target = Decoder<RMSNorm, Cpu64>;
 constexpr std::int64_t kVocab = 41, kHidden = 16, kLayers = 2;
 
 ModelConfig orion_config(DType dtype) {
-  ModelConfig config;
-  config.architecture = Architecture::Orion;
-  config.vocab_size = kVocab;
-  config.hidden_size = kHidden;
-  config.intermediate_size = 24;
-  config.num_layers = kLayers;
-  config.num_heads = 4;
-  config.num_kv_heads = 4;
-  config.head_dim = 4;
+  ModelConfig config = ModelConfig::decoder(Architecture::Orion, kVocab, kHidden, 24, kLayers, 4);
   config.max_position_embeddings = 96;
   config.rope_theta = 5e5;
   config.norm_eps = 1e-5;

@@ -68,15 +68,7 @@ json llama_config() {
 }
 
 ModelConfig small_config(Architecture architecture) {
-  ModelConfig config;
-  config.architecture = architecture;
-  config.vocab_size = 320;
-  config.hidden_size = 96;
-  config.intermediate_size = 200;
-  config.num_layers = 3;
-  config.num_heads = 6;
-  config.num_kv_heads = 6;
-  config.head_dim = 16;
+  ModelConfig config = ModelConfig::decoder(architecture, 320, 96, 200, 3, 6);
   config.max_position_embeddings = 200000;
   config.rope_theta = 5e7;
   config.norm_eps = 1e-5;

@@ -245,23 +245,23 @@ RunResult run_objective(HeadPair<Backend>& pair, Objective objective, const RunS
   auto d_hidden = as_matrix<Scalar>(result.d_hidden);
   switch (objective) {
     case Objective::Kl: {
-      const auto r = logit_kl(pair.backend, pair.teacher_head, pair.teacher_view(),
-                              pair.student_head, pair.student_view(), &d_hidden,
-                              {.temperature = settings.temperature,
-                               .token_chunk = settings.token_chunk,
-                               .vocab_chunk = settings.vocab_chunk},
-                              settings.weights, workspace);
+      const auto r = logit_kl(
+          pair.backend, pair.teacher_head, pair.teacher_view(), pair.student_head,
+          pair.student_view(), &d_hidden,
+          {.temperature = settings.temperature,
+           .chunking = {.token_chunk = settings.token_chunk, .vocab_chunk = settings.vocab_chunk}},
+          settings.weights, workspace);
       result.loss = r.loss;
       result.tokens = r.tokens;
       result.top1 = r.top1_agree;
       break;
     }
     case Objective::Mse: {
-      const auto r =
-          logit_mse(pair.backend, pair.teacher_head, pair.teacher_view(), pair.student_head,
-                    pair.student_view(), &d_hidden,
-                    {.token_chunk = settings.token_chunk, .vocab_chunk = settings.vocab_chunk},
-                    settings.weights, workspace);
+      const auto r = logit_mse(
+          pair.backend, pair.teacher_head, pair.teacher_view(), pair.student_head,
+          pair.student_view(), &d_hidden,
+          {.chunking = {.token_chunk = settings.token_chunk, .vocab_chunk = settings.vocab_chunk}},
+          settings.weights, workspace);
       result.loss = r.loss;
       result.tokens = r.tokens;
       result.top1 = r.top1_agree;
@@ -270,7 +270,8 @@ RunResult run_objective(HeadPair<Backend>& pair, Objective objective, const RunS
     case Objective::CrossEntropy: {
       const auto r = cross_entropy(
           pair.backend, pair.student_head, pair.student_view(), settings.targets, &d_hidden,
-          {.token_chunk = settings.token_chunk, .vocab_chunk = settings.vocab_chunk}, workspace);
+          {.chunking = {.token_chunk = settings.token_chunk, .vocab_chunk = settings.vocab_chunk}},
+          workspace);
       result.loss = r.loss;
       result.tokens = r.tokens;
       result.top1 = r.correct;
@@ -370,15 +371,16 @@ TEST_CASE("logit_kl top-1 agreement and token counts follow the definition", "[x
   REQUIRE(agree >= 3);
   REQUIRE(agree < counted);
   for (std::int64_t vocab_chunk : {0, 4}) {
-    const auto result = logit_kl(pair.backend, pair.teacher_head, pair.teacher_view(),
-                                 pair.student_head, pair.student_view(), nullptr,
-                                 {.token_chunk = 3, .vocab_chunk = vocab_chunk}, weights);
+    const auto result =
+        logit_kl(pair.backend, pair.teacher_head, pair.teacher_view(), pair.student_head,
+                 pair.student_view(), nullptr,
+                 {.chunking = {.token_chunk = 3, .vocab_chunk = vocab_chunk}}, weights);
     CHECK(result.tokens == counted);
     CHECK(result.weight_sum == 8.0);
     CHECK(result.top1_agree == agree);
-    const auto mse =
-        logit_mse(pair.backend, pair.teacher_head, pair.teacher_view(), pair.student_head,
-                  pair.student_view(), nullptr, {.vocab_chunk = vocab_chunk}, weights);
+    const auto mse = logit_mse(pair.backend, pair.teacher_head, pair.teacher_view(),
+                               pair.student_head, pair.student_view(), nullptr,
+                               {.chunking = {.vocab_chunk = vocab_chunk}}, weights);
     CHECK(mse.top1_agree == agree);
   }
 }
@@ -631,7 +633,7 @@ TEST_CASE("Gradients accumulate into d_hidden and the head grads", "[xkd]") {
   auto view = as_matrix<double>(d_hidden);
   const Tensor d_weight = once.d_weight.clone();
   logit_kl(pair.backend, pair.teacher_head, pair.teacher_view(), pair.student_head,
-           pair.student_view(), &view, {.vocab_chunk = 7});
+           pair.student_view(), &view, {.chunking = {.vocab_chunk = 7}});
   for (std::int64_t i = 0; i < d_hidden.numel(); ++i)
     CHECK(d_hidden.data<double>()[i] == Approx(2 * once.d_hidden.data<double>()[i]).margin(1e-15));
   for (std::int64_t i = 0; i < d_weight.numel(); ++i)
@@ -670,7 +672,7 @@ TEST_CASE("Evaluation sums match the references and add up over batches", "[xkd]
       EvalSums sums;
       accumulate_eval(pair.backend, &pair.teacher_head, pair.teacher_view(), pair.student_head,
                       pair.student_view(), targets, seq, sums,
-                      {.token_chunk = token_chunk, .vocab_chunk = vocab_chunk});
+                      {.chunking = {.token_chunk = token_chunk, .vocab_chunk = vocab_chunk}});
       CHECK(sums.tokens == counted);
       CHECK(sums.kl == Approx(kl).epsilon(1e-12));
       CHECK(sums.student_ce == Approx(student_ce).epsilon(1e-12));
@@ -773,10 +775,10 @@ TEST_CASE("XKD end to end: Orion teacher, Llama student, KL + Eq. 1 through Deco
   student.zero_grad(cpu);
   Tensor d_hidden = cpu.zeros(acts.hidden.shape());
   auto d_hidden_view = as_matrix<double>(d_hidden);
-  const auto kl =
-      logit_kl(cpu, teacher.lm_head, as_matrix<double>(teacher_acts.hidden), student.lm_head,
-               as_matrix<double>(acts.hidden), &d_hidden_view,
-               {.temperature = temperature, .token_chunk = 3, .vocab_chunk = 8}, weights);
+  const auto kl = logit_kl(
+      cpu, teacher.lm_head, as_matrix<double>(teacher_acts.hidden), student.lm_head,
+      as_matrix<double>(acts.hidden), &d_hidden_view,
+      {.temperature = temperature, .chunking = {.token_chunk = 3, .vocab_chunk = 8}}, weights);
   // normalizer = (sum of the weights) / hidden_weight folds the 0.1 factor into the mean.
   std::vector<Tensor> d_states;
   const auto states =
@@ -866,7 +868,7 @@ TEST_CASE("XKD objectives reject inputs that do not fit together", "[xkd]") {
                                pair.student_view(), nullptr, {.temperature = 0}),
                       Catch::Contains("temperature"));
     CHECK_THROWS_WITH(logit_kl(cpu, pair.teacher_head, pair.teacher_view(), pair.student_head,
-                               pair.student_view(), nullptr, {.token_chunk = 0}),
+                               pair.student_view(), nullptr, {.chunking = {.token_chunk = 0}}),
                       Catch::Contains("token_chunk"));
     std::vector<float> negative(10, 1.0f);
     negative[3] = -1;
@@ -883,6 +885,56 @@ TEST_CASE("A teacher of a different width is fine for the logit objectives", "[x
   HeadPair<Cpu64> wide(10, 9, 23, 91), narrow(10, 6, 23, 92);
   const double expected = reference_kl(wide.teacher_logits(), narrow.student_logits(), 1.0);
   const auto result = logit_kl(cpu, wide.teacher_head, wide.teacher_view(), narrow.student_head,
-                               narrow.student_view(), nullptr, {.vocab_chunk = 4});
+                               narrow.student_view(), nullptr, {.chunking = {.vocab_chunk = 4}});
   CHECK(result.loss == Approx(expected).epsilon(1e-12));
+}
+
+// ---- opm-l2 (the norm-only objective) -----------------------------------------------------
+
+TEST_CASE("opm_l2: value from the definition and gradient by finite differences", "[xkd]") {
+  const std::int64_t rows = 6, cols = 9;
+  Random random(404);
+  std::vector<double> x(rows * cols), g(cols), b(cols), w(cols);
+  for (double& v : x)
+    v = 0.4 + random.normal();
+  for (double& v : g)
+    v = 1.0 + 0.3 * random.normal();
+  for (double& v : b)
+    v = 0.3 * random.normal();
+  for (double& v : w)
+    v = 1.0 + 0.3 * random.normal();
+  const double eps = 1e-5, normalizer = 4.0;
+  Cpu64 cpu;
+  OpmL2Workspace<Cpu64> workspace;
+  auto loss_at = [&](const std::vector<double>& weight, std::vector<double>* grad) {
+    std::vector<double> scratch(cols, 0.0);
+    return opm_l2(cpu, MatrixView<const double>(x.data(), rows, cols), g.data(), b.data(), eps,
+                  weight.data(), eps, grad ? grad->data() : scratch.data(), normalizer, workspace);
+  };
+  // The definition, written out in float64.
+  double expected = 0;
+  for (std::int64_t r = 0; r < rows; ++r) {
+    double mean = 0, square = 0;
+    for (std::int64_t c = 0; c < cols; ++c)
+      mean += x[r * cols + c] / cols;
+    for (std::int64_t c = 0; c < cols; ++c)
+      square += x[r * cols + c] * x[r * cols + c] / cols;
+    double var = 0;
+    for (std::int64_t c = 0; c < cols; ++c)
+      var += (x[r * cols + c] - mean) * (x[r * cols + c] - mean) / cols;
+    for (std::int64_t c = 0; c < cols; ++c) {
+      const double y = g[c] * (x[r * cols + c] - mean) / std::sqrt(var + eps) + b[c];
+      const double z = w[c] * x[r * cols + c] / std::sqrt(square + eps);
+      expected += (z - y) * (z - y) / normalizer;
+    }
+  }
+  std::vector<double> grad(cols, 0.5);  // d_weight accumulates: starts from 0.5
+  CHECK(loss_at(w, &grad) == Approx(expected).epsilon(1e-12));
+  for (std::int64_t c = 0; c < cols; ++c) {
+    std::vector<double> plus = w, minus = w;
+    plus[c] += 1e-6;
+    minus[c] -= 1e-6;
+    const double numeric = (loss_at(plus, nullptr) - loss_at(minus, nullptr)) / 2e-6;
+    CHECK(grad[c] - 0.5 == Approx(numeric).epsilon(1e-7).margin(1e-9));
+  }
 }

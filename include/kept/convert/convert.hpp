@@ -43,6 +43,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "kept/core/enum_names.hpp"
 #include "kept/io/checkpoint.hpp"
 #include "kept/io/safetensors.hpp"
 #include "kept/io/weights.hpp"
@@ -53,22 +54,15 @@ namespace kept {
 
 enum class OpmMode : std::uint8_t { Paper, Calibrated, Exact };
 
+inline constexpr EnumName<OpmMode> kOpmModeNames[] = {
+    {OpmMode::Paper, "paper"}, {OpmMode::Calibrated, "calibrated"}, {OpmMode::Exact, "exact"}};
+
 constexpr const char* opm_mode_name(OpmMode mode) {
-  switch (mode) {
-    case OpmMode::Paper:
-      return "paper";
-    case OpmMode::Calibrated:
-      return "calibrated";
-    case OpmMode::Exact:
-      return "exact";
-  }
-  return "?";
+  return enum_name(kOpmModeNames, mode).data();  // the table's literals end in '\0'
 }
 
 inline std::optional<OpmMode> parse_opm_mode(std::string_view name) {
-  for (OpmMode mode : {OpmMode::Paper, OpmMode::Calibrated, OpmMode::Exact})
-    if (name == opm_mode_name(mode)) return mode;
-  return std::nullopt;
+  return parse_enum(kOpmModeNames, name);
 }
 
 struct ConversionOptions {

@@ -18,6 +18,7 @@
 #include <string>
 #include <string_view>
 
+#include "kept/core/enum_names.hpp"
 #include "kept/core/error.hpp"
 
 namespace kept {
@@ -45,38 +46,17 @@ constexpr std::size_t dtype_size(DType dtype) {
 }
 
 // The names used by the safetensors format (and by kept's messages).
+inline constexpr EnumName<DType> kDTypeNames[] = {
+    {DType::F32, "F32"}, {DType::BF16, "BF16"}, {DType::F16, "F16"}, {DType::F64, "F64"},
+    {DType::I64, "I64"}, {DType::I32, "I32"},   {DType::I16, "I16"}, {DType::I8, "I8"},
+    {DType::U8, "U8"},   {DType::Bool, "BOOL"}};
+
 constexpr std::string_view dtype_name(DType dtype) {
-  switch (dtype) {
-    case DType::F32:
-      return "F32";
-    case DType::BF16:
-      return "BF16";
-    case DType::F16:
-      return "F16";
-    case DType::F64:
-      return "F64";
-    case DType::I64:
-      return "I64";
-    case DType::I32:
-      return "I32";
-    case DType::I16:
-      return "I16";
-    case DType::I8:
-      return "I8";
-    case DType::U8:
-      return "U8";
-    case DType::Bool:
-      return "BOOL";
-  }
-  return "?";
+  return enum_name(kDTypeNames, dtype);
 }
 
 inline std::optional<DType> parse_dtype(std::string_view name) {
-  for (DType dtype : {DType::F32, DType::BF16, DType::F16, DType::F64, DType::I64, DType::I32,
-                      DType::I16, DType::I8, DType::U8, DType::Bool}) {
-    if (dtype_name(dtype) == name) return dtype;
-  }
-  return std::nullopt;
+  return parse_enum(kDTypeNames, name);
 }
 
 // HF config.json spells dtypes as torch names ("bfloat16").

@@ -50,6 +50,21 @@ struct ModelConfig {
   std::int64_t eos_token_id = 2;
   std::int64_t pad_token_id = -1;  // -1: none
 
+  // A multi-head decoder of these sizes (num_kv_heads = heads, head_dim = hidden / heads); every
+  // other field keeps its default.
+  static ModelConfig decoder(Architecture architecture, std::int64_t vocab, std::int64_t hidden,
+                             std::int64_t intermediate, std::int64_t layers, std::int64_t heads) {
+    ModelConfig config;
+    config.architecture = architecture;
+    config.vocab_size = vocab;
+    config.hidden_size = hidden;
+    config.intermediate_size = intermediate;
+    config.num_layers = layers;
+    config.num_heads = config.num_kv_heads = heads;
+    config.head_dim = heads > 0 ? hidden / heads : 0;
+    return config;
+  }
+
   NormKind norm_kind() const {
     return architecture == Architecture::Llama ? NormKind::RmsNorm : NormKind::LayerNorm;
   }

@@ -193,8 +193,6 @@ class Decoder {
 };
 
 template <class Backend>
-using OrionDecoder = Decoder<LayerNorm, Backend>;
-template <class Backend>
 using LlamaDecoder = Decoder<RMSNorm, Backend>;
 
 }  // namespace kept

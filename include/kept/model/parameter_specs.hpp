@@ -50,11 +50,4 @@ inline std::vector<ParameterSpec> parameter_specs(const ModelConfig& config) {
   return specs;
 }
 
-inline std::int64_t parameter_count(const ModelConfig& config) {
-  std::int64_t count = 0;
-  for (const ParameterSpec& spec : parameter_specs(config))
-    count += spec.shape.numel();
-  return count;
-}
-
 }  // namespace kept

@@ -23,9 +23,8 @@
 namespace kept::xkd {
 
 struct CrossEntropyOptions {
-  std::int64_t token_chunk = 256;
-  std::int64_t vocab_chunk = 0;  // 0 = the whole vocabulary in one slice
-  double normalizer = 0;         // the mean's denominator; 0 = the counted tokens
+  Chunking chunking{};    // tokens per chunk and vocabulary slice (chunked_logits.hpp)
+  double normalizer = 0;  // the mean's denominator; 0 = the counted tokens
 };
 
 struct CrossEntropyResult {
@@ -87,8 +86,7 @@ CrossEntropyResult cross_entropy(Backend& backend, Linear<Backend>& head,
   LogitWorkspace<Backend> local;
   walk_logit_chunks(backend, static_cast<const Linear<Backend>*>(nullptr),
                     MatrixView<const Scalar>(), head, hidden, student_gradients(head, d_hidden),
-                    {options.token_chunk, options.vocab_chunk}, workspace ? *workspace : local,
-                    math);
+                    options.chunking, workspace ? *workspace : local, math);
   return {n > 0 ? math.sums.student_ce / n : 0.0, math.sums.rows, math.sums.student_correct};
 }
 

@@ -35,9 +35,8 @@ namespace kept::xkd {
 
 struct LogitKlOptions {
   double temperature = 1.0;
-  std::int64_t token_chunk = 256;
-  std::int64_t vocab_chunk = 0;  // 0 = the whole vocabulary in one slice
-  double normalizer = 0;         // the mean's denominator; 0 = sum of the token weights
+  Chunking chunking{};    // tokens per chunk and vocabulary slice (chunked_logits.hpp)
+  double normalizer = 0;  // the mean's denominator; 0 = sum of the token weights
 };
 
 // The value of a logit objective and what came free with it.
@@ -106,9 +105,8 @@ LogitLossResult logit_kl(Backend& backend, const Linear<Backend>& teacher_head,
                                     {}};
   LogitWorkspace<Backend> local;
   walk_logit_chunks(backend, &teacher_head, teacher_hidden, student_head, student_hidden,
-                    student_gradients(student_head, d_student_hidden),
-                    {options.token_chunk, options.vocab_chunk}, workspace ? *workspace : local,
-                    math);
+                    student_gradients(student_head, d_student_hidden), options.chunking,
+                    workspace ? *workspace : local, math);
   const double t2 = options.temperature * options.temperature;
   return {n > 0 ? t2 * math.sums.kl / n : 0.0, math.sums.weight, math.sums.rows, math.sums.agree};
 }

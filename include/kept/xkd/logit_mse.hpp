@@ -23,9 +23,8 @@
 namespace kept::xkd {
 
 struct LogitMseOptions {
-  std::int64_t token_chunk = 256;
-  std::int64_t vocab_chunk = 0;  // 0 = the whole vocabulary in one slice
-  double normalizer = 0;         // the mean's denominator; 0 = sum of the token weights
+  Chunking chunking{};    // tokens per chunk and vocabulary slice (chunked_logits.hpp)
+  double normalizer = 0;  // the mean's denominator; 0 = sum of the token weights
 };
 
 namespace detail {
@@ -79,9 +78,8 @@ LogitLossResult logit_mse(Backend& backend, const Linear<Backend>& teacher_head,
       token_weights, static_cast<Scalar>(n > 0 && vocab > 0 ? 1.0 / (vocab * n) : 0.0), {}};
   LogitWorkspace<Backend> local;
   walk_logit_chunks(backend, &teacher_head, teacher_hidden, student_head, student_hidden,
-                    student_gradients(student_head, d_student_hidden),
-                    {options.token_chunk, options.vocab_chunk}, workspace ? *workspace : local,
-                    math);
+                    student_gradients(student_head, d_student_hidden), options.chunking,
+                    workspace ? *workspace : local, math);
   return {n > 0 && vocab > 0 ? math.sums.squared_error / (vocab * n) : 0.0, math.sums.weight,
           math.sums.rows, math.sums.agree};
 }

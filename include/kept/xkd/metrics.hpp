@@ -27,8 +27,7 @@
 namespace kept::xkd {
 
 struct EvalOptions {
-  std::int64_t token_chunk = 256;
-  std::int64_t vocab_chunk = 0;  // 0 = the whole vocabulary in one slice
+  Chunking chunking{};  // tokens per chunk and vocabulary slice (chunked_logits.hpp)
 };
 
 struct EvalSums {
@@ -68,16 +67,6 @@ struct EvalSums {
   double mean_kl() const { return mean(kl); }
   double agreement_rate() const { return mean(static_cast<double>(agree)); }
   double student_accuracy() const { return mean(static_cast<double>(student_correct)); }
-  // exp(mean CE at position k); NaN where no token was counted at k.
-  std::vector<double> student_perplexity_by_position() const {
-    std::vector<double> result(tokens_by_position.size());
-    for (std::size_t k = 0; k < result.size(); ++k)
-      result[k] =
-          tokens_by_position[k]
-              ? std::exp(student_ce_by_position[k] / static_cast<double>(tokens_by_position[k]))
-              : std::nan("");
-    return result;
-  }
 
  private:
   double mean(double sum) const {
@@ -153,8 +142,8 @@ void accumulate_eval(Backend& backend, const Linear<Backend>* teacher_head,
   detail::EvalChunkMath<Backend> math{teacher_head != nullptr, targets, seq, sums, {}, {}};
   LogitWorkspace<Backend> local;
   walk_logit_chunks(backend, teacher_head, teacher_hidden, student_head, student_hidden,
-                    StudentGradients<Backend>{}, {options.token_chunk, options.vocab_chunk},
-                    workspace ? *workspace : local, math);
+                    StudentGradients<Backend>{}, options.chunking, workspace ? *workspace : local,
+                    math);
 }
 
 }  // namespace kept::xkd

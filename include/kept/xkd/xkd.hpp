@@ -16,3 +16,4 @@
 #include "kept/xkd/logit_mse.hpp"
 #include "kept/xkd/loss_kernels.hpp"
 #include "kept/xkd/metrics.hpp"
+#include "kept/xkd/opm_l2.hpp"

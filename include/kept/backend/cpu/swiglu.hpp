@@ -23,11 +23,6 @@
 
 namespace kept::cpu {
 
-template <class T>
-inline T sigmoid(T value) {
-  return vsigmoid(value);
-}
-
 namespace detail {
 
 template <class T>
