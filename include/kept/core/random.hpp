@@ -11,6 +11,8 @@
 #include <numbers>
 #include <string_view>
 
+#include "kept/core/hash.hpp"
+
 namespace kept {
 
 class Random {
@@ -50,10 +52,7 @@ class Random {
   // A seed derived from a base seed and a name (FNV-1a), so each parameter's initial values
   // depend on its name, not on the order parameters are visited in.
   static std::uint64_t derive(std::uint64_t seed, std::string_view name) {
-    std::uint64_t hash = 0xcbf29ce484222325ull ^ seed;
-    for (char c : name)
-      hash = (hash ^ static_cast<unsigned char>(c)) * 0x100000001b3ull;
-    return hash;
+    return fnv1a(name, kFnvOffsetBasis ^ seed);
   }
 
  private:
