@@ -20,133 +20,14 @@
 #include "models.hpp"
 #include "plot.hpp"
 #include "progress.hpp"
+#include "train_metrics.hpp"
+#include "train_setup.hpp"
 
 namespace kept::cli {
 namespace {
 
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
-
-std::string format_double(double value) {
-  char text[40];
-  std::snprintf(text, sizeof text, "%.17g", value);
-  return text;
-}
-
-// metrics.jsonl: one JSON object per line. On resume the lines past the checkpoint's step are
-// dropped (those steps run again), and so is a line cut short by a kill. So is the final
-// evaluation when the checkpoint is the last step: it is logged after that checkpoint and runs
-// again (an intermediate evaluation at a checkpoint step comes before the checkpoint and stays).
-class MetricsLog {
- public:
-  MetricsLog(fs::path path, std::optional<std::int64_t> resume_step, std::int64_t final_step)
-      : path_(std::move(path)) {
-    std::string kept_lines;
-    if (resume_step) {
-      std::ifstream in(path_);
-      std::string line;
-      while (std::getline(in, line)) {
-        nlohmann::json record = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
-        if (record.is_discarded() || !record.is_object() || !record.contains("step")) continue;
-        const std::int64_t step = record["step"].get<std::int64_t>();
-        const bool final_eval = record.value("type", "") == "eval" && step >= final_step;
-        if (step < *resume_step || (step == *resume_step && !final_eval)) kept_lines += line + "\n";
-      }
-    }
-    write_file_atomically(path_, kept_lines);
-    file_ = std::fopen(path_.c_str(), "a");
-    KEPT_CHECK(file_ != nullptr, path_.string(), ": cannot open for appending");
-  }
-  MetricsLog(const MetricsLog&) = delete;
-  MetricsLog& operator=(const MetricsLog&) = delete;
-  ~MetricsLog() {
-    if (file_) std::fclose(file_);
-  }
-  void write(const nlohmann::json& record) {
-    const std::string line = record.dump() + "\n";
-    KEPT_CHECK(
-        std::fwrite(line.data(), 1, line.size(), file_) == line.size() && std::fflush(file_) == 0,
-        path_.string(), ": write failed (disk full?)");
-  }
-
- private:
-  fs::path path_;
-  std::FILE* file_ = nullptr;
-};
-
-// The trained model's config: the student's, with the output dtype the job asks for.
-ModelConfig output_config(const ModelConfig& student, const std::string& dtype) {
-  ModelConfig config = student;
-  if (dtype == "f32") config.dtype = DType::F32;
-  if (dtype == "bf16") config.dtype = DType::BF16;
-  if (dtype == "f16") config.dtype = DType::F16;
-  return config;
-}
-
-void check_compatible(const TrainJob& job, const ModelConfig& student, const ModelConfig& teacher) {
-  const std::string where = job.file.string();
-  const bool logits = job.objective == Objective::XkdLogit ||
-                      job.objective == Objective::XkdLogitMse ||
-                      (job.objective == Objective::NormOnly && job.norm_only_loss == "xkd-logit");
-  if (logits)
-    KEPT_CHECK(student.vocab_size == teacher.vocab_size, where, ": objective \"",
-               objective_name(job.objective),
-               "\" compares logits, but the student's vocabulary has ", student.vocab_size,
-               " entries and the teacher's ", teacher.vocab_size);
-  if (job.objective == Objective::XkdHidden || job.objective == Objective::NormOnly) {
-    KEPT_CHECK(student.hidden_size == teacher.hidden_size, where, ": objective \"",
-               objective_name(job.objective),
-               "\" compares hidden states, but the student's hidden size is ", student.hidden_size,
-               " and the teacher's ", teacher.hidden_size);
-    KEPT_CHECK(student.num_layers == teacher.num_layers, where, ": objective \"",
-               objective_name(job.objective), "\" compares layer by layer, but the student has ",
-               student.num_layers, " layers and the teacher ", teacher.num_layers);
-  }
-  if (job.objective == Objective::NormOnly && job.norm_only_loss == "opm-l2")
-    KEPT_CHECK(
-        teacher.norm_kind() == NormKind::LayerNorm && student.norm_kind() == NormKind::RmsNorm,
-        where,
-        ": norm-only with loss \"opm-l2\" fits RMSNorm weights to a LayerNorm teacher; the teacher "
-        "is ",
-        architecture_name(teacher.architecture), " and the student ",
-        architecture_name(student.architecture));
-}
-
-// What a checkpoint's config_hash covers: the job less the fields a resumed run may change,
-// namely the learning-rate schedule (the advice after a non-finite loss is to resume with a
-// lower rate), the step budget, where the run lives, and bookkeeping (logging, evaluation and
-// checkpoint cadence, the final dtype). The model, the data order and the update rule stay in.
-nlohmann::json resume_identity(const TrainJob& job) {
-  nlohmann::json json = job.to_json();
-  json["optimizer"].erase("lr");
-  for (const char* key :
-       {"schedule", "steps", "output", "log_every", "eval", "checkpoint", "output_dtype"})
-    json.erase(key);
-  return json;
-}
-
-// Refuses to overwrite a run unless resuming or forced.
-void check_output(const fs::path& output, const TrainOptions& options) {
-  std::error_code error;
-  const bool has_run =
-      fs::exists(output / "metrics.jsonl", error) || fs::exists(output / "checkpoints", error);
-  if (has_run && !options.resume && !options.force)
-    fail(output.string(),
-         ": holds a training run already; pass --resume to continue it, or --force to start over");
-}
-
-// Prepares the output directory, once the job's inputs have loaded: with --force, a failed start
-// must not have destroyed the run it would replace.
-void prepare_output(const fs::path& output, const TrainOptions& options) {
-  check_output(output, options);
-  std::error_code error;
-  if (options.force && !options.resume) {
-    for (const char* name : {"checkpoints", "metrics.jsonl", "final", "loss.png", "summary.json"})
-      fs::remove_all(output / name, error);
-  }
-  fs::create_directories(output, error);
-  KEPT_CHECK(!error, output.string(), ": cannot create the output directory: ", error.message());
-}
 
 // The run itself, once the models are loaded: the student and teacher types are concrete.
 template <class Student, class Teacher>
