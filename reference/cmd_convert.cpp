@@ -45,23 +45,12 @@ void run(const Options& options) {
   std::optional<TokenizerSource> tokenizer;
   if (has_tokenizer) tokenizer = read_tokenizer_source(source_dir);
   HfTokenizerOptions tokenizer_options = tokenizer_options_for(source_config);
-  if (options.chat_template == "none") {
-    tokenizer_options.drop_chat_template = true;
-  } else if (options.chat_template == "orion") {
-    tokenizer_options.chat_template = std::string(kOrionChatTemplate);
-  } else if (options.chat_template != "auto") {
-    tokenizer_options.chat_template =
-        detail::read_text_file(options.chat_template, kMaxTokenizerConfigBytes);
-    KEPT_CHECK(!tokenizer_options.chat_template.empty(), options.chat_template,
-               ": the chat template file is empty");
-  }
+  choose_chat_template(tokenizer_options, options.chat_template);
   if (tokenizer) {
-    KEPT_CHECK(tokenizer->model.size() <= source_config.vocab_size, tokenizer->model_file.string(),
-               ": the tokenizer has ", tokenizer->model.size(), " pieces but ",
-               (source_dir / "config.json").string(), " has a vocabulary of ",
-               source_config.vocab_size, "; they do not belong together");
+    check_tokenizer_fits(*tokenizer, source_config.vocab_size,
+                         (source_dir / "config.json").string());
     // Fails here, before any tensor is written, if the tokenizer cannot be expressed.
-    build_tokenizer_json(tokenizer->model, tokenizer->model_file.string(), false, false);
+    check_tokenizer_supported(tokenizer->model, tokenizer->model_file.string());
   }
 
   // Refuse an existing DST before any work (AtomicDirectory checks again at commit).

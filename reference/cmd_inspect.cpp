@@ -52,9 +52,7 @@ void report_tokenizer(const std::filesystem::path& dir, const ModelConfig& confi
                                   : "yes";
   std::printf("  without remote code  %s%s\n", loads,
               source.chat_template.empty() ? "" : "; has a chat template");
-  KEPT_CHECK(model.size() <= config.vocab_size, (dir / "tokenizer.model").string(),
-             ": the tokenizer has ", model.size(), " pieces but config.json has a vocabulary of ",
-             config.vocab_size, "; they do not belong together");
+  check_tokenizer_fits(source, config.vocab_size, (dir / "config.json").string());
 }
 
 }  // namespace

@@ -96,14 +96,9 @@ void register_tokenizer(CLI::App& app) {
     if (!options->from.empty()) {
       const TokenizerSource source = read_tokenizer_source(options->from);
       HfTokenizerOptions hf;
-      if (options->chat_template == "none")
-        hf.drop_chat_template = true;
-      else if (options->chat_template == "orion")
-        hf.chat_template = std::string(kOrionChatTemplate);
-      else if (!options->chat_template.empty())
-        hf.chat_template = detail::read_text_file(options->chat_template, kMaxTokenizerConfigBytes);
-      // Everything is checked and built before the output directory is touched.
-      build_tokenizer_json(source.model, source.model_file.string(), false, false);
+      choose_chat_template(hf, options->chat_template);
+      // Everything is checked before the output directory is touched.
+      check_tokenizer_supported(source.model, source.model_file.string());
       std::error_code error;
       std::filesystem::create_directories(options->output, error);
       KEPT_CHECK(!error, options->output, ": cannot create: ", error.message());

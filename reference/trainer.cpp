@@ -3,10 +3,8 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <fstream>
 #include <limits>
 #include <map>
-#include <sstream>
 
 #include "corpus.hpp"
 #include "kept/io/atomic_file.hpp"

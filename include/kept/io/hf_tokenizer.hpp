@@ -151,6 +151,20 @@ inline HfTokenizerOptions tokenizer_options_for(const ModelConfig& config) {
   return options;
 }
 
+// Applies a `--chat-template` choice: "" or "auto" keeps the source's, "none" drops it, "orion"
+// is kOrionChatTemplate, anything else names a Jinja file (which must not be empty).
+inline void choose_chat_template(HfTokenizerOptions& options, const std::string& choice) {
+  if (choice.empty() || choice == "auto") return;
+  if (choice == "none") {
+    options.drop_chat_template = true;
+  } else if (choice == "orion") {
+    options.chat_template = std::string(kOrionChatTemplate);
+  } else {
+    options.chat_template = detail::read_text_file(choice, kMaxTokenizerConfigBytes);
+    KEPT_CHECK(!options.chat_template.empty(), choice, ": the chat template file is empty");
+  }
+}
+
 struct HfTokenizerReport {
   std::string tokenizer_class;
   std::string class_reason;  // why not LlamaTokenizer, when it is not
@@ -232,9 +246,9 @@ inline std::string llama_tokenizer_mismatch(const SentencePieceModel& model) {
 
 // The tokenizer.json of `model` (see the top of this file). `add_bos` / `add_eos` go into the
 // post-processor.
-inline nlohmann::json build_tokenizer_json(const SentencePieceModel& model,
-                                           const std::string& where, bool add_bos, bool add_eos) {
-  using nlohmann::json;
+// Checks, without building anything, that kept can write a tokenizer.json for `model`; commands
+// call it before any long work, build_tokenizer_json calls it again.
+inline void check_tokenizer_supported(const SentencePieceModel& model, const std::string& where) {
   KEPT_CHECK(model.kind == SentencePieceModel::Kind::Bpe, where, ": a ",
              sentencepiece_kind_name(model.kind),
              " SentencePiece model; kept writes HF tokenizers for BPE models (Orion's, Llama's "
@@ -242,6 +256,21 @@ inline nlohmann::json build_tokenizer_json(const SentencePieceModel& model,
   KEPT_CHECK(!model.treat_whitespace_as_suffix, where,
              ": trainer_spec.treat_whitespace_as_suffix is set; kept's tokenizer.json supports "
              "only the prefix form Llama uses");
+}
+
+// Checks that every id the tokenizer can produce is a row of the model's embedding;
+// `config_where` names the model's config.json.
+inline void check_tokenizer_fits(const TokenizerSource& source, std::int64_t model_vocab_size,
+                                 const std::string& config_where) {
+  KEPT_CHECK(source.model.size() <= model_vocab_size, source.model_file.string(),
+             ": the tokenizer has ", source.model.size(), " pieces but ", config_where,
+             " has a vocabulary of ", model_vocab_size, "; they do not belong together");
+}
+
+inline nlohmann::json build_tokenizer_json(const SentencePieceModel& model,
+                                           const std::string& where, bool add_bos, bool add_eos) {
+  using nlohmann::json;
+  check_tokenizer_supported(model, where);
   using Type = SentencePiece::Type;
   json vocab = json::object();
   std::unordered_map<std::string, std::int64_t> ids;
