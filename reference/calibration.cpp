@@ -34,7 +34,7 @@ NormCalibration calibrate_source(const CheckpointReader& source, const ModelConf
                                  const CalibrationData& data) {
   Cpu cpu;
   Decoder<LayerNorm, Cpu> model(cpu, config);
-  load_weights(model, source);
+  load_weights(cpu, model, source);
   ProgressLine progress("calibrate");
   NormCalibration calibration = calibrate_norms(
       cpu, model, data.tokens, data.seq_len, data.batch,
@@ -53,8 +53,8 @@ Fidelity measure_fidelity(const std::filesystem::path& source_dir,
   const ModelConfig converted_config = read_hf_config(converted_dir / "config.json");
   Decoder<LayerNorm, Cpu> source(cpu, source_config);
   Decoder<RMSNorm, Cpu> converted(cpu, converted_config);
-  load_weights(source, CheckpointReader::open(source_dir));
-  load_weights(converted, CheckpointReader::open(converted_dir));
+  load_weights(cpu, source, CheckpointReader::open(source_dir));
+  load_weights(cpu, converted, CheckpointReader::open(converted_dir));
   const xkd::EvalSums sums =
       compare_models(cpu, source, converted, data.tokens, data.seq_len, data.batch);
   Fidelity fidelity;

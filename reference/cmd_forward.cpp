@@ -56,7 +56,7 @@ void run_forward(const std::string& model_dir, const std::string& input, const s
   Backend backend;
   AnyDecoder<Backend> model = make_decoder(backend, config);
   with_decoder(model, [&](auto& decoder) {
-    load_weights(decoder, CheckpointReader::open(model_dir));
+    load_weights(backend, decoder, CheckpointReader::open(model_dir));
     typename std::remove_reference_t<decltype(decoder)>::Activations acts;
     decoder.forward(backend, tokens.ids, tokens.batch, tokens.seq, acts, ForwardMode::Inference,
                     hidden_states);

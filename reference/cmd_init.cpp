@@ -45,8 +45,8 @@ void register_init(CLI::App& app) {
     Cpu cpu;
     AnyDecoder<Cpu> model = make_decoder(cpu, config);
     with_decoder(model, [&](auto& decoder) {
-      init_parameters(decoder, {.seed = options->seed, .std = options->init_std});
-      save_pretrained(decoder, config, options->output, options->force);
+      init_parameters(cpu, decoder, {.seed = options->seed, .std = options->init_std});
+      save_pretrained(cpu, decoder, config, options->output, options->force);
     });
     std::printf("wrote %s: %s, %lld layers, hidden %lld, vocab %lld, %s\n", options->output.c_str(),
                 architecture_name(config.architecture), static_cast<long long>(config.num_layers),

@@ -25,7 +25,7 @@ inline LoadedModel load_model(Cpu& cpu, const std::filesystem::path& directory) 
   const ModelConfig config = read_hf_config(directory / "config.json");
   LoadedModel loaded{directory, config, make_decoder(cpu, config)};
   const CheckpointReader reader = CheckpointReader::open(directory);
-  with_decoder(loaded.model, [&](auto& decoder) { load_weights(decoder, reader); });
+  with_decoder(loaded.model, [&](auto& decoder) { load_weights(cpu, decoder, reader); });
   return loaded;
 }
 

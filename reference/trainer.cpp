@@ -66,7 +66,7 @@ class Run {
     std::optional<std::int64_t> resumed_step;
     if (options_.resume) {
       if (auto latest = latest_checkpoint(checkpoints)) {
-        state = load_checkpoint(*latest, params, optimizer, hash);
+        state = load_checkpoint(cpu_, *latest, params, optimizer, hash);
         loader_.restore(state.loader, (*latest / "trainer.json").string());
         resumed_step = state.step;
         std::fprintf(stderr, "resuming %s from %s (step %lld)\n", output_.c_str(), latest->c_str(),
@@ -97,7 +97,7 @@ class Run {
       }
       const double clip =
           job_.clip_grad_norm > 0 ? job_.clip_grad_norm : std::numeric_limits<double>::infinity();
-      const double grad_norm = clip_grad_norm(params, clip);
+      const double grad_norm = clip_grad_norm(cpu_, params, clip);
       if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
         progress.finish();
         fail("step ", state.step + 1, ": the ", std::isfinite(loss) ? "gradient norm" : "loss",
@@ -114,7 +114,7 @@ class Run {
       }
       const double lr = schedule.lr(state.step);
       optimizer.set_lr(lr);
-      optimizer.step(params);
+      optimizer.step(cpu_, params);
       ++state.step;
       state.tokens_seen += tokens;
       tokens_this_session += tokens;
@@ -146,7 +146,7 @@ class Run {
       if (job_.checkpoint_every > 0 && state.step % job_.checkpoint_every == 0) {
         state.loader = loader_.state();
         try {
-          last_checkpoint = save_checkpoint(checkpoints, state, params, optimizer,
+          last_checkpoint = save_checkpoint(cpu_, checkpoints, state, params, optimizer,
                                             static_cast<std::size_t>(job_.checkpoint_keep));
         } catch (const Error& error) {
           progress.finish();
@@ -173,7 +173,7 @@ class Run {
     }
     result.final_model = output_ / "final";
     const ModelConfig final_config = output_config(student_config_, job_.output_dtype);
-    save_pretrained(student_, final_config, result.final_model, /*force=*/true,
+    save_pretrained(cpu_, student_, final_config, result.final_model, /*force=*/true,
                     [&](const fs::path& directory) {
                       write_hf_tokenizer(read_tokenizer_source(tokenizer_.path()), directory,
                                          tokenizer_options_for(final_config));
@@ -215,7 +215,7 @@ class Run {
 
     student_.forward(cpu_, batch.inputs, batch.batch, batch.seq, student_acts_,
                      ForwardMode::Training);
-    cpu_.ensure(d_hidden_, hidden_shape);
+    cpu_.ensure(d_hidden_, DType::F32, hidden_shape);
     cpu_.fill_zero(d_hidden_);
     MatrixView<float> d_hidden = as_matrix<float>(d_hidden_);
     const auto student_hidden = as_matrix<const float>(student_acts_.hidden);
@@ -393,7 +393,7 @@ TrainResult run_training(const TrainJob& job, const TrainOptions& options) {
     student_config = read_hf_config(job.init_config);
     student.emplace(LoadedModel{"", student_config, make_decoder(cpu, student_config)});
     with_decoder(student->model, [&](auto& model) {
-      init_parameters(model, {.seed = job.init_seed, .std = job.init_std});
+      init_parameters(cpu, model, {.seed = job.init_seed, .std = job.init_std});
     });
   }
   if (teacher) check_compatible(job, student_config, teacher->config);

@@ -1,7 +1,8 @@
 // kept_ops: the op registry's driver (ggml's test-backend-ops, with kept's a-priori bounds).
 //
 //   kept_ops              every op case on every available backend against Cpu64: the fp32
-//                         backend within the case's derived bound (tests/ops/op_cases.hpp), every
+//                         and bf16 backends (Cpu, CpuBf16) within the case's derived bound
+//                         (tests/ops/op_cases.hpp), every
 //                         backend bit-identical when run twice, no input written, and guard
 //                         elements before and after every buffer untouched
 //   kept_ops --grad       finite-difference gradient checks in float64 of every differentiable op
@@ -14,8 +15,11 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <optional>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "ops/op_cases.hpp"
@@ -32,14 +36,29 @@ using kept::ops::OpCase;
 
 constexpr std::size_t kGuard = 16;
 
+template <class T>
+T from_double(double value) {
+  if constexpr (std::is_same_v<T, kept::bf16>)
+    return kept::to_bf16(static_cast<float>(value));
+  else
+    return static_cast<T>(value);
+}
+template <class T>
+double to_double(T value) {
+  if constexpr (std::is_same_v<T, kept::bf16>)
+    return static_cast<double>(kept::to_float(value));
+  else
+    return static_cast<double>(value);
+}
+
 // A buffer with guard elements on both sides, filled with a byte pattern no op writes.
 template <class T>
 class Guarded {
  public:
   explicit Guarded(const std::vector<double>& values) : storage_(values.size() + 2 * kGuard) {
-    std::memset(storage_.data(), 0xA5, storage_.size() * sizeof(T));
+    std::memset(static_cast<void*>(storage_.data()), 0xA5, storage_.size() * sizeof(T));
     for (std::size_t i = 0; i < values.size(); ++i)
-      storage_[kGuard + i] = static_cast<T>(values[i]);
+      storage_[kGuard + i] = from_double<T>(values[i]);
   }
   T* data() { return storage_.data() + kGuard; }
   std::size_t size() const { return storage_.size() - 2 * kGuard; }
@@ -52,35 +71,45 @@ class Guarded {
     return true;
   }
   std::vector<double> values() const {
-    return std::vector<double>(storage_.begin() + kGuard, storage_.end() - kGuard);
+    std::vector<double> out;
+    for (std::size_t i = kGuard; i < kGuard + size(); ++i)
+      out.push_back(to_double(storage_[i]));
+    return out;
   }
 
  private:
   std::vector<T> storage_;
 };
 
-template <class T>
+// A guarded buffer of the bf16 run: bf16 or fp32 by its role.
+class RoleBuffer {
+ public:
+  RoleBuffer(const std::vector<double>& values, bool bf16) {
+    if (bf16)
+      half_.emplace(values);
+    else
+      single_.emplace(values);
+  }
+  void* data() { return half_ ? static_cast<void*>(half_->data()) : single_->data(); }
+  kept::DType dtype() const { return half_ ? kept::DType::BF16 : kept::DType::F32; }
+  bool guards_intact() const { return half_ ? half_->guards_intact() : single_->guards_intact(); }
+  std::vector<double> values() const { return half_ ? half_->values() : single_->values(); }
+
+ private:
+  std::optional<Guarded<kept::bf16>> half_;
+  std::optional<Guarded<float>> single_;
+};
+
 struct Run {
   Buffers outputs;
   std::string problem;  // "" when the buffers are sound
 };
 
-template <class T, class Backend, class Runner>
-Run<T> run_case(Backend& backend, const Runner& runner, const OpCase& op, const Buffers& inputs,
-                const Buffers& initial) {
-  std::vector<Guarded<T>> in, out;
-  for (const auto& v : inputs)
-    in.emplace_back(v);
-  for (const auto& v : initial)
-    out.emplace_back(v);
-  std::vector<const T*> in_ptr;
-  std::vector<T*> out_ptr;
-  for (auto& g : in)
-    in_ptr.push_back(g.data());
-  for (auto& g : out)
-    out_ptr.push_back(g.data());
-  runner(backend, in_ptr, out_ptr);
-  Run<T> run;
+// Guards intact, inputs unchanged; collects the outputs.
+template <class Buffer>
+Run inspect(const OpCase& op, const std::vector<Buffer>& in, const std::vector<Buffer>& out,
+            const Buffers& inputs) {
+  Run run;
   for (std::size_t i = 0; i < in.size(); ++i) {
     if (!in[i].guards_intact())
       run.problem += "guard around input " + op.input_names[i] + " written; ";
@@ -100,6 +129,43 @@ Run<T> run_case(Backend& backend, const Runner& runner, const OpCase& op, const 
   return run;
 }
 
+template <class T, class Backend, class Runner>
+Run run_case(Backend& backend, const Runner& runner, const OpCase& op, const Buffers& inputs,
+             const Buffers& initial) {
+  std::vector<Guarded<T>> in, out;
+  for (const auto& v : inputs)
+    in.emplace_back(v);
+  for (const auto& v : initial)
+    out.emplace_back(v);
+  std::vector<const T*> in_ptr;
+  std::vector<T*> out_ptr;
+  for (auto& g : in)
+    in_ptr.push_back(g.data());
+  for (auto& g : out)
+    out_ptr.push_back(g.data());
+  runner(backend, in_ptr, out_ptr);
+  return inspect(op, in, out, inputs);
+}
+
+Run run_case_bf16(kept::CpuBf16& backend, const OpCase& op, const Buffers& inputs,
+                  const Buffers& initial) {
+  using kept::ops::role_of;
+  using kept::ops::stored_bf16;
+  std::vector<RoleBuffer> in, out;
+  for (std::size_t i = 0; i < inputs.size(); ++i)
+    in.emplace_back(inputs[i], stored_bf16(role_of(op.op, op.input_names[i])));
+  for (std::size_t i = 0; i < initial.size(); ++i)
+    out.emplace_back(initial[i], stored_bf16(role_of(op.op, op.output_names[i])));
+  std::vector<kept::ops::Slot<true>> in_slots;
+  std::vector<kept::ops::Slot<false>> out_slots;
+  for (auto& b : in)
+    in_slots.push_back({b.data(), b.dtype()});
+  for (auto& b : out)
+    out_slots.push_back({b.data(), b.dtype()});
+  op.run_bf16(backend, in_slots, out_slots);
+  return inspect(op, in, out, inputs);
+}
+
 bool same_bits(const Buffers& a, const Buffers& b) {
   for (std::size_t i = 0; i < a.size(); ++i)
     if (std::memcmp(a[i].data(), b[i].data(), a[i].size() * sizeof(double)) != 0) return false;
@@ -111,13 +177,57 @@ struct Tally {
   void report(bool ok, const char* backend, const std::string& name, const std::string& detail) {
     (ok ? passed : failed)++;
     if (std::string(backend) == "cpu") (ok ? fp32_passed : fp32_failed)++;
-    std::printf("%-4s %-6s %-62s %s\n", ok ? "ok" : "FAIL", backend, name.c_str(), detail.c_str());
+    std::printf("%-4s %-8s %-62s %s\n", ok ? "ok" : "FAIL", backend, name.c_str(), detail.c_str());
   }
 };
 
 std::string g_inject;  // --inject
 
+// The worst error/bound over all outputs, and where it is.
+std::pair<double, std::string> worst_ratio(const OpCase& op, const Buffers& got,
+                                           const Buffers& reference, const Buffers& bounds) {
+  double worst = 0;
+  std::string where;
+  for (std::size_t o = 0; o < got.size(); ++o)
+    for (std::size_t e = 0; e < got[o].size(); ++e) {
+      const double error = std::abs(got[o][e] - reference[o][e]);
+      const double ratio = error == 0 ? 0 : bounds[o][e] > 0 ? error / bounds[o][e] : INFINITY;
+      if (!(ratio <= worst)) {
+        worst = ratio;
+        char text[200];
+        std::snprintf(text, sizeof text, "%s[%zu]: |%.9g - %.9g| = %.3g vs bound %.3g",
+                      op.output_names[o].c_str(), e, got[o][e], reference[o][e], error,
+                      bounds[o][e]);
+        where = text;
+      }
+    }
+  return {worst, where};
+}
+
+// Runs a backend twice and checks it against the reference within `bounds`.
+template <class Once>
+void check_backend(const char* name, const OpCase& op, const Once& once, const Buffers& reference,
+                   const Buffers& bounds, Tally& tally) {
+  try {
+    const Run got = once();
+    const Run got_again = once();
+    std::string problem = got.problem;
+    if (!same_bits(got.outputs, got_again.outputs)) problem += "two runs differ; ";
+    const auto [worst, where] = worst_ratio(op, got.outputs, reference, bounds);
+    char summary[64];
+    std::snprintf(summary, sizeof summary, "error/bound %.3f", worst);
+    const bool ok = problem.empty() && worst <= 1.0;
+    tally.report(ok, name, op.name(), ok ? summary : problem + (worst > 1.0 ? where : ""));
+  } catch (const std::exception& error) {
+    tally.report(false, name, op.name(), std::string("threw: ") + error.what());
+  }
+}
+
 void check_case(OpCase op, std::uint64_t seed, Tally& tally) {
+  using kept::ops::kBf16Unit;
+  using kept::ops::role_of;
+  using kept::ops::round_bf16;
+  using kept::ops::stored_bf16;
   if (!g_inject.empty()) {
     auto runner = op.run32;
     op.run32 = [runner, op](kept::Cpu& b, const std::vector<const float*>& in,
@@ -134,40 +244,46 @@ void check_case(OpCase op, std::uint64_t seed, Tally& tally) {
   op.generate(random, inputs, initial);
   kept::Cpu64 cpu64;
   kept::Cpu cpu;
+  kept::CpuBf16 cpu_bf16;
+  Run reference;
   try {
-    const Run<double> reference = run_case<double>(cpu64, op.run64, op, inputs, initial);
-    const Run<double> again = run_case<double>(cpu64, op.run64, op, inputs, initial);
+    reference = run_case<double>(cpu64, op.run64, op, inputs, initial);
+    const Run again = run_case<double>(cpu64, op.run64, op, inputs, initial);
     std::string problem = reference.problem;
     if (!same_bits(reference.outputs, again.outputs)) problem += "two runs differ; ";
     tally.report(problem.empty(), "cpu64", op.name(),
                  problem.empty() ? "guards, determinism" : problem);
-
-    const Run<float> got = run_case<float>(cpu, op.run32, op, inputs, initial);
-    const Run<float> got_again = run_case<float>(cpu, op.run32, op, inputs, initial);
-    problem = got.problem;
-    if (!same_bits(got.outputs, got_again.outputs)) problem += "two runs differ; ";
-    const Buffers bounds = op.bound(inputs, initial, reference.outputs);
-    double worst = 0;  // max |error| / bound over all outputs
-    std::string where;
-    for (std::size_t o = 0; o < got.outputs.size(); ++o)
-      for (std::size_t e = 0; e < got.outputs[o].size(); ++e) {
-        const double error = std::abs(got.outputs[o][e] - reference.outputs[o][e]);
-        const double ratio = error == 0 ? 0 : bounds[o][e] > 0 ? error / bounds[o][e] : INFINITY;
-        if (!(ratio <= worst)) {
-          worst = ratio;
-          char text[200];
-          std::snprintf(text, sizeof text, "%s[%zu]: |%.9g - %.9g| = %.3g vs bound %.3g",
-                        op.output_names[o].c_str(), e, got.outputs[o][e], reference.outputs[o][e],
-                        error, bounds[o][e]);
-          where = text;
-        }
-      }
-    char summary[64];
-    std::snprintf(summary, sizeof summary, "error/bound %.3f", worst);
-    const bool ok = problem.empty() && worst <= 1.0;
-    tally.report(ok, "cpu", op.name(), ok ? summary : problem + (worst > 1.0 ? where : ""));
   } catch (const std::exception& error) {
-    tally.report(false, "cpu", op.name(), std::string("threw: ") + error.what());
+    tally.report(false, "cpu64", op.name(), std::string("threw: ") + error.what());
+    return;
+  }
+
+  check_backend(
+      "cpu", op, [&] { return run_case<float>(cpu, op.run32, op, inputs, initial); },
+      reference.outputs, op.bound(inputs, initial, reference.outputs), tally);
+
+  // bf16: round the bf16 buffers' values first; the reference runs on the rounded values.
+  Buffers inputs16 = inputs, initial16 = initial;
+  for (std::size_t i = 0; i < inputs16.size(); ++i)
+    if (stored_bf16(role_of(op.op, op.input_names[i])))
+      for (double& v : inputs16[i])
+        v = round_bf16(v);
+  for (std::size_t i = 0; i < initial16.size(); ++i)
+    if (stored_bf16(role_of(op.op, op.output_names[i])))
+      for (double& v : initial16[i])
+        v = round_bf16(v);
+  try {
+    const Run reference16 = run_case<double>(cpu64, op.run64, op, inputs16, initial16);
+    Buffers bounds = op.bound(inputs16, initial16, reference16.outputs);
+    for (std::size_t o = 0; o < bounds.size(); ++o)
+      if (stored_bf16(role_of(op.op, op.output_names[o])))
+        for (std::size_t e = 0; e < bounds[o].size(); ++e)
+          bounds[o][e] += kBf16Unit * (std::abs(reference16.outputs[o][e]) + bounds[o][e]);
+    check_backend(
+        "cpu-bf16", op, [&] { return run_case_bf16(cpu_bf16, op, inputs16, initial16); },
+        reference16.outputs, bounds, tally);
+  } catch (const std::exception& error) {
+    tally.report(false, "cpu-bf16", op.name(), std::string("threw: ") + error.what());
   }
 }
 
@@ -442,7 +558,8 @@ int main(int argc, char** argv) {
     for (const OpCase& op : kept::ops::all_op_cases()) {
       if (!filter.empty() && op.name().find(filter) == std::string::npos) continue;
       if (list) {
-        std::printf("%s cpu64\n%s cpu\n", op.name().c_str(), op.name().c_str());
+        for (const char* backend : {"cpu64", "cpu", "cpu-bf16"})
+          std::printf("%s %s\n", op.name().c_str(), backend);
         continue;
       }
       check_case(op, seed, tally);

@@ -16,10 +16,13 @@ void set_runners(OpCase& c, Fn fn) {
   c.run64 = [fn](Cpu64& b, const std::vector<const double*>& in, const std::vector<double*>& out) {
     fn(b, in, out);
   };
+  c.run_bf16 = [fn](CpuBf16& b, const std::vector<Slot<true>>& in,
+                    const std::vector<Slot<false>>& out) { fn(b, in, out); };
 }
 
-template <class T>
-using ScalarOf = std::remove_cvref_t<T>;
+// The backend a generic runner was called with.
+template <class B>
+using BackendOf = std::remove_cvref_t<B>;
 
 // ---- elementwise -----------------------------------------------------------------------------
 // add: out = a + b, one rounding: n = 1, M = |a| + |b|. accumulate: out += a, M = |a| + |out0|.
@@ -64,7 +67,8 @@ void bias_cases(std::vector<OpCase>& cases) {
       out = {draw(r, rows * cols, 1.0)};
     };
     set_runners(c, [rows, cols](auto& b, const auto& in, const auto& out) {
-      b.add_bias(MatrixView(out[0], rows, cols), in[0]);
+      using B = BackendOf<decltype(b)>;
+      b.add_bias(MatrixView<typename B::Activation>(out[0], rows, cols), in[0]);
     });
     c.bound = [rows, cols](const Buffers& in, const Buffers& init, const Buffers& ref) {
       std::vector<double> m(static_cast<std::size_t>(rows * cols));
@@ -80,7 +84,8 @@ void bias_cases(std::vector<OpCase>& cases) {
       out = {draw(r, cols, 1.0)};
     };
     set_runners(d, [rows, cols](auto& b, const auto& in, const auto& out) {
-      b.bias_backward(MatrixView(in[0], rows, cols), out[0]);
+      using B = BackendOf<decltype(b)>;
+      b.bias_backward(MatrixView<const typename B::Activation>(in[0], rows, cols), out[0]);
     });
     d.bound = [rows, cols](const Buffers& in, const Buffers& init, const Buffers& ref) {
       std::vector<double> m(static_cast<std::size_t>(cols));
@@ -126,12 +131,15 @@ void gemm_cases(std::vector<OpCase>& cases) {
       out = {draw(r, d.m * d.n, 1.0)};
     };
     set_runners(c, [=](auto& b, const auto& in, const auto& out) {
-      using T = ScalarOf<decltype(*out[0])>;
-      b.gemm(MatrixView<const T>(in[0], a_rows, a_cols, a_cols + pad),
+      // The linear layer's forward types: Activation x Param -> Activation.
+      using B = BackendOf<decltype(b)>;
+      using A = typename B::Activation;
+      using S = typename B::Stat;
+      b.gemm(MatrixView<const A>(in[0], a_rows, a_cols, a_cols + pad),
              d.ta ? Transpose::Yes : Transpose::No,
-             MatrixView<const T>(in[1], b_rows, b_cols, b_cols + pad),
-             d.tb ? Transpose::Yes : Transpose::No, MatrixView<T>(out[0], d.m, d.n),
-             static_cast<T>(d.alpha), static_cast<T>(d.beta));
+             MatrixView<const typename B::Param>(in[1], b_rows, b_cols, b_cols + pad),
+             d.tb ? Transpose::Yes : Transpose::No, MatrixView<A>(out[0], d.m, d.n),
+             static_cast<S>(d.alpha), static_cast<S>(d.beta));
     });
     c.bound = [=](const Buffers& in, const Buffers& init, const Buffers& ref) {
       auto a = [&](std::int64_t i, std::int64_t l) {
@@ -215,7 +223,7 @@ void norm_cases(std::vector<OpCase>& cases) {
         if (layer) out.push_back(draw(r, rows, 1.0));
       };
       set_runners(f, [=](auto& b, const auto& in, const auto& out) {
-        using T = ScalarOf<decltype(*out[0])>;
+        using T = typename BackendOf<decltype(b)>::Stat;
         if (layer)
           b.layernorm_forward(in[0], in[1], in[2], out[0], out[1], out[2], rows, cols, T(1e-5));
         else
@@ -352,7 +360,7 @@ void rope_cases(std::vector<OpCase>& cases) {
       set_runners(c, [=](auto& b, const auto& in, const auto& out) {
         using B = std::remove_cvref_t<decltype(b)>;
         b.copy(in[0], out[0], count);
-        const typename B::RopeTable table(d.head_dim, 1e4, d.seq);
+        const typename B::RopeTable table = b.rope_table(d.head_dim, 1e4, d.seq);
         b.rope(out[0], d.batch, d.seq, d.heads, table, direction);
       });
       c.bound = [=](const Buffers& in, const Buffers&, const Buffers& ref) {

@@ -13,6 +13,15 @@
 // c is 4 everywhere except where a comment derives more: it covers the few extra roundings of
 // scale factors (rstd, 1/sum, the vectorised exp within 1 ulp) on top of the sums. The derivations,
 // op by op, are next to each case.
+//
+// CpuBf16 (kept/backend/cpu_bf16.hpp) runs every case too. Each buffer has the role its name
+// gives it in the precision policy (role_of below: weights and tables are Param, parameter
+// gradients Grad, mean/rstd/lse Stat, everything else Activation), so its Activation and Param
+// buffers are bf16 and the rest fp32. Those bf16 inputs and initial outputs are rounded first and
+// the float64 reference runs on the rounded values; CpuBf16 then computes in fp32 and rounds each
+// bf16 output once, so its bound is the fp32 bound plus one bf16 rounding, u_bf16 = 2^-8:
+//   |ybf16_i - y64_i| <= b32_i + u_bf16 (|y64_i| + b32_i)          (bf16 outputs)
+//   |ybf16_i - y64_i| <= b32_i                                     (fp32 outputs)
 #pragma once
 
 #include <algorithm>
@@ -23,6 +32,7 @@
 #include <vector>
 
 #include "kept/backend/cpu.hpp"
+#include "kept/backend/cpu_bf16.hpp"
 #include "kept/core/random.hpp"
 
 namespace kept::ops {
@@ -40,6 +50,41 @@ template <class T>
 using Runner =
     std::function<void(CpuBackend<T>&, const std::vector<const T*>&, const std::vector<T*>&)>;
 
+// A buffer of the bf16 run: a pointer whose element type is the one its role gives it; it
+// converts to exactly that pointer type and refuses any other (naming both dtypes).
+template <bool kConst>
+struct Slot {
+  using Void = std::conditional_t<kConst, const void, void>;
+  Void* data = nullptr;
+  DType dtype = DType::F32;
+  template <class T>
+  requires(kConst || !std::is_const_v<T>) operator T*() const {
+    KEPT_CHECK(dtype_of_v<std::remove_const_t<T>> == dtype, "op registry: a ", dtype_name(dtype),
+               " buffer used as ", dtype_name(dtype_of_v<std::remove_const_t<T>>));
+    return static_cast<T*>(data);
+  }
+};
+using RunnerBf16 =
+    std::function<void(CpuBf16&, const std::vector<Slot<true>>&, const std::vector<Slot<false>>&)>;
+
+enum class Role { Activation, Param, Grad, Stat };
+// The role of a buffer, from its name (the registry's names follow the contract's parameters).
+inline Role role_of(const std::string& op, const std::string& name) {
+  if (name == "weight" || name == "bias" || name == "table" || (op == "gemm" && name == "b"))
+    return Role::Param;
+  if (name == "dweight" || name == "dbias" || name == "d_bias" || name == "d_table")
+    return Role::Grad;
+  if (name == "mean" || name == "rstd" || name == "lse") return Role::Stat;
+  return Role::Activation;
+}
+inline bool stored_bf16(Role role) {
+  return role == Role::Activation || role == Role::Param;
+}
+inline constexpr double kBf16Unit = 0x1p-8;
+inline double round_bf16(double x) {
+  return static_cast<double>(to_float(to_bf16(static_cast<float>(x))));
+}
+
 struct OpCase {
   std::string op;      // the contract's name, e.g. "layernorm_backward"
   std::string params;  // shapes, e.g. "rows=7 cols=33"
@@ -48,9 +93,10 @@ struct OpCase {
   std::function<void(Random&, Buffers& inputs, Buffers& outputs)> generate;
   Runner<float> run32;
   Runner<double> run64;
+  RunnerBf16 run_bf16{};
   // Per output, per element: the allowed |fp32 - float64| given the float64 run.
   std::function<Buffers(const Buffers& inputs, const Buffers& initial, const Buffers& reference)>
-      bound;
+      bound{};
   std::string name() const { return op + "[" + params + "]"; }
 };
 

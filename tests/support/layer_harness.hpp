@@ -35,7 +35,8 @@ void copy_parameters(Source& source, Target& target) {
 // Gives every parameter of `module` a fresh zero gradient.
 template <class Module, class Backend>
 void zero_gradients(Module& module, Backend& backend) {
-  module.visit([&](Parameter& p) { p.grad = backend.zeros(p.value.shape()); });
+  module.visit(
+      [&](Parameter& p) { p.grad = backend.zeros(Backend::Precision::grad, p.value.shape()); });
 }
 
 // Non-trivial random values: norm weights around 1, everything else around 0. HF-style

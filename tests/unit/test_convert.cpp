@@ -90,10 +90,10 @@ Source build_source(Cpu64& cpu, const fs::path& dir, DType dtype, std::uint64_t 
     for (auto& block : model.layers)
       for (auto* norm : {&block.input_layernorm, &block.post_attention_layernorm})
         std::memset(norm->bias.value.raw(), 0, norm->bias.value.nbytes());
-  save_pretrained(model, config, dir, false, {}, max_shard_bytes);
+  save_pretrained(cpu, model, config, dir, false, {}, max_shard_bytes);
   // The values as stored, so comparisons are against what the converter read.
   Source stored(cpu, read_hf_config(dir / "config.json"));
-  load_weights(stored, CheckpointReader::open(dir));
+  load_weights(cpu, stored, CheckpointReader::open(dir));
   return stored;
 }
 
@@ -118,7 +118,7 @@ Target load_target(Cpu64& cpu, const fs::path& dir) {
   const ModelConfig config = read_hf_config(dir / "config.json");
   REQUIRE(config.architecture == Architecture::Llama);
   Target model(cpu, config);
-  load_weights(model, CheckpointReader::open(dir));
+  load_weights(cpu, model, CheckpointReader::open(dir));
   return model;
 }
 
@@ -680,7 +680,7 @@ TEST_CASE("conversion refuses sources that are not the LayerNorm decoder it conv
     ModelConfig config = orion_config(DType::F32);
     config.architecture = Architecture::Llama;
     Target llama(cpu, config);
-    save_pretrained(llama, config, dir / "llama", false);
+    save_pretrained(cpu, llama, config, dir / "llama", false);
     const std::string message = attempt(dir / "llama", options_for(OpmMode::Exact));
     CHECK_THAT(message, Contains((dir / "llama" / "config.json").string()) && Contains("'llama'") &&
                             Contains("not a LayerNorm decoder"));
@@ -725,7 +725,7 @@ TEST_CASE("conversion refuses sources that are not the LayerNorm decoder it conv
   }
   SECTION("calibrated mode without weights for a site") {
     Source source(cpu, read_hf_config(good / "config.json"));
-    load_weights(source, CheckpointReader::open(good));
+    load_weights(cpu, source, CheckpointReader::open(good));
     const NormCalibration calibration = calibrate_norms(cpu, source, random_tokens(16, 3), 8, 2);
     ConversionOptions options = options_for(OpmMode::Calibrated);
     options.calibrated_norm_weights = calibrated_weights(calibration);

@@ -40,9 +40,9 @@ void backward(Model& model, Backend& backend, typename Model::Activations& acts,
               const ProjectedLoss& loss, DType dtype) {
   model.zero_grad(backend);
   // dL/d(hidden) = dlogits W_lm, and the LM head's own gradient.
-  Tensor d_hidden = backend.zeros(acts.hidden.shape());
+  Tensor d_hidden = backend.zeros(Backend::Precision::activation, acts.hidden.shape());
   Tensor d_logits = loss.logits_projection.to(dtype);
-  using Scalar = typename Backend::Scalar;
+  using Scalar = typename Backend::Activation;
   auto d_hidden_view = as_matrix<Scalar>(d_hidden);
   model.lm_head.backward(backend, as_matrix<const Scalar>(acts.hidden),
                          as_matrix<const Scalar>(d_logits), &d_hidden_view);
@@ -131,7 +131,7 @@ TEST_CASE("Inference mode gives the training-mode outputs with less memory", "[m
   ModelConfig config = tiny_decoder_config(Architecture::Orion, false, false);
   config.num_layers = 3;
   Decoder<LayerNorm, Cpu> model(cpu, config);
-  init_parameters(model, {.seed = 5, .std = 0.3});
+  init_parameters(cpu, model, {.seed = 5, .std = 0.3});
   std::vector<std::int32_t> tokens{1, 5, 9, 2, 36, 0, 7, 7};
   Decoder<LayerNorm, Cpu>::Activations train, infer, infer_states;
   model.forward(cpu, tokens, 2, 4, train, ForwardMode::Training);

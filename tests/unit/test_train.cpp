@@ -18,6 +18,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "kept/backend/cpu.hpp"
 #include "kept/core/random.hpp"
 #include "kept/core/tensor.hpp"
 #include "kept/io/safetensors.hpp"
@@ -33,6 +34,11 @@
 using namespace kept;
 using namespace kept::test;
 using Catch::Contains;
+
+namespace {
+// The optimizer, clipping and checkpoints run their range ops on the fp32 CPU backend.
+Cpu host_backend;
+}  // namespace
 
 namespace {
 
@@ -101,7 +107,7 @@ TEST_CASE("AdamW matches the update written out in double", "[train][adamw]") {
       x[i] -= lr * m_hat / (std::sqrt(v_hat) + eps);
     }
     set_grad(p, {static_cast<float>(g[0]), static_cast<float>(g[1])});
-    opt.step(params);
+    opt.step(host_backend, params);
     for (int i = 0; i < 2; ++i) {
       INFO("step " << t << " element " << i);
       CHECK(p.value.data<float>()[i] == Approx(x[i]).epsilon(1e-6));
@@ -121,7 +127,7 @@ TEST_CASE("AdamW weight decay follows the parameter role", "[train][adamw]") {
     set_grad(p, grad);
     AdamW opt(config);
     std::vector<Parameter*> params = {&p};
-    opt.step(params);
+    opt.step(host_backend, params);
     return values_of(p.value);
   };
   AdamWConfig decayed{.lr = 0.1, .weight_decay = 0.5};
@@ -167,7 +173,7 @@ TEST_CASE("AdamW weight decay follows the parameter role", "[train][adamw]") {
     set_grad(p, grad);
     AdamW opt(undecayed);
     std::vector<Parameter*> params = {&p};
-    opt.step(params);
+    opt.step(host_backend, params);
     CHECK(values_of(p.value) == decay_reference);
   }
 }
@@ -183,7 +189,7 @@ TEST_CASE("AdamW leaves frozen parameters alone", "[train][adamw]") {
   std::vector<Parameter*> params = {&trained, &frozen, &no_grad};
   AdamW opt({.lr = 0.1, .weight_decay = 0.5});
   for (int i = 0; i < 3; ++i)
-    opt.step(params);
+    opt.step(host_backend, params);
   CHECK(values_of(frozen.value) == std::vector<float>{3.0f, 4.0f});
   CHECK(values_of(no_grad.value) == std::vector<float>{5.0f, 6.0f});
   CHECK(values_of(trained.value) != std::vector<float>{1.0f, 2.0f});
@@ -193,10 +199,10 @@ TEST_CASE("AdamW leaves frozen parameters alone", "[train][adamw]") {
   CHECK(opt.parameter_step("frozen") == 0);
   // Unfrozen later, it starts its own bias correction at t = 1.
   frozen.trainable = true;
-  opt.step(params);
+  opt.step(host_backend, params);
   CHECK(opt.parameter_step("frozen") == 1);
   CHECK(opt.parameter_step("trained") == 4);
-  for (const NamedTensor& t : opt.state_tensors())
+  for (const NamedTensor& t : opt.state_tensors(host_backend))
     CHECK(t.name.find("no_grad") == std::string::npos);
 }
 
@@ -206,14 +212,15 @@ TEST_CASE("AdamW refuses what it cannot update, naming the parameter", "[train][
     p.grad = Tensor::zeros(DType::F64, {2});
     std::vector<Parameter*> params = {&p};
     AdamW opt;
-    CHECK_THAT(error_of([&] { opt.step(params); }),
+    CHECK_THAT(error_of([&] { opt.step(host_backend, params); }),
                Contains("model.layers.0.mlp.up_proj.weight") && Contains("F64"));
   }
   SECTION("two parameters with one name") {
     Parameter q = make_param(p.name, ParamRole::Weight, {2}, {1, 2});
     std::vector<Parameter*> params = {&p, &q};
     AdamW opt;
-    CHECK_THAT(error_of([&] { opt.step(params); }), Contains("two parameters are named"));
+    CHECK_THAT(error_of([&] { opt.step(host_backend, params); }),
+               Contains("two parameters are named"));
   }
   SECTION("bad hyper-parameters") {
     CHECK_THAT(error_of([] { AdamW opt({.beta1 = 1.0}); }), Contains("beta1"));
@@ -248,7 +255,7 @@ TEST_CASE("AdamW state saved and loaded continues bit-identically", "[train][ada
       for (std::size_t i = 0; i < ps.size(); ++i)
         set_grad(ps[i], grads[static_cast<std::size_t>(s)][i]);
       opt.set_lr(0.05 * (1.0 - s / 10.0));
-      opt.step(ptrs);
+      opt.step(host_backend, ptrs);
     }
     return ptrs;
   };
@@ -261,7 +268,7 @@ TEST_CASE("AdamW state saved and loaded continues bit-identically", "[train][ada
   std::vector<Parameter> first = make_params();
   AdamW first_opt(config);
   auto first_ptrs = run_steps(first, first_opt, 0, 3);
-  write_safetensors(dir / "optimizer.safetensors", first_opt.state_tensors());
+  write_safetensors(dir / "optimizer.safetensors", first_opt.state_tensors(host_backend));
 
   std::vector<Parameter> resumed = make_params();
   for (std::size_t i = 0; i < resumed.size(); ++i)
@@ -275,7 +282,7 @@ TEST_CASE("AdamW state saved and loaded continues bit-identically", "[train][ada
     std::vector<NamedTensor> state;
     for (const auto& name : file.names())
       state.push_back({name, file.tensor(name)});
-    resumed_opt.load_state(state, resumed_ptrs, file.path().string());
+    resumed_opt.load_state(host_backend, state, resumed_ptrs, file.path().string());
   }
   CHECK(resumed_opt.steps_taken() == 3);
   run_steps(resumed, resumed_opt, 3, 6);
@@ -289,35 +296,35 @@ TEST_CASE("AdamW state saved and loaded continues bit-identically", "[train][ada
   }
 
   SECTION("load errors name the parameter and leave the optimizer unchanged") {
-    std::vector<NamedTensor> state = first_opt.state_tensors();
+    std::vector<NamedTensor> state = first_opt.state_tensors(host_backend);
     AdamW target(config);
     SECTION("shape mismatch") {
       for (auto& t : state)
         if (t.name == "exp_avg/a.bias") t.tensor = Tensor::zeros(DType::F32, {4});
       CHECK_THAT(
-          error_of([&] { target.load_state(state, first_ptrs, "opt.st"); }),
+          error_of([&] { target.load_state(host_backend, state, first_ptrs, "opt.st"); }),
           Contains("opt.st") && Contains("exp_avg/a.bias") && Contains("[4]") && Contains("[3]"));
     }
     SECTION("state for a parameter the model lacks") {
       std::vector<Parameter*> fewer = {first_ptrs[0], first_ptrs[2]};
-      CHECK_THAT(error_of([&] { target.load_state(state, fewer, "opt.st"); }),
+      CHECK_THAT(error_of([&] { target.load_state(host_backend, state, fewer, "opt.st"); }),
                  Contains("state for parameter a.bias"));
     }
     SECTION("a missing moment") {
       std::erase_if(state, [](const NamedTensor& t) { return t.name == "exp_avg_sq/a.weight"; });
-      CHECK_THAT(error_of([&] { target.load_state(state, first_ptrs, "opt.st"); }),
+      CHECK_THAT(error_of([&] { target.load_state(host_backend, state, first_ptrs, "opt.st"); }),
                  Contains("missing exp_avg_sq/a.weight"));
     }
     SECTION("different betas") {
       AdamWConfig other = config;
       other.beta2 = 0.999;
       AdamW different(other);
-      CHECK_THAT(error_of([&] { different.load_state(state, first_ptrs, "opt.st"); }),
+      CHECK_THAT(error_of([&] { different.load_state(host_backend, state, first_ptrs, "opt.st"); }),
                  Contains("adamw.beta2") && Contains("0.99"));
     }
     SECTION("an unknown tensor") {
       state.push_back({"momentum/a.weight", Tensor::zeros(DType::F32, {2, 3})});
-      CHECK_THAT(error_of([&] { target.load_state(state, first_ptrs, "opt.st"); }),
+      CHECK_THAT(error_of([&] { target.load_state(host_backend, state, first_ptrs, "opt.st"); }),
                  Contains("unexpected tensor momentum/a.weight"));
     }
     CHECK(target.steps_taken() == 0);
@@ -360,7 +367,7 @@ TEST_CASE("AdamW matches torch.optim.AdamW (tests/data/train_reference.json)", "
         }
       }
       opt.set_lr(lrs[step].get<double>());
-      opt.step(ptrs);
+      opt.step(host_backend, ptrs);
       for (std::size_t i = 0; i < ps.size(); ++i) {
         const auto expected = trajectory[step][i].get<std::vector<float>>();
         const auto got = values_of(ps[i].value);
@@ -410,12 +417,12 @@ TEST_CASE("clip_grad_norm is the global L2 norm and scales like torch", "[train]
   const double expected = std::sqrt(sum);
 
   SECTION("below max_norm: untouched") {
-    CHECK(clip_grad_norm(params, 100.0) == expected);
+    CHECK(clip_grad_norm(host_backend, params, 100.0) == expected);
     CHECK(values_of(a.grad) == ga);
     CHECK(values_of(b.grad) == gb);
   }
   SECTION("above max_norm: scaled by max_norm / (norm + 1e-6)") {
-    CHECK(clip_grad_norm(params, 1.0) == expected);
+    CHECK(clip_grad_norm(host_backend, params, 1.0) == expected);
     const float scale = static_cast<float>(1.0 / (expected + 1e-6));
     for (std::size_t i = 0; i < ga.size(); ++i)
       CHECK(a.grad.data<float>()[i] == ga[i] * scale);
@@ -431,25 +438,25 @@ TEST_CASE("clip_grad_norm is the global L2 norm and scales like torch", "[train]
   SECTION("no float overflow for huge gradients (accumulated in double)") {
     set_grad(a, {3e20f, 4e20f, 0.0f});
     set_grad(b, {0.0f, 0.0f});
-    CHECK(clip_grad_norm(params, 1.0) == Approx(5e20).epsilon(1e-7));
+    CHECK(clip_grad_norm(host_backend, params, 1.0) == Approx(5e20).epsilon(1e-7));
     CHECK(a.grad.data<float>()[0] == Approx(0.6).epsilon(1e-6));
   }
   SECTION("non-finite: reported, gradients untouched, all_finite says false") {
-    CHECK(all_finite(params));
+    CHECK(all_finite(host_backend, params));
     a.grad.data<float>()[1] = std::numeric_limits<float>::quiet_NaN();
-    CHECK_FALSE(all_finite(params));
-    CHECK(std::isnan(clip_grad_norm(params, 1.0)));
+    CHECK_FALSE(all_finite(host_backend, params));
+    CHECK(std::isnan(clip_grad_norm(host_backend, params, 1.0)));
     CHECK(b.grad.data<float>()[1] == 2.0f);
     a.grad.data<float>()[1] = std::numeric_limits<float>::infinity();
-    CHECK_FALSE(all_finite(params));
-    CHECK(std::isinf(clip_grad_norm(params, 1.0)));
+    CHECK_FALSE(all_finite(host_backend, params));
+    CHECK(std::isinf(clip_grad_norm(host_backend, params, 1.0)));
   }
   SECTION("a NaN in a frozen parameter's stale gradient does not count") {
     frozen.grad.data<float>()[0] = std::numeric_limits<float>::quiet_NaN();
-    CHECK(all_finite(params));
+    CHECK(all_finite(host_backend, params));
   }
   SECTION("scale_gradients multiplies every trainable gradient") {
-    scale_gradients(params, 0.5f);
+    scale_gradients(host_backend, params, 0.5f);
     CHECK(values_of(a.grad) == std::vector<float>{1.5f, -2.0f, 0.75f});
     CHECK(values_of(b.grad) == std::vector<float>{0.125f, 1.0f});
     CHECK(frozen.grad.data<float>()[0] == 1000.0f);
@@ -549,7 +556,7 @@ struct TinyRun {
         if (p.has_grad())
           for (std::int64_t i = 0; i < p.grad.numel(); ++i)
             p.grad.data<float>()[i] = std::sin(seed * static_cast<float>(s * 7 + i));
-      optimizer.step(ps);
+      optimizer.step(host_backend, ps);
     }
   }
 };
@@ -576,7 +583,7 @@ TEST_CASE("checkpoint state saves and loads every bit", "[train][checkpoint]") {
   TinyRun run;
   run.train(3);
   const TrainerState state = tiny_state(3);
-  const auto path = save_checkpoint(dir / "run", state, run.ptrs(), run.optimizer);
+  const auto path = save_checkpoint(host_backend, dir / "run", state, run.ptrs(), run.optimizer);
   CHECK(path == dir / "run" / "step-000003");
   CHECK(listing(path) ==
         std::vector<std::string>{"model.safetensors", "optimizer.safetensors", "trainer.json"});
@@ -589,7 +596,7 @@ TEST_CASE("checkpoint state saves and loads every bit", "[train][checkpoint]") {
 
   TinyRun fresh;
   const TrainerState loaded =
-      load_checkpoint(path, fresh.ptrs(), fresh.optimizer, state.config_hash);
+      load_checkpoint(host_backend, path, fresh.ptrs(), fresh.optimizer, state.config_hash);
   for (std::size_t i = 0; i < run.params.size(); ++i) {
     INFO(run.params[i].name);
     CHECK(same_bytes(fresh.params[i].value, run.params[i].value));
@@ -615,7 +622,8 @@ TEST_CASE("checkpoint state saves and loads every bit", "[train][checkpoint]") {
   SECTION("a different configuration is refused") {
     TinyRun other;
     CHECK_THAT(error_of([&] {
-                 load_checkpoint(path, other.ptrs(), other.optimizer, config_hash("other"));
+                 load_checkpoint(host_backend, path, other.ptrs(), other.optimizer,
+                                 config_hash("other"));
                }),
                Contains(path.string()) && Contains(state.config_hash) &&
                    Contains("different configuration"));
@@ -624,14 +632,15 @@ TEST_CASE("checkpoint state saves and loads every bit", "[train][checkpoint]") {
     TinyRun other;
     other.params.pop_back();
     CHECK_THAT(
-        error_of([&] { load_checkpoint(path, other.ptrs(), other.optimizer); }),
+        error_of([&] { load_checkpoint(host_backend, path, other.ptrs(), other.optimizer); }),
         Contains("model.safetensors") && Contains("frozen.weight") && Contains("not a parameter"));
   }
   SECTION("a parameter of another shape is refused, naming it, and nothing is written") {
     TinyRun other;
     other.params[1] = make_param("model.norm.weight", ParamRole::NormWeight, {4}, {5, 5, 5, 5});
-    CHECK_THAT(error_of([&] { load_checkpoint(path, other.ptrs(), other.optimizer); }),
-               Contains("model.norm.weight") && Contains("[3]") && Contains("[4]"));
+    CHECK_THAT(
+        error_of([&] { load_checkpoint(host_backend, path, other.ptrs(), other.optimizer); }),
+        Contains("model.norm.weight") && Contains("[3]") && Contains("[4]"));
     CHECK(other.params[0].value.data<float>()[1] == 1.0f);
     CHECK(other.optimizer.steps_taken() == 0);
   }
@@ -641,16 +650,18 @@ TEST_CASE("checkpoint state saves and loads every bit", "[train][checkpoint]") {
     json["step"] = 4;
     write_file_atomically(path / "trainer.json", json.dump());
     TinyRun other;
-    CHECK_THAT(error_of([&] { load_checkpoint(path, other.ptrs(), other.optimizer); }),
-               Contains("trainer.json") && Contains("step 3"));
+    CHECK_THAT(
+        error_of([&] { load_checkpoint(host_backend, path, other.ptrs(), other.optimizer); }),
+        Contains("trainer.json") && Contains("step 3"));
   }
   SECTION("trainer.json with a broken loader state") {
     auto json = nlohmann::json::parse(detail::read_text_file(path / "trainer.json", 1 << 20));
     json["loader"].erase("position");
     write_file_atomically(path / "trainer.json", json.dump());
     TinyRun other;
-    CHECK_THAT(error_of([&] { load_checkpoint(path, other.ptrs(), other.optimizer); }),
-               Contains("trainer.json") && Contains("\"position\""));
+    CHECK_THAT(
+        error_of([&] { load_checkpoint(host_backend, path, other.ptrs(), other.optimizer); }),
+        Contains("trainer.json") && Contains("\"position\""));
   }
 }
 
@@ -660,7 +671,7 @@ TEST_CASE("latest_checkpoint picks the newest complete checkpoint", "[train][che
   CHECK_FALSE(latest_checkpoint(run_dir).has_value());  // no run directory yet: a fresh start
   TinyRun run;
   for (std::int64_t step : {5, 20, 100})
-    save_checkpoint(run_dir, tiny_state(step), run.ptrs(), run.optimizer);
+    save_checkpoint(host_backend, run_dir, tiny_state(step), run.ptrs(), run.optimizer);
   CHECK(latest_checkpoint(run_dir) == run_dir / "step-000100");
 
   // Things that are not complete checkpoints do not count.
@@ -673,7 +684,7 @@ TEST_CASE("latest_checkpoint picks the newest complete checkpoint", "[train][che
   CHECK(latest_checkpoint(run_dir) == run_dir / "step-000100");
 
   // Steps are compared as numbers, not as names.
-  save_checkpoint(run_dir, tiny_state(1234567), run.ptrs(), run.optimizer);
+  save_checkpoint(host_backend, run_dir, tiny_state(1234567), run.ptrs(), run.optimizer);
   CHECK(latest_checkpoint(run_dir) == run_dir / "step-1234567");
   std::vector<std::int64_t> steps;
   for (const auto& entry : list_checkpoints(run_dir))
@@ -689,16 +700,16 @@ TEST_CASE("save_checkpoint keeps the last K", "[train][checkpoint]") {
   TempDir dir("kept-train");
   TinyRun run;
   for (std::int64_t step = 1; step <= 5; ++step)
-    save_checkpoint(dir / "run", tiny_state(step), run.ptrs(), run.optimizer, 2);
+    save_checkpoint(host_backend, dir / "run", tiny_state(step), run.ptrs(), run.optimizer, 2);
   CHECK(listing(dir / "run") == std::vector<std::string>{"step-000004", "step-000005"});
   // Re-saving an existing step replaces it atomically.
   TrainerState again = tiny_state(5);
   again.tokens_seen = 1;
-  save_checkpoint(dir / "run", again, run.ptrs(), run.optimizer, 2);
+  save_checkpoint(host_backend, dir / "run", again, run.ptrs(), run.optimizer, 2);
   CHECK(listing(dir / "run") == std::vector<std::string>{"step-000004", "step-000005"});
   TinyRun fresh;
-  CHECK(load_checkpoint(dir / "run" / "step-000005", fresh.ptrs(), fresh.optimizer).tokens_seen ==
-        1);
+  CHECK(load_checkpoint(host_backend, dir / "run" / "step-000005", fresh.ptrs(), fresh.optimizer)
+            .tokens_seen == 1);
 }
 
 TEST_CASE("a checkpoint write failing part-way leaves the previous one intact",
@@ -710,7 +721,7 @@ TEST_CASE("a checkpoint write failing part-way leaves the previous one intact",
   run.params.push_back(
       make_param("big.weight", ParamRole::Weight, {64, 256}, std::vector<float>(64 * 256, 0.5f)));
   run.train(1);
-  save_checkpoint(run_dir, tiny_state(1), run.ptrs(), run.optimizer);
+  save_checkpoint(host_backend, run_dir, tiny_state(1), run.ptrs(), run.optimizer);
   const auto before = listing(run_dir / "step-000001");
   const std::string model_bytes =
       detail::read_text_file(run_dir / "step-000001" / "model.safetensors", 1 << 20);
@@ -720,8 +731,9 @@ TEST_CASE("a checkpoint write failing part-way leaves the previous one intact",
     std::string message;
     {
       FileSizeLimit limit(16 << 10);
-      message =
-          error_of([&] { save_checkpoint(run_dir, tiny_state(2), run.ptrs(), run.optimizer, 1); });
+      message = error_of([&] {
+        save_checkpoint(host_backend, run_dir, tiny_state(2), run.ptrs(), run.optimizer, 1);
+      });
     }
     CHECK_THAT(message, Contains("File too large"));
     CHECK(listing(run_dir) == std::vector<std::string>{"step-000001"});  // no debris
@@ -731,8 +743,9 @@ TEST_CASE("a checkpoint write failing part-way leaves the previous one intact",
     std::string message;
     {
       FileSizeLimit limit(100 << 10);
-      message =
-          error_of([&] { save_checkpoint(run_dir, tiny_state(2), run.ptrs(), run.optimizer, 1); });
+      message = error_of([&] {
+        save_checkpoint(host_backend, run_dir, tiny_state(2), run.ptrs(), run.optimizer, 1);
+      });
     }
     CHECK_THAT(message, Contains("optimizer.safetensors") && Contains("File too large"));
     CHECK(listing(run_dir) == std::vector<std::string>{"step-000001"});
@@ -741,8 +754,9 @@ TEST_CASE("a checkpoint write failing part-way leaves the previous one intact",
     std::string message;
     {
       FileSizeLimit limit(16 << 10);
-      message =
-          error_of([&] { save_checkpoint(run_dir, tiny_state(1), run.ptrs(), run.optimizer); });
+      message = error_of([&] {
+        save_checkpoint(host_backend, run_dir, tiny_state(1), run.ptrs(), run.optimizer);
+      });
     }
     CHECK_THAT(message, Contains("File too large"));
     CHECK(listing(run_dir) == std::vector<std::string>{"step-000001"});
@@ -754,7 +768,9 @@ TEST_CASE("a checkpoint write failing part-way leaves the previous one intact",
   TinyRun fresh;
   fresh.params.push_back(
       make_param("big.weight", ParamRole::Weight, {64, 256}, std::vector<float>(64 * 256, 0.0f)));
-  CHECK(load_checkpoint(run_dir / "step-000001", fresh.ptrs(), fresh.optimizer).step == 1);
+  CHECK(
+      load_checkpoint(host_backend, run_dir / "step-000001", fresh.ptrs(), fresh.optimizer).step ==
+      1);
 }
 
 // ---- end to end: kill and resume -------------------------------------------------------------
@@ -789,7 +805,7 @@ class TinyLanguageModelRun {
   std::int64_t resume() {
     auto latest = latest_checkpoint(run_dir_);
     if (!latest) return 0;
-    TrainerState state = load_checkpoint(*latest, ptrs_, optimizer_, kConfigHash);
+    TrainerState state = load_checkpoint(host_backend, *latest, ptrs_, optimizer_, kConfigHash);
     loader_.restore(state.loader, (*latest / "trainer.json").string());
     step_ = state.step;
     return step_;
@@ -808,11 +824,11 @@ class TinyLanguageModelRun {
         loss_sum += forward_backward(batch);
         targets += batch.target_count();
       }
-      scale_gradients(ptrs_, 1.0f / static_cast<float>(targets));
-      REQUIRE(all_finite(ptrs_));
-      clip_grad_norm(ptrs_, 0.5);
+      scale_gradients(host_backend, ptrs_, 1.0f / static_cast<float>(targets));
+      REQUIRE(all_finite(host_backend, ptrs_));
+      clip_grad_norm(host_backend, ptrs_, 0.5);
       optimizer_.set_lr(schedule_.lr(step_));
-      optimizer_.step(ptrs_);
+      optimizer_.step(host_backend, ptrs_);
       ++step_;
       losses.push_back(static_cast<float>(loss_sum / static_cast<double>(targets)));
       if (step_ % 3 == 0) {
@@ -821,7 +837,7 @@ class TinyLanguageModelRun {
         state.loader = loader_.state();
         state.seeds = {{"init", kInitSeed}, {"data", kDataSeed}};
         state.config_hash = kConfigHash;
-        save_checkpoint(run_dir_, state, ptrs_, optimizer_, 2);
+        save_checkpoint(host_backend, run_dir_, state, ptrs_, optimizer_, 2);
       }
     }
     return losses;

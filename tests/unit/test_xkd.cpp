@@ -172,7 +172,7 @@ double reference_hidden_mse(const std::vector<Tensor>& teacher, const std::vecto
 // converted, so the Cpu and Cpu64 fixtures of one seed hold identical numbers.
 template <class Backend>
 struct HeadPair {
-  using Scalar = typename Backend::Scalar;
+  using Scalar = typename Backend::Activation;
   Backend backend;
   Linear<Backend> teacher_head, student_head;
   Tensor teacher_hidden, student_hidden;
@@ -185,7 +185,7 @@ struct HeadPair {
     teacher_head = Linear<Backend>(backend, "teacher.lm_head", hidden, vocab, bias);
     student_head = Linear<Backend>(backend, "lm_head", hidden, vocab, bias);
     auto draw = [&](const Shape& shape, double scale) {
-      return random_tensor<float>(shape, random, scale).to(Backend::dtype);
+      return random_tensor<float>(shape, random, scale).to(Backend::Precision::activation);
     };
     teacher_head.weight.value = draw({vocab, hidden}, 0.6);
     student_head.weight.value = draw({vocab, hidden}, 0.6);
@@ -199,7 +199,8 @@ struct HeadPair {
 
   // Fresh zero gradients for the student head (the teacher's stay undefined).
   void zero_student_grads() {
-    student_head.visit([&](Parameter& p) { p.grad = backend.zeros(p.value.shape()); });
+    student_head.visit(
+        [&](Parameter& p) { p.grad = backend.zeros(Backend::Precision::grad, p.value.shape()); });
   }
   MatrixView<const Scalar> teacher_view() const { return as_matrix<Scalar>(teacher_hidden); }
   MatrixView<const Scalar> student_view() const { return as_matrix<Scalar>(student_hidden); }
@@ -238,10 +239,10 @@ struct RunResult {
 template <class Backend>
 RunResult run_objective(HeadPair<Backend>& pair, Objective objective, const RunSettings& settings,
                         LogitWorkspace<Backend>* workspace = nullptr) {
-  using Scalar = typename Backend::Scalar;
+  using Scalar = typename Backend::Activation;
   pair.zero_student_grads();
   RunResult result;
-  result.d_hidden = pair.backend.zeros(pair.student_hidden.shape());
+  result.d_hidden = pair.backend.zeros(Backend::Precision::activation, pair.student_hidden.shape());
   auto d_hidden = as_matrix<Scalar>(result.d_hidden);
   switch (objective) {
     case Objective::Kl: {
@@ -610,7 +611,8 @@ TEST_CASE("The teacher head's parameters get no gradient", "[xkd]") {
     }
   }
   SECTION("allocated teacher grads stay zero") {
-    pair.teacher_head.visit([&](Parameter& p) { p.grad = pair.backend.zeros(p.value.shape()); });
+    pair.teacher_head.visit(
+        [&](Parameter& p) { p.grad = pair.backend.zeros(DType::F32, p.value.shape()); });
     for (Objective objective : {Objective::Kl, Objective::Mse})
       for (std::int64_t vocab_chunk : {0, 5}) {
         const RunResult result = run_objective(pair, objective, {.vocab_chunk = vocab_chunk});
@@ -773,7 +775,7 @@ TEST_CASE("XKD end to end: Orion teacher, Llama student, KL + Eq. 1 through Deco
   // The analytic gradient: chunked logit_kl + hidden_mse, then the student's backward.
   const double expected = objective();
   student.zero_grad(cpu);
-  Tensor d_hidden = cpu.zeros(acts.hidden.shape());
+  Tensor d_hidden = cpu.zeros(DType::F64, acts.hidden.shape());
   auto d_hidden_view = as_matrix<double>(d_hidden);
   const auto kl = logit_kl(
       cpu, teacher.lm_head, as_matrix<double>(teacher_acts.hidden), student.lm_head,

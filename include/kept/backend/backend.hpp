@@ -1,45 +1,82 @@
-// kept/backend/backend.hpp: the backend contract, as a C++20 concept.
+// kept/backend/backend.hpp: the backend contract, as a C++20 concept, and the precision policy.
 //
-// A backend is the object the layer, model and loss templates call for memory and primitive
-// ops (Norm<LayerNorm, Cpu>, Decoder<RMSNorm, Cpu64>, xkd::logit_kl<Cpu>...). `kept::Backend<B>`
-// names every op they call, with one signature for every backend, so a backend that lacks an op
-// or spells it differently fails at the point where it is named (a static_assert), not deep
-// inside a layer template. The per-chunk loss kernels are part of the contract through the
+// A backend is the object the layer, model, loss and optimizer templates call for memory and
+// primitive ops (Norm<LayerNorm, Cpu>, Decoder<RMSNorm, CpuBf16>, xkd::logit_kl<Cpu>...).
+// `kept::Backend<B>` names every op they call, with one signature for every backend, so a
+// backend that lacks an op or spells it differently fails where it is named (a static_assert),
+// not deep inside a layer template. The per-chunk loss kernels join the contract through the
 // traits class xkd::LossKernels<B> (kept/xkd/loss_kernels.hpp), which a backend specialises.
 //
+// Precision policy. One `Scalar` cannot serve bf16 training, so a backend names five types:
+//
+// clang-format off
+//   type        what it stores                                 Cpu64   Cpu    CpuBf16  Cuda (next)
+//   Activation  layer inputs/outputs, residual stream, their   double  float  bf16     bf16
+//               gradients, attention q/k/v/o
+//   Param       parameter values the kernels read              double  float  bf16     bf16
+//   Grad        parameter gradients (accumulated +=)           double  float  float    float
+//   Master      master weights, AdamW moments, optimizer math  double  float  float    float
+//   Stat        row statistics (mean, rstd, log-sum-exp),      double  float  float    float
+//               LM-head logit chunks, GEMM alpha/beta, eps
+// clang-format on
+//
+// Every reduction and every GEMM accumulates in Stat (fp32, or float64 on Cpu64). When Param
+// and Master are one type the parameter value is its own master copy (Cpu, Cpu64).
+//
+// Rounding points (where a value is rounded to bf16 on CpuBf16, and on the CUDA backend):
+//  - an op's Activation output is computed in fp32 from its fp32-widened inputs and rounded
+//    once, to nearest even, when stored (GEMM: fp32 accumulation, C = round(alpha AB + beta C));
+//  - accumulating ops (dx += ..., residual adds) read the bf16 value, add in fp32, round once;
+//  - Grad and Stat outputs are fp32 and never rounded; logits chunks are fp32;
+//  - a bf16 parameter is round(master) after each optimizer step.
+// The per-element functions both sides share (rounding, silu, RoPE angles) are in
+// kept/core/element_math.hpp.
+//
 // Conventions every op follows:
-//  - Pointers and views address the backend's own memory space (B::space); a host-side caller
-//    never dereferences them for a device backend.
-//  - Element type: B::Scalar for activations, parameters, gradients and row statistics today.
+//  - Pointers and views address the backend's own memory (B::space); code above backend/ never
+//    dereferences them; tokens, RoPE tables, weights and results cross through upload_tokens,
+//    rope_table, upload and download.
 //  - Matrices are row-major MatrixView<T> with a row stride; `Transpose::Yes` reads the view's
 //    transpose. GEMM: c = alpha * op(a) op(b) + beta * c.
 //  - Backward ops of the norms, attention, embedding and bias accumulate (+=) into every gradient
 //    they produce; swiglu_backward overwrites (=) d_gate and d_up.
 //  - Shapes are passed explicitly; `count` is an element count, `rows x cols` a row layout.
-//  - A bad argument throws kept::Error naming the op.
+//  - A bad argument throws kept::Error naming the op; an op a backend does not have yet throws
+//    "not implemented on <backend>: <op>".
 //
 // clang-format off
-// Op                      | what it computes
-// ------------------------|-----------------------------------------------------------------
-// zeros, ensure           | allocate (ensure reallocates only when the shape changes)
-// fill_zero, copy         | memset 0; count elements from source to destination
-// add, accumulate         | out = a + b; out += a
-// add_bias, bias_backward | out[r, :] += bias; d_bias += sum_r d_out[r, :]
-// gemm                    | c = alpha op(a) op(b) + beta c
-// layernorm_*, rmsnorm_*  | y = (x - mean) * rstd * w + b; y = x * rstd * w; and backward
-// rope                    | rotate-half RoPE on [batch*seq, heads*head_dim], direction +1/-1
-// attention_*             | causal softmax attention with saved log-sum-exp; and backward
-// swiglu_*                | out = silu(gate) * up; and backward
-// embedding_*             | gather rows of a table by token id; scatter-add of the gradient
+// Op                         | what it computes
+// ---------------------------|--------------------------------------------------------------
+// zeros, ensure, fill_zero   | allocate in a dtype (ensure reallocates only on a new shape/dtype)
+// upload, download           | host -> backend (converting to the destination's dtype); backend -> host
+// upload_tokens, rope_table  | token ids into backend memory; the RoPE cos/sin table
+// copy, add, accumulate      | b = a; out = a + b; out += a   (Activation)
+// add_bias, bias_backward    | out[r, :] += bias; d_bias += sum_r d_out[r, :]
+// gemm                       | c = alpha op(a) op(b) + beta c, the six type combinations below
+// layernorm_*, rmsnorm_*     | y = (x - mean) * rstd * w + b; y = x * rstd * w; and backward
+// rope                       | rotate-half RoPE on [batch*seq, heads*head_dim], direction +1/-1
+// attention_*                | causal softmax attention with saved log-sum-exp; and backward
+// swiglu_*                   | out = silu(gate) * up; and backward
+// embedding_*                | gather rows of a table by token id; scatter-add of the gradient
+// grad_sum_squares           | sum of g^2 over a gradient range, in double (clipping)
+// scale_grad, grad_finite    | g *= s; whether every g is finite
+// adamw_update               | one torch-exact AdamW update of a range (kept/train/adamw.hpp)
 // clang-format on
 //
-// The CPU backend (kept/backend/cpu.hpp) satisfies it in fp32 (Cpu) and float64 (Cpu64);
-// tests/unit/test_backend_contract.cpp checks that and instantiates the whole model, every
-// objective and the optimizer step for both.
+// GEMM type combinations (A = Activation, P = Param, G = Grad, S = Stat):
+//   A x P^T -> A   linear forward            S x P -> A    LM-head chunk, d_hidden
+//   A x P   -> A   linear backward, dx       S^T x A -> G  LM-head chunk, d_weight
+//   A^T x A -> G   linear backward, dW       A x P^T -> S  LM-head chunk, logits
+//
+// The CPU backends (kept/backend/cpu.hpp: Cpu, Cpu64; kept/backend/cpu_bf16.hpp: CpuBf16)
+// satisfy it; tests/unit/test_backend_contract.cpp instantiates the whole model, every objective,
+// the optimizer step and evaluation for each, and tests/cuda/cuda_contract.cu does the same for
+// the CUDA backend under nvcc.
 #pragma once
 
 #include <concepts>
 #include <cstdint>
+#include <span>
 
 #include "kept/core/attention_shape.hpp"
 #include "kept/core/dtype.hpp"
@@ -48,56 +85,117 @@
 
 namespace kept {
 
+template <class ActivationT, class ParamT, class GradT, class MasterT, class StatT>
+struct Precision {
+  using Activation = ActivationT;
+  using Param = ParamT;
+  using Grad = GradT;
+  using Master = MasterT;
+  using Stat = StatT;
+  static constexpr DType activation = dtype_of_v<ActivationT>;
+  static constexpr DType param = dtype_of_v<ParamT>;
+  static constexpr DType grad = dtype_of_v<GradT>;
+  static constexpr DType master = dtype_of_v<MasterT>;
+  static constexpr DType stat = dtype_of_v<StatT>;
+  // Whether the optimizer keeps a separate master copy of each parameter.
+  static constexpr bool separate_master = !std::is_same_v<ParamT, MasterT>;
+};
+
+// The scalars of one AdamW update, formed on the host the way torch forms them
+// (kept/train/adamw.hpp); the backend applies them to a range of elements.
+struct AdamWScalars {
+  float one_minus_beta1 = 0;        // f32(1 - b1)
+  bool small_weight = true;         // |1 - b1| < 0.5: torch's lerp form
+  float beta2 = 0;                  // f32(b2)
+  float one_minus_beta2 = 0;        // f32(1 - b2)
+  float eps = 0;                    // f32(eps)
+  float bias_correction2_sqrt = 1;  // f32(sqrt(1 - b2^t))
+  float neg_step = 0;               // f32(-lr / (1 - b1^t))
+  float decay_keep = 1;             // f32(1 - lr * wd), applied when `decay`
+  bool decay = false;
+};
+
 // The RoPE cos/sin table a backend keeps for (head_dim, theta, positions).
 template <class Table>
-concept RopeTableOf = std::default_initializable<Table> &&
-    std::constructible_from<Table, std::int64_t, double, std::int64_t> &&
-    requires(const Table& table) {
+concept RopeTableOf = std::default_initializable<Table> && requires(const Table& table) {
   { table.head_dim() } -> std::convertible_to<std::int64_t>;
   { table.positions() } -> std::convertible_to<std::int64_t>;
 };
 
+// clang-format off
 template <class B>
 concept Backend = requires {
-  typename B::Scalar;
+  typename B::Precision;
+  typename B::Activation;
+  typename B::Param;
+  typename B::Grad;
+  typename B::Master;
+  typename B::Stat;
   typename B::RopeTable;
   { B::space } -> std::convertible_to<MemorySpace>;
-  { B::dtype } -> std::convertible_to<DType>;
+  { B::name() } -> std::convertible_to<const char*>;
 }
-&&RopeTableOf<typename B::RopeTable>&& requires(
-    B& b, Tensor& tensor, const Shape& shape, typename B::Scalar* out, const typename B::Scalar* in,
-    typename B::Scalar scalar, std::int64_t n, MatrixView<typename B::Scalar> matrix,
-    MatrixView<const typename B::Scalar> const_matrix, Transpose transpose,
-    const typename B::RopeTable& rope, const AttentionShape& attention,
-    const std::int32_t* tokens) {
-  // memory
-  { b.zeros(shape) } -> std::same_as<Tensor>;
-  b.ensure(tensor, shape);
+&& RopeTableOf<typename B::RopeTable>
+&& requires(B& b, Tensor& tensor, const Tensor& host, DType dtype, const Shape& shape,
+            std::int64_t n, double theta, Transpose t, const typename B::RopeTable& rope,
+            const AttentionShape& attention, const std::int32_t* tokens,
+            std::span<const std::int32_t> host_tokens,
+            typename B::Activation* act, const typename B::Activation* cact,
+            const typename B::Param* cparam, typename B::Param* param,
+            typename B::Grad* grad, const typename B::Grad* cgrad,
+            typename B::Master* master, typename B::Stat* stat, const typename B::Stat* cstat,
+            typename B::Stat scalar, const AdamWScalars& adamw,
+            MatrixView<typename B::Activation> act_m,
+            MatrixView<const typename B::Activation> cact_m,
+            MatrixView<const typename B::Param> cparam_m,
+            MatrixView<typename B::Grad> grad_m,
+            MatrixView<typename B::Stat> stat_m,
+            MatrixView<const typename B::Stat> cstat_m) {
+  // memory and transfers
+  { b.zeros(dtype, shape) } -> std::same_as<Tensor>;
+  b.ensure(tensor, dtype, shape);
   b.fill_zero(tensor);
-  b.copy(in, out, n);
+  b.upload(host, tensor);
+  { b.download(host) } -> std::same_as<Tensor>;
+  b.upload_tokens(host_tokens, tensor);
+  { b.rope_table(n, theta, n) } -> std::same_as<typename B::RopeTable>;
+  b.copy(cact, act, n);
   // elementwise
-  b.add(in, in, out, n);
-  b.accumulate(in, out, n);
-  b.add_bias(matrix, in);
-  b.bias_backward(const_matrix, out);
+  b.add(cact, cact, act, n);
+  b.accumulate(cact, act, n);
+  b.add_bias(act_m, cparam);
+  b.add_bias(stat_m, cparam);
+  b.bias_backward(cact_m, grad);
+  b.bias_backward(cstat_m, grad);
   // GEMM
-  b.gemm(const_matrix, transpose, const_matrix, transpose, matrix, scalar, scalar);
+  b.gemm(cact_m, t, cparam_m, t, act_m, scalar, scalar);
+  b.gemm(cact_m, t, cact_m, t, grad_m, scalar, scalar);
+  b.gemm(cact_m, t, cparam_m, t, stat_m, scalar, scalar);
+  b.gemm(cstat_m, t, cparam_m, t, act_m, scalar, scalar);
+  b.gemm(cstat_m, t, cact_m, t, grad_m, scalar, scalar);
   // norms: (x, weight, bias, y, mean, rstd, rows, cols, eps) and backward
-  b.layernorm_forward(in, in, in, out, out, out, n, n, scalar);
-  b.layernorm_backward(in, in, in, in, in, out, out, out, n, n);
-  b.rmsnorm_forward(in, in, out, out, n, n, scalar);
-  b.rmsnorm_backward(in, in, in, in, out, out, n, n);
+  b.layernorm_forward(cact, cparam, cparam, act, stat, stat, n, n, scalar);
+  b.layernorm_backward(cact, cact, cparam, cstat, cstat, act, grad, grad, n, n);
+  b.rmsnorm_forward(cact, cparam, act, stat, n, n, scalar);
+  b.rmsnorm_backward(cact, cact, cparam, cstat, act, grad, n, n);
   // RoPE: (x, batch, seq, heads, table, direction)
-  b.rope(out, n, n, n, rope, 1);
+  b.rope(act, n, n, n, rope, 1);
   // attention: (q, k, v, o, lse, shape) and (d_o, q, k, v, o, lse, dq, dk, dv, shape)
-  b.attention_forward(in, in, in, out, out, attention);
-  b.attention_backward(in, in, in, in, in, in, out, out, out, attention);
+  b.attention_forward(cact, cact, cact, act, stat, attention);
+  b.attention_backward(cact, cact, cact, cact, cact, cstat, act, act, act, attention);
   // SwiGLU: (gate, up, out, count) and (d_out, gate, up, d_gate, d_up, count)
-  b.swiglu_forward(in, in, out, n);
-  b.swiglu_backward(in, in, in, out, out, n);
+  b.swiglu_forward(cact, cact, act, n);
+  b.swiglu_backward(cact, cact, cact, act, act, n);
   // embedding: (tokens, count, table, vocab, dim, out) and (tokens, count, d_out, dim, d_table)
-  b.embedding_forward(tokens, n, in, n, n, out);
-  b.embedding_backward(tokens, n, in, n, out);
+  b.embedding_forward(tokens, n, cparam, n, n, act);
+  b.embedding_backward(tokens, n, cact, n, grad);
+  // optimizer: gradient norm, scaling, finiteness, and one AdamW update of a range
+  // (value, master or null, grad, exp_avg, exp_avg_sq, count, scalars)
+  { b.grad_sum_squares(cgrad, n) } -> std::convertible_to<double>;
+  b.scale_grad(grad, n, 1.0f);
+  { b.grad_finite(cgrad, n) } -> std::convertible_to<bool>;
+  b.adamw_update(param, master, cgrad, master, master, n, adamw);
 };
+// clang-format on
 
 }  // namespace kept

@@ -12,36 +12,66 @@
 
 #include <cstdint>
 #include <cstring>
+#include <span>
+#include <type_traits>
 
 #include "kept/backend/backend.hpp"
 #include "kept/backend/cpu/attention.hpp"
 #include "kept/backend/cpu/embedding.hpp"
 #include "kept/backend/cpu/gemm.hpp"
 #include "kept/backend/cpu/norm.hpp"
+#include "kept/backend/cpu/optimizer.hpp"
 #include "kept/backend/cpu/rope.hpp"
 #include "kept/backend/cpu/swiglu.hpp"
+#include "kept/core/rope_table.hpp"
 #include "kept/core/tensor.hpp"
 
 namespace kept {
 
 template <class T>
 struct CpuBackend {
-  using Scalar = T;
-  using RopeTable = cpu::RopeTable<T>;
+  // One type for everything: fp32 (Cpu) or float64 (Cpu64). See the policy in backend.hpp.
+  using Precision = kept::Precision<T, T, T, T, T>;
+  using Activation = T;
+  using Param = T;
+  using Grad = T;
+  using Master = T;
+  using Stat = T;
+  using RopeTable = kept::RopeTable<T>;
   static constexpr MemorySpace space = MemorySpace::Host;
-  static constexpr DType dtype = dtype_of_v<T>;
+  static constexpr const char* name() { return std::is_same_v<T, double> ? "cpu64" : "cpu"; }
 
-  Tensor zeros(const Shape& shape) { return Tensor::zeros(dtype, shape); }
+  Tensor zeros(DType dtype, const Shape& shape) { return Tensor::zeros(dtype, shape); }
 
-  // Makes `tensor` a tensor of `shape` in this backend's dtype, reallocating only when the
-  // shape changed, so activation buffers are reused from step to step.
-  void ensure(Tensor& tensor, const Shape& shape) {
+  // Makes `tensor` a tensor of `dtype` and `shape`, reallocating only when either changed, so
+  // activation buffers are reused from step to step.
+  void ensure(Tensor& tensor, DType dtype, const Shape& shape) {
     if (!tensor.defined() || !(tensor.shape() == shape) || tensor.dtype() != dtype)
       tensor = Tensor::empty(dtype, shape);
   }
   void fill_zero(Tensor& tensor) {
     if (tensor.nbytes()) std::memset(tensor.raw(), 0, tensor.nbytes());
   }
+  // Host memory is this backend's memory: upload converts into the destination's dtype (the
+  // shapes must match), download copies.
+  void upload(const Tensor& host, Tensor& destination) {
+    KEPT_CHECK(destination.defined() && host.shape() == destination.shape(),
+               "upload: source of shape ", host.shape(), " for a destination of shape ",
+               destination.shape());
+    KEPT_CHECK(destination.space() == MemorySpace::Host, "upload: destination is not host memory");
+    const Tensor converted =
+        host.dtype() == destination.dtype() ? host : host.to(destination.dtype());
+    if (converted.nbytes()) std::memcpy(destination.raw(), converted.raw(), converted.nbytes());
+  }
+  Tensor download(const Tensor& source) { return source.clone(); }
+  void upload_tokens(std::span<const std::int32_t> tokens, Tensor& destination) {
+    ensure(destination, DType::I32, {static_cast<std::int64_t>(tokens.size())});
+    if (!tokens.empty()) std::memcpy(destination.raw(), tokens.data(), tokens.size_bytes());
+  }
+  RopeTable rope_table(std::int64_t head_dim, double theta, std::int64_t positions) {
+    return RopeTable(head_dim, theta, positions);
+  }
+
   void copy(const T* source, T* destination, std::int64_t count) {
     if (count) std::memcpy(destination, source, sizeof(T) * static_cast<std::size_t>(count));
   }
@@ -126,6 +156,23 @@ struct CpuBackend {
   void embedding_backward(const std::int32_t* tokens, std::int64_t count, const T* d_out,
                           std::int64_t dim, T* d_table) {
     cpu::embedding_backward<T>(tokens, count, d_out, dim, d_table);
+  }
+
+  // The optimizer's range ops (kept/train/adamw.hpp has the math and why it is torch-exact).
+  double grad_sum_squares(const T* grad, std::int64_t count) {
+    return cpu::sum_squares(grad, count);
+  }
+  void scale_grad(T* grad, std::int64_t count, float factor) {
+    cpu::scale(grad, count, static_cast<T>(factor));
+  }
+  bool grad_finite(const T* grad, std::int64_t count) {
+    return cpu::all_finite(grad, count);
+  }
+  // master is null: the value is its own master copy.
+  void adamw_update(T* value, T* master, const T* grad, T* exp_avg, T* exp_avg_sq,
+                    std::int64_t count, const AdamWScalars& scalars) {
+    KEPT_CHECK(master == nullptr, "adamw_update on ", name(), ": no separate master weights");
+    cpu::adamw_update(value, grad, exp_avg, exp_avg_sq, count, scalars);
   }
 };
 

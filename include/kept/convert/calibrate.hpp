@@ -36,7 +36,7 @@ NormCalibration calibrate_norms(
     Backend& backend, Decoder<LayerNorm, Backend>& model, std::span<const std::int32_t> tokens,
     std::int64_t seq_len, std::int64_t batch,
     const std::function<void(std::int64_t done, std::int64_t total)>& progress = {}) {
-  using Scalar = typename Backend::Scalar;
+  using Act = typename Backend::Activation;
   KEPT_CHECK(seq_len > 0 && batch > 0, "calibration: seq_len and batch must be positive");
   const std::int64_t sequences = static_cast<std::int64_t>(tokens.size()) / seq_len;
   KEPT_CHECK(sequences > 0, "calibration: ", tokens.size(), " tokens do not make one sequence of ",
@@ -59,8 +59,8 @@ NormCalibration calibrate_norms(
   }
   add_site(model.norm);
 
-  const NormInputObserver<Scalar> observer = [&](const std::string& site,
-                                                 MatrixView<const Scalar> input) {
+  const NormInputObserver<Act> observer = [&](const std::string& site,
+                                              MatrixView<const Act> input) {
     accumulators.at(site).add(input);
   };
   typename Decoder<LayerNorm, Backend>::Activations acts;

@@ -20,7 +20,7 @@ xkd::EvalSums compare_models(Backend& backend, Decoder<TeacherTag, Backend>& tea
                              Decoder<StudentTag, Backend>& student,
                              std::span<const std::int32_t> tokens, std::int64_t seq_len,
                              std::int64_t batch) {
-  using Scalar = typename Backend::Scalar;
+  using Act = typename Backend::Activation;
   const std::int64_t sequences = static_cast<std::int64_t>(tokens.size()) / seq_len;
   KEPT_CHECK(sequences > 0, "comparison: ", tokens.size(), " tokens do not make one sequence of ",
              seq_len);
@@ -39,8 +39,8 @@ xkd::EvalSums compare_models(Backend& backend, Decoder<TeacherTag, Backend>& tea
     for (std::int64_t r = 0; r < rows; ++r)
       for (std::int64_t t = 0; t + 1 < seq_len; ++t)
         targets[r * seq_len + t] = window[r * seq_len + t + 1];
-    xkd::accumulate_eval(backend, &teacher.lm_head, as_matrix<const Scalar>(teacher_acts.hidden),
-                         student.lm_head, as_matrix<const Scalar>(student_acts.hidden), targets,
+    xkd::accumulate_eval(backend, &teacher.lm_head, as_matrix<const Act>(teacher_acts.hidden),
+                         student.lm_head, as_matrix<const Act>(student_acts.hidden), targets,
                          seq_len, sums);
   }
   return sums;

@@ -18,6 +18,7 @@
 #include <string>
 #include <string_view>
 
+#include "kept/core/element_math.hpp"
 #include "kept/core/enum_names.hpp"
 #include "kept/core/error.hpp"
 
@@ -98,17 +99,11 @@ struct f16 {
 };
 
 inline float to_float(bf16 value) {
-  return std::bit_cast<float>(static_cast<std::uint32_t>(value.bits) << 16);
+  return float_from_bf16(value.bits);
 }
-
+// Round to nearest even (kept/core/element_math.hpp, shared with the CUDA kernels).
 inline bf16 to_bf16(float value) {
-  std::uint32_t bits = std::bit_cast<std::uint32_t>(value);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) {
-    // NaN: keep the sign, force a quiet-NaN mantissa so truncation cannot make it an infinity.
-    return bf16{static_cast<std::uint16_t>((bits >> 16) | 0x0040u)};
-  }
-  std::uint32_t rounding_bias = 0x7fffu + ((bits >> 16) & 1u);  // ties to even
-  return bf16{static_cast<std::uint16_t>((bits + rounding_bias) >> 16)};
+  return bf16{bf16_from_float(value)};
 }
 
 // A double rounded to float with round-to-odd: toward zero, then the last bit set if anything

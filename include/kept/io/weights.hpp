@@ -87,9 +87,10 @@ std::vector<std::string> check_checkpoint_tensors(const Reader& source, const Mo
   return skipped;
 }
 
-// Fills every parameter of `model` from `reader`.
-template <class Model>
-void load_weights(Model& model, const CheckpointReader& reader) {
+// Fills every parameter of `model` from `reader`, converting to the parameters' dtype on the way
+// into the backend's memory (Backend::upload).
+template <class Backend, class Model>
+void load_weights(Backend& backend, Model& model, const CheckpointReader& reader) {
   std::set<std::string> used;
   model.visit_parameters([&](Parameter& parameter) {
     const std::string& name = parameter.name;
@@ -103,7 +104,7 @@ void load_weights(Model& model, const CheckpointReader& reader) {
     KEPT_CHECK(stored.shape() == parameter.value.shape(), where, ": tensor \"", name,
                "\" has shape ", stored.shape(), ", but config.json implies ",
                parameter.value.shape());
-    parameter.value = stored.to(parameter.value.dtype());
+    backend.upload(stored, parameter.value);
     used.insert(name);
   });
   std::vector<std::string> unexpected;
@@ -123,8 +124,8 @@ void load_weights(Model& model, const CheckpointReader& reader) {
 // weights in config.dtype (sharded above `max_shard_bytes`). The directory is built under a
 // temporary name and renamed into place, so `destination` is either the old content or the
 // complete new one; an existing destination is replaced only with `force`.
-template <class Model>
-void save_pretrained(Model& model, const ModelConfig& config,
+template <class Backend, class Model>
+void save_pretrained(Backend& backend, Model& model, const ModelConfig& config,
                      const std::filesystem::path& destination, bool force,
                      const std::function<void(const std::filesystem::path&)>& extra_files = {},
                      std::uint64_t max_shard_bytes = kDefaultMaxShardBytes) {
@@ -139,7 +140,8 @@ void save_pretrained(Model& model, const ModelConfig& config,
     specs.push_back({parameter.name, config.dtype, parameter.value.shape()});
   });
   write_checkpoint(
-      directory.path(), specs, [&](std::size_t i) { return parameters[i]->value.to(config.dtype); },
+      directory.path(), specs,
+      [&](std::size_t i) { return backend.download(parameters[i]->value).to(config.dtype); },
       max_shard_bytes);
   // Tokenizer and other files join the checkpoint before it is renamed into place.
   if (extra_files) extra_files(directory.path());

@@ -29,7 +29,9 @@ class Attention;
 template <class Backend>
 class Attention<MHA, Backend> {
  public:
-  using Scalar = typename Backend::Scalar;
+  using Act = typename Backend::Activation;
+  using Stat = typename Backend::Stat;
+  static constexpr DType kAct = Backend::Precision::activation;
 
   struct Cache {
     Tensor q, k, v;  // after RoPE, [tokens, hidden]
@@ -50,53 +52,52 @@ class Attention<MHA, Backend> {
   std::int64_t heads() const { return heads_; }
   std::int64_t head_dim() const { return head_dim_; }
 
-  void forward(Backend& backend, MatrixView<const Scalar> x, std::int64_t batch, std::int64_t seq,
-               const typename Backend::RopeTable& rope, MatrixView<Scalar> y, Cache& cache) const {
+  void forward(Backend& backend, MatrixView<const Act> x, std::int64_t batch, std::int64_t seq,
+               const typename Backend::RopeTable& rope, MatrixView<Act> y, Cache& cache) const {
     const std::int64_t tokens = x.rows, hidden = x.cols;
     KEPT_CHECK(tokens == batch * seq, "attention: ", tokens, " tokens is not ", batch, " x ", seq);
     for (Tensor* t : {&cache.q, &cache.k, &cache.v, &cache.o})
-      backend.ensure(*t, {tokens, hidden});
-    backend.ensure(cache.lse, {batch, heads_, seq});
-    q_proj.forward(backend, x, as_matrix<Scalar>(cache.q));
-    k_proj.forward(backend, x, as_matrix<Scalar>(cache.k));
-    v_proj.forward(backend, x, as_matrix<Scalar>(cache.v));
-    backend.rope(cache.q.template data<Scalar>(), batch, seq, heads_, rope, +1);
-    backend.rope(cache.k.template data<Scalar>(), batch, seq, heads_, rope, +1);
+      backend.ensure(*t, kAct, {tokens, hidden});
+    backend.ensure(cache.lse, Backend::Precision::stat, {batch, heads_, seq});
+    q_proj.forward(backend, x, as_matrix<Act>(cache.q));
+    k_proj.forward(backend, x, as_matrix<Act>(cache.k));
+    v_proj.forward(backend, x, as_matrix<Act>(cache.v));
+    backend.rope(cache.q.template data<Act>(), batch, seq, heads_, rope, +1);
+    backend.rope(cache.k.template data<Act>(), batch, seq, heads_, rope, +1);
     const AttentionShape shape{batch, seq, heads_, head_dim_};
-    backend.attention_forward(cache.q.template data<Scalar>(), cache.k.template data<Scalar>(),
-                              cache.v.template data<Scalar>(), cache.o.template data<Scalar>(),
-                              cache.lse.template data<Scalar>(), shape);
-    o_proj.forward(backend, as_matrix<const Scalar>(cache.o), y);
+    backend.attention_forward(cache.q.template data<Act>(), cache.k.template data<Act>(),
+                              cache.v.template data<Act>(), cache.o.template data<Act>(),
+                              cache.lse.template data<Stat>(), shape);
+    o_proj.forward(backend, as_matrix<const Act>(cache.o), y);
   }
 
   // dx += d(attention)/dx . dy; parameter gradients accumulate. `scratch` holds four
   // [tokens, hidden] buffers reused across layers.
-  void backward(Backend& backend, MatrixView<const Scalar> x, std::int64_t batch, std::int64_t seq,
-                const typename Backend::RopeTable& rope, MatrixView<const Scalar> dy,
-                MatrixView<Scalar> dx, const Cache& cache, Tensor (&scratch)[4]) {
+  void backward(Backend& backend, MatrixView<const Act> x, std::int64_t batch, std::int64_t seq,
+                const typename Backend::RopeTable& rope, MatrixView<const Act> dy,
+                MatrixView<Act> dx, const Cache& cache, Tensor (&scratch)[4]) {
     const std::int64_t tokens = x.rows, hidden = x.cols;
     for (Tensor& t : scratch)
-      backend.ensure(t, {tokens, hidden});
+      backend.ensure(t, kAct, {tokens, hidden});
     Tensor& d_o = scratch[0];
     Tensor& dq = scratch[1];
     Tensor& dk = scratch[2];
     Tensor& dv = scratch[3];
     backend.fill_zero(d_o);
-    MatrixView<Scalar> d_o_view = as_matrix<Scalar>(d_o);
-    o_proj.backward(backend, as_matrix<const Scalar>(cache.o), dy, &d_o_view);
+    MatrixView<Act> d_o_view = as_matrix<Act>(d_o);
+    o_proj.backward(backend, as_matrix<const Act>(cache.o), dy, &d_o_view);
     for (Tensor* t : {&dq, &dk, &dv})
       backend.fill_zero(*t);
     const AttentionShape shape{batch, seq, heads_, head_dim_};
-    backend.attention_backward(d_o.template data<Scalar>(), cache.q.template data<Scalar>(),
-                               cache.k.template data<Scalar>(), cache.v.template data<Scalar>(),
-                               cache.o.template data<Scalar>(), cache.lse.template data<Scalar>(),
-                               dq.template data<Scalar>(), dk.template data<Scalar>(),
-                               dv.template data<Scalar>(), shape);
-    backend.rope(dq.template data<Scalar>(), batch, seq, heads_, rope, -1);
-    backend.rope(dk.template data<Scalar>(), batch, seq, heads_, rope, -1);
-    q_proj.backward(backend, x, as_matrix<const Scalar>(dq), &dx);
-    k_proj.backward(backend, x, as_matrix<const Scalar>(dk), &dx);
-    v_proj.backward(backend, x, as_matrix<const Scalar>(dv), &dx);
+    backend.attention_backward(
+        d_o.template data<Act>(), cache.q.template data<Act>(), cache.k.template data<Act>(),
+        cache.v.template data<Act>(), cache.o.template data<Act>(), cache.lse.template data<Stat>(),
+        dq.template data<Act>(), dk.template data<Act>(), dv.template data<Act>(), shape);
+    backend.rope(dq.template data<Act>(), batch, seq, heads_, rope, -1);
+    backend.rope(dk.template data<Act>(), batch, seq, heads_, rope, -1);
+    q_proj.backward(backend, x, as_matrix<const Act>(dq), &dx);
+    k_proj.backward(backend, x, as_matrix<const Act>(dk), &dx);
+    v_proj.backward(backend, x, as_matrix<const Act>(dv), &dx);
   }
 
   template <class Visitor>

@@ -14,28 +14,29 @@ namespace kept {
 template <class Backend>
 class Embedding {
  public:
-  using Scalar = typename Backend::Scalar;
+  using Act = typename Backend::Activation;
+  using Param = typename Backend::Param;
+  using Grad = typename Backend::Grad;
 
   Embedding() = default;
   Embedding(Backend& backend, std::string name, std::int64_t vocab, std::int64_t dim)
       : vocab_(vocab), dim_(dim) {
     weight.name = std::move(name) + ".weight";
-    weight.value = backend.zeros({vocab, dim});
+    weight.value = backend.zeros(Backend::Precision::param, {vocab, dim});
     weight.role = ParamRole::Embedding;
   }
 
   std::int64_t vocab() const { return vocab_; }
 
-  void forward(Backend& backend, std::span<const std::int32_t> tokens,
-               MatrixView<Scalar> out) const {
-    backend.embedding_forward(tokens.data(), static_cast<std::int64_t>(tokens.size()),
-                              weight.value.template data<Scalar>(), vocab_, dim_, out.data);
+  // `tokens` is an I32 tensor in the backend's memory (Backend::upload_tokens).
+  void forward(Backend& backend, const Tensor& tokens, MatrixView<Act> out) const {
+    backend.embedding_forward(tokens.template data<std::int32_t>(), tokens.numel(),
+                              weight.value.template data<Param>(), vocab_, dim_, out.data);
   }
-  void backward(Backend& backend, std::span<const std::int32_t> tokens,
-                MatrixView<const Scalar> d_out) {
+  void backward(Backend& backend, const Tensor& tokens, MatrixView<const Act> d_out) {
     if (weight.has_grad())
-      backend.embedding_backward(tokens.data(), static_cast<std::int64_t>(tokens.size()),
-                                 d_out.data, dim_, weight.grad.template data<Scalar>());
+      backend.embedding_backward(tokens.template data<std::int32_t>(), tokens.numel(), d_out.data,
+                                 dim_, weight.grad.template data<Grad>());
   }
 
   template <class Visitor>

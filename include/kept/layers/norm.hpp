@@ -26,7 +26,10 @@ class Norm {
   static_assert(kLayerNorm || std::is_same_v<Kind, RMSNorm>, "Norm<LayerNorm> or Norm<RMSNorm>");
 
  public:
-  using Scalar = typename Backend::Scalar;
+  using Act = typename Backend::Activation;
+  using Param = typename Backend::Param;
+  using Grad = typename Backend::Grad;
+  using Stat = typename Backend::Stat;
 
   struct Cache {
     Tensor mean;  // [tokens], LayerNorm only
@@ -36,11 +39,11 @@ class Norm {
   Norm() = default;
   Norm(Backend& backend, std::string name, std::int64_t dim, double eps) : dim_(dim), eps_(eps) {
     weight.name = name + ".weight";
-    weight.value = backend.zeros({dim});
+    weight.value = backend.zeros(Backend::Precision::param, {dim});
     weight.role = ParamRole::NormWeight;
     if constexpr (kLayerNorm) {
       bias.name = name + ".bias";
-      bias.value = backend.zeros({dim});
+      bias.value = backend.zeros(Backend::Precision::param, {dim});
       bias.role = ParamRole::NormBias;
     }
   }
@@ -48,36 +51,35 @@ class Norm {
   std::int64_t dim() const { return dim_; }
   double eps() const { return eps_; }
 
-  void forward(Backend& backend, MatrixView<const Scalar> x, MatrixView<Scalar> y,
-               Cache& cache) const {
+  void forward(Backend& backend, MatrixView<const Act> x, MatrixView<Act> y, Cache& cache) const {
     check(x);
-    backend.ensure(cache.rstd, {x.rows});
+    backend.ensure(cache.rstd, Backend::Precision::stat, {x.rows});
     if constexpr (kLayerNorm) {
-      backend.ensure(cache.mean, {x.rows});
-      backend.layernorm_forward(
-          x.data, weight.value.template data<Scalar>(), bias.value.template data<Scalar>(), y.data,
-          cache.mean.template data<Scalar>(), cache.rstd.template data<Scalar>(), x.rows, dim_,
-          static_cast<Scalar>(eps_));
+      backend.ensure(cache.mean, Backend::Precision::stat, {x.rows});
+      backend.layernorm_forward(x.data, weight.value.template data<Param>(),
+                                bias.value.template data<Param>(), y.data,
+                                cache.mean.template data<Stat>(), cache.rstd.template data<Stat>(),
+                                x.rows, dim_, static_cast<Stat>(eps_));
     } else {
-      backend.rmsnorm_forward(x.data, weight.value.template data<Scalar>(), y.data,
-                              cache.rstd.template data<Scalar>(), x.rows, dim_,
-                              static_cast<Scalar>(eps_));
+      backend.rmsnorm_forward(x.data, weight.value.template data<Param>(), y.data,
+                              cache.rstd.template data<Stat>(), x.rows, dim_,
+                              static_cast<Stat>(eps_));
     }
   }
 
   // dx += dNorm/dx . dy, and the parameter gradients accumulate.
-  void backward(Backend& backend, MatrixView<const Scalar> x, MatrixView<const Scalar> dy,
-                MatrixView<Scalar> dx, const Cache& cache) {
+  void backward(Backend& backend, MatrixView<const Act> x, MatrixView<const Act> dy,
+                MatrixView<Act> dx, const Cache& cache) {
     check(x);
     if constexpr (kLayerNorm) {
-      backend.layernorm_backward(
-          dy.data, x.data, weight.value.template data<Scalar>(), cache.mean.template data<Scalar>(),
-          cache.rstd.template data<Scalar>(), dx.data, weight.template grad_data<Scalar>(),
-          bias.template grad_data<Scalar>(), x.rows, dim_);
+      backend.layernorm_backward(dy.data, x.data, weight.value.template data<Param>(),
+                                 cache.mean.template data<Stat>(), cache.rstd.template data<Stat>(),
+                                 dx.data, weight.template grad_data<Grad>(),
+                                 bias.template grad_data<Grad>(), x.rows, dim_);
     } else {
-      backend.rmsnorm_backward(dy.data, x.data, weight.value.template data<Scalar>(),
-                               cache.rstd.template data<Scalar>(), dx.data,
-                               weight.template grad_data<Scalar>(), x.rows, dim_);
+      backend.rmsnorm_backward(dy.data, x.data, weight.value.template data<Param>(),
+                               cache.rstd.template data<Stat>(), dx.data,
+                               weight.template grad_data<Grad>(), x.rows, dim_);
     }
   }
 
@@ -91,7 +93,7 @@ class Norm {
   Parameter bias;  // LayerNorm only
 
  private:
-  void check(MatrixView<const Scalar> x) const {
+  void check(MatrixView<const Act> x) const {
     KEPT_CHECK(x.cols == dim_ && x.contiguous(), weight.name, ": input has ", x.cols,
                " features, the norm has ", dim_);
   }

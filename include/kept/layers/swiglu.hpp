@@ -16,7 +16,8 @@ namespace kept {
 template <class Backend>
 class SwiGLU {
  public:
-  using Scalar = typename Backend::Scalar;
+  using Act = typename Backend::Activation;
+  static constexpr DType kAct = Backend::Precision::activation;
 
   struct Cache {
     Tensor gate, up;  // projections, [tokens, intermediate]
@@ -30,35 +31,34 @@ class SwiGLU {
         up_proj(backend, name + ".up_proj", hidden, intermediate, with_bias),
         down_proj(backend, name + ".down_proj", intermediate, hidden, with_bias) {}
 
-  void forward(Backend& backend, MatrixView<const Scalar> x, MatrixView<Scalar> y,
-               Cache& cache) const {
+  void forward(Backend& backend, MatrixView<const Act> x, MatrixView<Act> y, Cache& cache) const {
     const Shape shape{x.rows, gate_proj.out_features()};
     for (Tensor* t : {&cache.gate, &cache.up, &cache.product})
-      backend.ensure(*t, shape);
-    gate_proj.forward(backend, x, as_matrix<Scalar>(cache.gate));
-    up_proj.forward(backend, x, as_matrix<Scalar>(cache.up));
-    backend.swiglu_forward(cache.gate.template data<Scalar>(), cache.up.template data<Scalar>(),
-                           cache.product.template data<Scalar>(), cache.gate.numel());
-    down_proj.forward(backend, as_matrix<const Scalar>(cache.product), y);
+      backend.ensure(*t, kAct, shape);
+    gate_proj.forward(backend, x, as_matrix<Act>(cache.gate));
+    up_proj.forward(backend, x, as_matrix<Act>(cache.up));
+    backend.swiglu_forward(cache.gate.template data<Act>(), cache.up.template data<Act>(),
+                           cache.product.template data<Act>(), cache.gate.numel());
+    down_proj.forward(backend, as_matrix<const Act>(cache.product), y);
   }
 
   // dx += dMLP/dx . dy; `scratch` holds three [tokens, intermediate] buffers.
-  void backward(Backend& backend, MatrixView<const Scalar> x, MatrixView<const Scalar> dy,
-                MatrixView<Scalar> dx, const Cache& cache, Tensor (&scratch)[3]) {
+  void backward(Backend& backend, MatrixView<const Act> x, MatrixView<const Act> dy,
+                MatrixView<Act> dx, const Cache& cache, Tensor (&scratch)[3]) {
     const Shape shape{x.rows, gate_proj.out_features()};
     for (Tensor& t : scratch)
-      backend.ensure(t, shape);
+      backend.ensure(t, kAct, shape);
     Tensor& d_product = scratch[0];
     Tensor& d_gate = scratch[1];
     Tensor& d_up = scratch[2];
     backend.fill_zero(d_product);
-    MatrixView<Scalar> d_product_view = as_matrix<Scalar>(d_product);
-    down_proj.backward(backend, as_matrix<const Scalar>(cache.product), dy, &d_product_view);
-    backend.swiglu_backward(d_product.template data<Scalar>(), cache.gate.template data<Scalar>(),
-                            cache.up.template data<Scalar>(), d_gate.template data<Scalar>(),
-                            d_up.template data<Scalar>(), d_product.numel());
-    gate_proj.backward(backend, x, as_matrix<const Scalar>(d_gate), &dx);
-    up_proj.backward(backend, x, as_matrix<const Scalar>(d_up), &dx);
+    MatrixView<Act> d_product_view = as_matrix<Act>(d_product);
+    down_proj.backward(backend, as_matrix<const Act>(cache.product), dy, &d_product_view);
+    backend.swiglu_backward(d_product.template data<Act>(), cache.gate.template data<Act>(),
+                            cache.up.template data<Act>(), d_gate.template data<Act>(),
+                            d_up.template data<Act>(), d_product.numel());
+    gate_proj.backward(backend, x, as_matrix<const Act>(d_gate), &dx);
+    up_proj.backward(backend, x, as_matrix<const Act>(d_up), &dx);
   }
 
   template <class Visitor>

@@ -21,14 +21,14 @@ namespace kept {
 // Sees the input of every norm during a forward pass (the pre-norm activations), named by the
 // norm's checkpoint prefix ("model.layers.3.input_layernorm"). OPM calibration feeds its
 // accumulators from here without the decoder keeping anything extra.
-template <class Scalar>
-using NormInputObserver =
-    std::function<void(const std::string& norm, MatrixView<const Scalar> input)>;
+template <class Act>
+using NormInputObserver = std::function<void(const std::string& norm, MatrixView<const Act> input)>;
 
 template <class NormTag, class Backend>
 class DecoderBlock {
  public:
-  using Scalar = typename Backend::Scalar;
+  using Act = typename Backend::Activation;
+  static constexpr DType kAct = Backend::Precision::activation;
 
   struct Cache {
     typename Norm<NormTag, Backend>::Cache norm1, norm2;
@@ -58,15 +58,15 @@ class DecoderBlock {
                           config.mlp_bias);
   }
 
-  void forward(Backend& backend, MatrixView<const Scalar> h, std::int64_t batch, std::int64_t seq,
-               const typename Backend::RopeTable& rope, MatrixView<Scalar> out, Cache& cache,
-               const NormInputObserver<Scalar>* observer = nullptr) const {
+  void forward(Backend& backend, MatrixView<const Act> h, std::int64_t batch, std::int64_t seq,
+               const typename Backend::RopeTable& rope, MatrixView<Act> out, Cache& cache,
+               const NormInputObserver<Act>* observer = nullptr) const {
     const Shape shape{h.rows, h.cols};
     for (Tensor* t : {&cache.normed1, &cache.normed2, &cache.mid})
-      backend.ensure(*t, shape);
-    auto normed1 = as_matrix<Scalar>(cache.normed1);
-    auto normed2 = as_matrix<Scalar>(cache.normed2);
-    auto mid = as_matrix<Scalar>(cache.mid);
+      backend.ensure(*t, kAct, shape);
+    auto normed1 = as_matrix<Act>(cache.normed1);
+    auto normed2 = as_matrix<Act>(cache.normed2);
+    auto mid = as_matrix<Act>(cache.mid);
     if (observer) (*observer)(norm_name(input_layernorm), h);
     input_layernorm.forward(backend, h, normed1, cache.norm1);
     self_attn.forward(backend, normed1, batch, seq, rope, mid, cache.attention);
@@ -78,25 +78,25 @@ class DecoderBlock {
   }
 
   // Given d_out = dL/d(out), writes d_h = dL/dh (overwritten, not accumulated).
-  void backward(Backend& backend, MatrixView<const Scalar> h, std::int64_t batch, std::int64_t seq,
-                const typename Backend::RopeTable& rope, MatrixView<const Scalar> d_out,
-                MatrixView<Scalar> d_h, const Cache& cache, Scratch& scratch) {
+  void backward(Backend& backend, MatrixView<const Act> h, std::int64_t batch, std::int64_t seq,
+                const typename Backend::RopeTable& rope, MatrixView<const Act> d_out,
+                MatrixView<Act> d_h, const Cache& cache, Scratch& scratch) {
     const Shape shape{h.rows, h.cols};
-    backend.ensure(scratch.d_normed, shape);
-    backend.ensure(scratch.d_mid, shape);
-    auto d_normed = as_matrix<Scalar>(scratch.d_normed);
-    auto d_mid = as_matrix<Scalar>(scratch.d_mid);
+    backend.ensure(scratch.d_normed, kAct, shape);
+    backend.ensure(scratch.d_mid, kAct, shape);
+    auto d_normed = as_matrix<Act>(scratch.d_normed);
+    auto d_mid = as_matrix<Act>(scratch.d_mid);
     const std::int64_t count = h.rows * h.cols;
     // out = mid + mlp(norm2(mid)): d_mid = d_out + norm2^T mlp^T d_out
     backend.fill_zero(scratch.d_normed);
-    mlp.backward(backend, as_matrix<const Scalar>(cache.normed2), d_out, d_normed, cache.mlp,
+    mlp.backward(backend, as_matrix<const Act>(cache.normed2), d_out, d_normed, cache.mlp,
                  scratch.mlp);
     backend.copy(d_out.data, d_mid.data, count);
-    post_attention_layernorm.backward(backend, as_matrix<const Scalar>(cache.mid), d_normed, d_mid,
+    post_attention_layernorm.backward(backend, as_matrix<const Act>(cache.mid), d_normed, d_mid,
                                       cache.norm2);
     // mid = h + attention(norm1(h)): d_h = d_mid + norm1^T attention^T d_mid
     backend.fill_zero(scratch.d_normed);
-    self_attn.backward(backend, as_matrix<const Scalar>(cache.normed1), batch, seq, rope, d_mid,
+    self_attn.backward(backend, as_matrix<const Act>(cache.normed1), batch, seq, rope, d_mid,
                        d_normed, cache.attention, scratch.attention);
     backend.copy(d_mid.data, d_h.data, count);
     input_layernorm.backward(backend, h, d_normed, d_h, cache.norm1);

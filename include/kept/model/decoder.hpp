@@ -35,14 +35,16 @@ enum class ForwardMode {
 template <class NormTag, class Backend>
 class Decoder {
  public:
-  using Scalar = typename Backend::Scalar;
+  using Act = typename Backend::Activation;
+  using Stat = typename Backend::Stat;
+  static constexpr DType kAct = Backend::Precision::activation;
 
   using Block = DecoderBlock<NormTag, Backend>;
   using NormType = Norm<NormTag, Backend>;
 
   struct Activations {
     std::int64_t batch = 0, seq = 0;
-    std::vector<std::int32_t> tokens;
+    Tensor tokens;  // I32 [batch * seq] in the backend's memory
     ForwardMode mode = ForwardMode::Inference;
     bool keep_states = false;
     std::vector<Tensor> states;  // Training or keep_states: L+1 slots; else two, ping-pong
@@ -78,42 +80,41 @@ class Decoder {
   // `observer`, when given, sees the input of every norm (see NormInputObserver).
   void forward(Backend& backend, std::span<const std::int32_t> tokens, std::int64_t batch,
                std::int64_t seq, Activations& acts, ForwardMode mode, bool keep_states = false,
-               const NormInputObserver<Scalar>* observer = nullptr) {
+               const NormInputObserver<Act>* observer = nullptr) {
     KEPT_CHECK(batch > 0 && seq > 0 && static_cast<std::int64_t>(tokens.size()) == batch * seq,
                "forward: got ", tokens.size(), " tokens for batch ", batch, " x seq ", seq);
-    ensure_rope(seq);
+    ensure_rope(backend, seq);
     const std::int64_t count = batch * seq, hidden = config_.hidden_size;
     const std::size_t num_layers = layers.size();
     acts.batch = batch;
     acts.seq = seq;
-    acts.tokens.assign(tokens.begin(), tokens.end());
+    backend.upload_tokens(tokens, acts.tokens);
     acts.mode = mode;
     acts.keep_states = keep_states;
     const bool all_states = mode == ForwardMode::Training || keep_states;
     acts.states.resize(all_states ? num_layers + 1 : 2);
     acts.blocks.resize(mode == ForwardMode::Training ? num_layers : 1);
     for (Tensor& state : acts.states)
-      backend.ensure(state, {count, hidden});
-    backend.ensure(acts.hidden, {count, hidden});
+      backend.ensure(state, kAct, {count, hidden});
+    backend.ensure(acts.hidden, kAct, {count, hidden});
 
-    embed_tokens.forward(backend, acts.tokens, as_matrix<Scalar>(acts.states[0]));
+    embed_tokens.forward(backend, acts.tokens, as_matrix<Act>(acts.states[0]));
     for (std::size_t l = 0; l < num_layers; ++l) {
       Tensor& input = acts.states[all_states ? l : l % 2];
       Tensor& output = acts.states[all_states ? l + 1 : (l + 1) % 2];
       auto& cache = acts.blocks[mode == ForwardMode::Training ? l : 0];
-      layers[l].forward(backend, as_matrix<const Scalar>(input), batch, seq, rope_,
-                        as_matrix<Scalar>(output), cache, observer);
+      layers[l].forward(backend, as_matrix<const Act>(input), batch, seq, rope_,
+                        as_matrix<Act>(output), cache, observer);
     }
     const Tensor& last = acts.states[all_states ? num_layers : num_layers % 2];
-    if (observer) (*observer)("model.norm", as_matrix<const Scalar>(last));
-    norm.forward(backend, as_matrix<const Scalar>(last), as_matrix<Scalar>(acts.hidden),
-                 acts.final_norm);
+    if (observer) (*observer)("model.norm", as_matrix<const Act>(last));
+    norm.forward(backend, as_matrix<const Act>(last), as_matrix<Act>(acts.hidden), acts.final_norm);
   }
 
-  // Full logits [tokens, vocab] from a forward pass.
+  // Full logits [tokens, vocab] from a forward pass, in the Stat type (fp32 for bf16 models).
   void logits(Backend& backend, const Activations& acts, Tensor& out) const {
-    backend.ensure(out, {acts.tokens_count(), config_.vocab_size});
-    lm_head.forward(backend, as_matrix<const Scalar>(acts.hidden), as_matrix<Scalar>(out));
+    backend.ensure(out, Backend::Precision::stat, {acts.tokens_count(), config_.vocab_size});
+    lm_head.forward(backend, as_matrix<const Act>(acts.hidden), as_matrix<Stat>(out));
   }
 
   // Backpropagates d_hidden = dL/d(final-norm output) (the LM head's input; may be undefined
@@ -126,29 +127,28 @@ class Decoder {
     const std::size_t num_layers = layers.size();
     KEPT_CHECK(!d_states || d_states->size() == num_layers + 1, "backward: got ",
                d_states ? d_states->size() : 0, " state gradients for ", num_layers + 1, " slots");
-    backend.ensure(grad_[0], {count, hidden});
-    backend.ensure(grad_[1], {count, hidden});
+    backend.ensure(grad_[0], kAct, {count, hidden});
+    backend.ensure(grad_[1], kAct, {count, hidden});
     // grad_[cur] holds dL/dh_l while walking down the stack.
     int cur = 0;
     backend.fill_zero(grad_[cur]);
     if (d_hidden.defined()) {
       KEPT_CHECK(d_hidden.shape() == Shape({count, hidden}), "backward: d_hidden has shape ",
                  d_hidden.shape(), ", expected ", Shape({count, hidden}));
-      norm.backward(backend, as_matrix<const Scalar>(acts.states[num_layers]),
-                    as_matrix<const Scalar>(d_hidden), as_matrix<Scalar>(grad_[cur]),
-                    acts.final_norm);
+      norm.backward(backend, as_matrix<const Act>(acts.states[num_layers]),
+                    as_matrix<const Act>(d_hidden), as_matrix<Act>(grad_[cur]), acts.final_norm);
     }
     for (std::size_t l = num_layers + 1; l-- > 0;) {
       if (d_states && (*d_states)[l].defined())
-        backend.accumulate((*d_states)[l].template data<Scalar>(),
-                           grad_[cur].template data<Scalar>(), count * hidden);
+        backend.accumulate((*d_states)[l].template data<Act>(), grad_[cur].template data<Act>(),
+                           count * hidden);
       if (l == 0) break;
-      layers[l - 1].backward(backend, as_matrix<const Scalar>(acts.states[l - 1]), acts.batch,
-                             acts.seq, rope_, as_matrix<const Scalar>(grad_[cur]),
-                             as_matrix<Scalar>(grad_[1 - cur]), acts.blocks[l - 1], scratch_);
+      layers[l - 1].backward(backend, as_matrix<const Act>(acts.states[l - 1]), acts.batch,
+                             acts.seq, rope_, as_matrix<const Act>(grad_[cur]),
+                             as_matrix<Act>(grad_[1 - cur]), acts.blocks[l - 1], scratch_);
       cur = 1 - cur;
     }
-    embed_tokens.backward(backend, acts.tokens, as_matrix<const Scalar>(grad_[cur]));
+    embed_tokens.backward(backend, acts.tokens, as_matrix<const Act>(grad_[cur]));
   }
 
   // Allocates (once) and zeroes the gradient of every trainable parameter.
@@ -158,8 +158,9 @@ class Decoder {
         p.grad = Tensor();
         return;
       }
-      if (!p.grad.defined() || !(p.grad.shape() == p.value.shape()))
-        p.grad = backend.zeros(p.value.shape());
+      if (!p.grad.defined() || !(p.grad.shape() == p.value.shape()) ||
+          p.grad.dtype() != Backend::Precision::grad)
+        p.grad = backend.zeros(Backend::Precision::grad, p.value.shape());
       else
         backend.fill_zero(p.grad);
     });
@@ -181,9 +182,9 @@ class Decoder {
   Linear<Backend> lm_head;
 
  private:
-  void ensure_rope(std::int64_t seq) {
+  void ensure_rope(Backend& backend, std::int64_t seq) {
     if (rope_.positions() < seq)
-      rope_ = typename Backend::RopeTable(config_.head_dim, config_.rope_theta, seq);
+      rope_ = backend.rope_table(config_.head_dim, config_.rope_theta, seq);
   }
 
   ModelConfig config_;

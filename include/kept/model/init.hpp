@@ -44,17 +44,19 @@ void init_values(T* values, std::int64_t count, const Parameter& parameter,
 }
 }  // namespace detail
 
-inline void init_parameter(Parameter& parameter, const InitOptions& options) {
-  Tensor& value = parameter.value;
-  if (value.dtype() == DType::F64)
-    detail::init_values(value.data<double>(), value.numel(), parameter, options);
-  else
-    detail::init_values(value.data<float>(), value.numel(), parameter, options);
+// The values are drawn on the host (in double, rounded once to fp32) and uploaded, so every
+// backend starts from the same numbers: fp32 and float64 models exactly, bf16 ones rounded.
+template <class Backend>
+void init_parameter(Backend& backend, Parameter& parameter, const InitOptions& options) {
+  Tensor host = Tensor::empty(DType::F64, parameter.value.shape());
+  detail::init_values(host.data<double>(), host.numel(), parameter, options);
+  backend.upload(host, parameter.value);
 }
 
-template <class Model>
-void init_parameters(Model& model, const InitOptions& options) {
-  model.visit_parameters([&](Parameter& parameter) { init_parameter(parameter, options); });
+template <class Backend, class Model>
+void init_parameters(Backend& backend, Model& model, const InitOptions& options) {
+  model.visit_parameters(
+      [&](Parameter& parameter) { init_parameter(backend, parameter, options); });
 }
 
 }  // namespace kept

@@ -10,7 +10,8 @@
 #include <string>
 #include <vector>
 
-#include "kept/backend/cpu/rope.hpp"
+#include "kept/backend/backend.hpp"
+#include "kept/core/rope_table.hpp"
 #include "kept/core/tensor.hpp"
 #include "kept/layers/parameter.hpp"
 #include "kept/model/config.hpp"
@@ -19,10 +20,14 @@
 namespace kept {
 
 struct MetaBackend {
-  using Scalar = float;
-  using RopeTable = cpu::RopeTable<float>;
-  static constexpr DType dtype = DType::F32;
-  Tensor zeros(const Shape& shape) { return Tensor::meta(dtype, shape); }
+  using Precision = kept::Precision<float, float, float, float, float>;
+  using Activation = float;
+  using Param = float;
+  using Grad = float;
+  using Master = float;
+  using Stat = float;
+  using RopeTable = kept::RopeTable<float>;
+  Tensor zeros(DType dtype, const Shape& shape) { return Tensor::meta(dtype, shape); }
 };
 
 struct ParameterSpec {

@@ -46,6 +46,10 @@
 //                                                           nothing under other betas
 //   "exp_avg/<name>", "exp_avg_sq/<name>"   F32, the parameter's shape
 //   "step/<name>"         I64 [1]
+//   "master/<name>"       F32, only where the backend keeps fp32 master weights of bf16
+//                         parameters (CpuBf16; the value is then round(master) after each step)
+// The moments and master weights live in the backend's memory (its Master type) and cross to the
+// host through Backend::download/upload; the per-range update is Backend::adamw_update.
 // load_state() copies everything back, so the continued run is bit-identical to one that never
 // stopped. lr and weight decay are not checked: a schedule changes lr every step anyway.
 //
@@ -66,6 +70,7 @@
 #include <utility>
 #include <vector>
 
+#include "kept/backend/backend.hpp"
 #include "kept/core/error.hpp"
 #include "kept/core/tensor.hpp"
 #include "kept/io/safetensors.hpp"
@@ -120,13 +125,11 @@ std::vector<Parameter*> parameters_of(Model& model) {
 
 namespace detail {
 
-// Optimizers and clipping compute on host fp32 tensors; anything else is named and refused.
-inline void train_require_host_f32(const Parameter& p, const Tensor& tensor, const char* what,
-                                   const char* context) {
-  KEPT_CHECK(tensor.space() == MemorySpace::Host, context, ": parameter ", p.name, ": ", what,
-             " is in ", memory_space_name(tensor.space()), " memory, expected host");
-  KEPT_CHECK(tensor.dtype() == DType::F32, context, ": parameter ", p.name, ": ", what, " is ",
-             dtype_name(tensor.dtype()), ", expected F32");
+// The optimizer's tensors must have the dtype the backend's precision policy gives them.
+inline void train_require(const Parameter& p, const Tensor& tensor, DType dtype, const char* what,
+                          const char* context) {
+  KEPT_CHECK(tensor.dtype() == dtype, context, ": parameter ", p.name, ": ", what, " is ",
+             dtype_name(tensor.dtype()), ", expected ", dtype_name(dtype));
   KEPT_CHECK(tensor.shape() == p.value.shape(), context, ": parameter ", p.name, ": ", what,
              " has shape ", tensor.shape(), ", the parameter ", p.value.shape());
 }
@@ -167,48 +170,42 @@ class AdamW {
     return config_.decay_predicate ? config_.decay_predicate(p) : config_.decay.decays(p.role);
   }
 
-  // One update of every parameter that has a gradient, at the current lr().
-  void step(std::span<Parameter* const> params) {
+  // One update of every parameter that has a gradient, at the current lr(). The scalars are
+  // formed here, on the host, as torch forms them; the backend applies them to each parameter's
+  // range (Backend::adamw_update), with fp32 master weights where its policy keeps them.
+  template <class Backend>
+  void step(Backend& backend, std::span<Parameter* const> params) {
+    using Precision = typename Backend::Precision;
+    using Grad = typename Backend::Grad;
+    using Master = typename Backend::Master;
     check_unique_names(params, "AdamW step");
     const double lr = config_.lr, b1 = config_.beta1, b2 = config_.beta2;
     // Scalars as torch forms them: Python doubles, rounded to fp32 when they meet the tensor.
-    const float w1 = static_cast<float>(1.0 - b1);
-    const float b2f = static_cast<float>(b2);
-    const float w2 = static_cast<float>(1.0 - b2);
-    const float epsf = static_cast<float>(config_.eps);
-    const bool small_w1 = std::fabs(w1) < 0.5f;  // torch's lerp: is_lerp_weight_small
+    AdamWScalars scalars;
+    scalars.one_minus_beta1 = static_cast<float>(1.0 - b1);
+    scalars.small_weight =
+        std::fabs(scalars.one_minus_beta1) < 0.5f;  // torch: is_lerp_weight_small
+    scalars.beta2 = static_cast<float>(b2);
+    scalars.one_minus_beta2 = static_cast<float>(1.0 - b2);
+    scalars.eps = static_cast<float>(config_.eps);
     for (Parameter* p : params) {
       KEPT_CHECK(p != nullptr, "AdamW step: null parameter pointer");
       if (!p->has_grad()) continue;
-      detail::train_require_host_f32(*p, p->value, "value", "AdamW step");
-      detail::train_require_host_f32(*p, p->grad, "gradient", "AdamW step");
-      State& state = state_for(*p);
+      detail::train_require(*p, p->value, Precision::param, "value", "AdamW step");
+      detail::train_require(*p, p->grad, Precision::grad, "gradient", "AdamW step");
+      State& state = state_for(backend, *p);
       state.step += 1;
-      const std::int64_t n = p->value.numel();
-      float* value = p->value.data<float>();
-      const float* grad = p->grad.data<float>();
-      float* m = state.exp_avg.data<float>();
-      float* v = state.exp_avg_sq.data<float>();
-
-      if (config_.weight_decay != 0 && decays(*p)) {
-        const float keep = static_cast<float>(1.0 - lr * config_.weight_decay);
-        for (std::int64_t i = 0; i < n; ++i)
-          value[i] = value[i] * keep;
-      }
       const double t = static_cast<double>(state.step);
       const double bias_correction1 = 1.0 - std::pow(b1, t);
       const double bias_correction2 = 1.0 - std::pow(b2, t);
-      const double step_size = lr / bias_correction1;
-      const float bc2_sqrt = static_cast<float>(std::pow(bias_correction2, 0.5));
-      const float neg_step = static_cast<float>(-step_size);
-      for (std::int64_t i = 0; i < n; ++i) {
-        const float g = grad[i];
-        m[i] = small_w1 ? std::fma(w1, g - m[i], m[i]) : std::fma(w1 - 1.0f, g - m[i], g);
-        const float decayed = v[i] * b2f;
-        v[i] = std::fma(w2 * g, g, decayed);
-        const float denom = std::sqrt(v[i]) / bc2_sqrt + epsf;
-        value[i] = value[i] + (neg_step * m[i]) / denom;
-      }
+      scalars.bias_correction2_sqrt = static_cast<float>(std::pow(bias_correction2, 0.5));
+      scalars.neg_step = static_cast<float>(-(lr / bias_correction1));
+      scalars.decay = config_.weight_decay != 0 && decays(*p);
+      scalars.decay_keep = static_cast<float>(1.0 - lr * config_.weight_decay);
+      Master* master = state.master.defined() ? state.master.template data<Master>() : nullptr;
+      backend.adamw_update(p->value.template data<typename Backend::Param>(), master,
+                           p->grad.template data<Grad>(), state.exp_avg.template data<Master>(),
+                           state.exp_avg_sq.template data<Master>(), p->value.numel(), scalars);
     }
     ++steps_taken_;
   }
@@ -227,16 +224,18 @@ class AdamW {
     return found == states_.end() ? 0 : found->second.step;
   }
 
-  // The whole state (see the top comment for the names). The tensors are copies.
-  std::vector<NamedTensor> state_tensors() const {
+  // The whole state (see the top comment for the names), downloaded to host copies.
+  template <class Backend>
+  std::vector<NamedTensor> state_tensors(Backend& backend) const {
     std::vector<NamedTensor> out;
     out.push_back({"adamw.steps_taken", detail::train_scalar_i64(steps_taken_)});
     out.push_back({"adamw.beta1", detail::train_scalar_f64(config_.beta1)});
     out.push_back({"adamw.beta2", detail::train_scalar_f64(config_.beta2)});
     out.push_back({"adamw.eps", detail::train_scalar_f64(config_.eps)});
     for (const auto& [name, state] : states_) {
-      out.push_back({"exp_avg/" + name, state.exp_avg.clone()});
-      out.push_back({"exp_avg_sq/" + name, state.exp_avg_sq.clone()});
+      out.push_back({"exp_avg/" + name, backend.download(state.exp_avg)});
+      out.push_back({"exp_avg_sq/" + name, backend.download(state.exp_avg_sq)});
+      if (state.master.defined()) out.push_back({"master/" + name, backend.download(state.master)});
       out.push_back({"step/" + name, detail::train_scalar_i64(state.step)});
     }
     return out;
@@ -246,8 +245,10 @@ class AdamW {
   // the model's parameters: every state entry must name one of them and match its shape. A
   // parameter without state simply has not stepped yet (it was frozen), as in torch.
   // `where` prefixes error messages (e.g. the file name). On error the optimizer is unchanged.
-  void load_state(std::span<const NamedTensor> state, std::span<Parameter* const> params,
-                  std::string_view where = "optimizer state") {
+  template <class Backend>
+  void load_state(Backend& backend, std::span<const NamedTensor> state,
+                  std::span<Parameter* const> params, std::string_view where = "optimizer state") {
+    constexpr DType kMaster = Backend::Precision::master;
     check_unique_names(params, std::string(where));
     std::map<std::string, const Parameter*, std::less<>> by_name;
     for (const Parameter* p : params)
@@ -295,7 +296,7 @@ class AdamW {
       (void)tensor;
       std::string_view key = name;
       bool known = false;
-      for (std::string_view prefix : {"exp_avg/", "exp_avg_sq/", "step/"}) {
+      for (std::string_view prefix : {"exp_avg/", "exp_avg_sq/", "step/", "master/"}) {
         if (key.starts_with(prefix)) {
           names.emplace(key.substr(prefix.size()));
           known = true;
@@ -303,7 +304,7 @@ class AdamW {
         }
       }
       KEPT_CHECK(known, where, ": unexpected tensor ", name,
-                 " (not exp_avg/, exp_avg_sq/ or step/ of a parameter)");
+                 " (not exp_avg/, exp_avg_sq/, master/ or step/ of a parameter)");
     }
     std::map<std::string, State, std::less<>> loaded;
     for (const std::string& name : names) {
@@ -313,15 +314,18 @@ class AdamW {
       const Shape& shape = param->second->value.shape();
       auto moment = [&](const std::string& key) {
         const Tensor& t = take(key);
-        KEPT_CHECK(t.dtype() == DType::F32, where, ": ", key, " is ", dtype_name(t.dtype()),
-                   ", expected F32");
+        KEPT_CHECK(t.dtype() == kMaster, where, ": ", key, " is ", dtype_name(t.dtype()),
+                   ", expected ", dtype_name(kMaster));
         KEPT_CHECK(t.shape() == shape, where, ": ", key, " has shape ", t.shape(),
                    " but parameter ", name, " has shape ", shape);
-        return t.clone();
+        Tensor on_backend = backend.zeros(kMaster, shape);
+        backend.upload(t, on_backend);
+        return on_backend;
       };
       State s;
       s.exp_avg = moment("exp_avg/" + name);
       s.exp_avg_sq = moment("exp_avg_sq/" + name);
+      if constexpr (Backend::Precision::separate_master) s.master = moment("master/" + name);
       s.step = scalar_i("step/" + name);
       KEPT_CHECK(s.step >= 1, where, ": step/", name, " is ", s.step, ", expected >= 1");
       loaded.emplace(name, std::move(s));
@@ -334,10 +338,13 @@ class AdamW {
   struct State {
     Tensor exp_avg;
     Tensor exp_avg_sq;
+    Tensor master;  // fp32 copy of a bf16 parameter; undefined when the value is its own master
     std::int64_t step = 0;
   };
 
-  State& state_for(const Parameter& p) {
+  template <class Backend>
+  State& state_for(Backend& backend, const Parameter& p) {
+    constexpr DType kMaster = Backend::Precision::master;
     auto found = states_.find(p.name);
     if (found != states_.end()) {
       KEPT_CHECK(found->second.exp_avg.shape() == p.value.shape(), "AdamW step: parameter ", p.name,
@@ -346,8 +353,13 @@ class AdamW {
       return found->second;
     }
     State s;
-    s.exp_avg = Tensor::zeros(DType::F32, p.value.shape());
-    s.exp_avg_sq = Tensor::zeros(DType::F32, p.value.shape());
+    s.exp_avg = backend.zeros(kMaster, p.value.shape());
+    s.exp_avg_sq = backend.zeros(kMaster, p.value.shape());
+    if constexpr (Backend::Precision::separate_master) {
+      // The master starts as the parameter's value, widened exactly.
+      s.master = backend.zeros(kMaster, p.value.shape());
+      backend.upload(backend.download(p.value), s.master);
+    }
     return states_.emplace(p.name, std::move(s)).first->second;
   }
 
@@ -365,53 +377,48 @@ class AdamW {
   std::int64_t steps_taken_ = 0;
 };
 
-// The global L2 norm of all gradients (frozen parameters excluded), accumulated in double in
-// parameter order; when finite and above max_norm, every gradient is scaled by
-// f32(max_norm / (norm + 1e-6)). Returns the norm before clipping. A non-finite norm leaves the
-// gradients untouched: the caller should skip the step (see all_finite).
-inline double clip_grad_norm(std::span<Parameter* const> params, double max_norm) {
-  KEPT_CHECK(max_norm > 0, "clip_grad_norm: max_norm must be > 0, got ", max_norm);
-  double sum = 0;
-  for (Parameter* p : params) {
-    if (!p->has_grad()) continue;
-    detail::train_require_host_f32(*p, p->grad, "gradient", "clip_grad_norm");
-    for (float g : p->grad.span<const float>())
-      sum += static_cast<double>(g) * static_cast<double>(g);
-  }
-  const double total = std::sqrt(sum);
-  if (!std::isfinite(total)) return total;
-  const double coefficient = max_norm / (total + 1e-6);
-  if (coefficient < 1.0) {
-    const float scale = static_cast<float>(coefficient);
-    for (Parameter* p : params) {
-      if (!p->has_grad()) continue;
-      for (float& g : p->grad.span<float>())
-        g *= scale;
-    }
-  }
-  return total;
-}
-
 // Multiplies every gradient by `factor` (e.g. 1/accumulation_steps after accumulating).
-inline void scale_gradients(std::span<Parameter* const> params, float factor) {
+template <class Backend>
+void scale_gradients(Backend& backend, std::span<Parameter* const> params, float factor) {
   for (Parameter* p : params) {
     if (!p->has_grad()) continue;
-    detail::train_require_host_f32(*p, p->grad, "gradient", "scale_gradients");
-    for (float& g : p->grad.span<float>())
-      g *= factor;
+    detail::train_require(*p, p->grad, Backend::Precision::grad, "gradient", "scale_gradients");
+    backend.scale_grad(p->grad.template data<typename Backend::Grad>(), p->grad.numel(), factor);
   }
 }
 
 // Whether every gradient element is finite (NaN/inf guard before a step). Frozen parameters
 // are not looked at.
-inline bool all_finite(std::span<Parameter* const> params) {
+template <class Backend>
+bool all_finite(Backend& backend, std::span<Parameter* const> params) {
   for (Parameter* p : params) {
     if (!p->has_grad()) continue;
-    detail::train_require_host_f32(*p, p->grad, "gradient", "all_finite");
-    for (float g : p->grad.span<const float>())
-      if (!std::isfinite(g)) return false;
+    detail::train_require(*p, p->grad, Backend::Precision::grad, "gradient", "all_finite");
+    if (!backend.grad_finite(p->grad.template data<typename Backend::Grad>(), p->grad.numel()))
+      return false;
   }
   return true;
+}
+
+// The global L2 norm of all gradients (frozen parameters excluded), accumulated in double in
+// parameter order; when finite and above max_norm, every gradient is scaled by
+// f32(max_norm / (norm + 1e-6)). Returns the norm before clipping. A non-finite norm leaves the
+// gradients untouched: the caller should skip the step (see all_finite).
+template <class Backend>
+double clip_grad_norm(Backend& backend, std::span<Parameter* const> params, double max_norm) {
+  using Grad = typename Backend::Grad;
+  KEPT_CHECK(max_norm > 0, "clip_grad_norm: max_norm must be > 0, got ", max_norm);
+  double sum = 0;
+  for (Parameter* p : params) {
+    if (!p->has_grad()) continue;
+    detail::train_require(*p, p->grad, Backend::Precision::grad, "gradient", "clip_grad_norm");
+    sum += backend.grad_sum_squares(p->grad.template data<Grad>(), p->grad.numel());
+  }
+  const double total = std::sqrt(sum);
+  if (!std::isfinite(total)) return total;
+  const double coefficient = max_norm / (total + 1e-6);
+  if (coefficient < 1.0) scale_gradients(backend, params, static_cast<float>(coefficient));
+  return total;
 }
 
 // Whether every element of a host F32 tensor is finite (for values, losses, activations).

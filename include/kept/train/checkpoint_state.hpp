@@ -224,10 +224,10 @@ inline void prune_checkpoints(const std::filesystem::path& run_dir, std::size_t 
 
 // Writes run_dir/step-<state.step>/ atomically and, when keep_last > 0, prunes older ones.
 // Returns the checkpoint's path.
-inline std::filesystem::path save_checkpoint(const std::filesystem::path& run_dir,
-                                             const TrainerState& state,
-                                             std::span<Parameter* const> params,
-                                             const AdamW& optimizer, std::size_t keep_last = 0) {
+template <class Backend>
+std::filesystem::path save_checkpoint(Backend& backend, const std::filesystem::path& run_dir,
+                                      const TrainerState& state, std::span<Parameter* const> params,
+                                      const AdamW& optimizer, std::size_t keep_last = 0) {
   std::error_code error;
   std::filesystem::create_directories(run_dir, error);
   if (error) fail(run_dir.string(), ": cannot create the run directory: ", error.message());
@@ -238,11 +238,11 @@ inline std::filesystem::path save_checkpoint(const std::filesystem::path& run_di
     model.reserve(params.size());
     for (Parameter* p : params) {
       KEPT_CHECK(p != nullptr, destination.string(), ": null parameter pointer");
-      model.push_back({p->name, p->value});
+      model.push_back({p->name, backend.download(p->value)});
     }
     write_safetensors(directory.path() / "model.safetensors", model, {{"format", "pt"}});
     const AdamWConfig& config = optimizer.config();
-    write_safetensors(directory.path() / "optimizer.safetensors", optimizer.state_tensors(),
+    write_safetensors(directory.path() / "optimizer.safetensors", optimizer.state_tensors(backend),
                       {{"optimizer", "adamw"},
                        {"lr", nlohmann::json(config.lr).dump()},
                        {"weight_decay", nlohmann::json(config.weight_decay).dump()}});
@@ -264,9 +264,10 @@ inline std::filesystem::path save_checkpoint(const std::filesystem::path& run_di
 // must be in the file and nothing else) and `optimizer`, and returns the trainer state. When
 // expected_config_hash is non-empty it must equal the saved one. Parameters are only written
 // after everything has been validated.
-inline TrainerState load_checkpoint(const std::filesystem::path& directory,
-                                    std::span<Parameter* const> params, AdamW& optimizer,
-                                    std::string_view expected_config_hash = {}) {
+template <class Backend>
+TrainerState load_checkpoint(Backend& backend, const std::filesystem::path& directory,
+                             std::span<Parameter* const> params, AdamW& optimizer,
+                             std::string_view expected_config_hash = {}) {
   const std::string where = directory.string();
   KEPT_CHECK(is_complete_checkpoint(directory), where,
              ": not a complete checkpoint (needs model.safetensors, optimizer.safetensors and "
@@ -297,9 +298,6 @@ inline TrainerState load_checkpoint(const std::filesystem::path& directory,
                model_path.string(), ": parameter ", p->name, " is ", dtype_name(saved.dtype()), " ",
                saved.shape(), " in the checkpoint but ", dtype_name(p->value.dtype()), " ",
                p->value.shape(), " in the model");
-    KEPT_CHECK(p->value.space() == MemorySpace::Host, where, ": parameter ", p->name, " is in ",
-               memory_space_name(p->value.space()),
-               " memory; load the checkpoint into host parameters");
   }
   for (const std::string& name : model.names())
     KEPT_CHECK(expected.count(name), model_path.string(), ": tensor ", name,
@@ -310,11 +308,10 @@ inline TrainerState load_checkpoint(const std::filesystem::path& directory,
   std::vector<NamedTensor> optimizer_state;
   for (const std::string& name : optimizer_file.names())
     optimizer_state.push_back({name, optimizer_file.tensor(name)});
-  optimizer.load_state(optimizer_state, params, optimizer_path.string());
+  optimizer.load_state(backend, optimizer_state, params, optimizer_path.string());
 
   for (Parameter* p : params) {
-    const Tensor& saved = model.tensor(p->name);
-    if (saved.nbytes()) std::memcpy(p->value.raw(), saved.raw(), saved.nbytes());
+    backend.upload(model.tensor(p->name), p->value);
   }
   return state;
 }

@@ -60,10 +60,11 @@ struct LogitWorkspace {
 // Where the student's gradients go. Null data pointers mean "not wanted".
 template <class Backend>
 struct StudentGradients {
-  using Scalar = typename Backend::Scalar;
-  MatrixView<Scalar> d_hidden;  // [tokens, hidden], accumulated (+=)
-  MatrixView<Scalar> d_weight;  // [vocab, hidden], accumulated
-  Scalar* d_bias = nullptr;     // [vocab], accumulated
+  using Act = typename Backend::Activation;
+  using Grad = typename Backend::Grad;
+  MatrixView<Act> d_hidden;   // [tokens, hidden], accumulated (+=)
+  MatrixView<Grad> d_weight;  // [vocab, hidden], accumulated
+  Grad* d_bias = nullptr;     // [vocab], accumulated
 
   bool wanted() const { return d_hidden.data || d_weight.data || d_bias; }
 };
@@ -72,15 +73,14 @@ struct StudentGradients {
 // *d_hidden when given.
 template <class Backend>
 StudentGradients<Backend> student_gradients(Linear<Backend>& head,
-                                            MatrixView<typename Backend::Scalar>* d_hidden) {
-  using Scalar = typename Backend::Scalar;
+                                            MatrixView<typename Backend::Activation>* d_hidden) {
+  using Grad = typename Backend::Grad;
   StudentGradients<Backend> grads;
   if (d_hidden) grads.d_hidden = *d_hidden;
   if (head.weight.has_grad())
-    grads.d_weight = MatrixView<Scalar>(head.weight.grad.template data<Scalar>(),
-                                        head.out_features(), head.in_features());
-  if (head.has_bias() && head.bias.has_grad())
-    grads.d_bias = head.bias.grad.template data<Scalar>();
+    grads.d_weight = MatrixView<Grad>(head.weight.grad.template data<Grad>(), head.out_features(),
+                                      head.in_features());
+  if (head.has_bias() && head.bias.has_grad()) grads.d_bias = head.bias.grad.template data<Grad>();
   return grads;
 }
 
@@ -130,38 +130,39 @@ inline const std::int32_t* offset_or_null(std::span<const std::int32_t> values, 
 }
 
 template <class Backend>
-MatrixView<const typename Backend::Scalar> weight_view(const Linear<Backend>& head) {
-  using Scalar = typename Backend::Scalar;
-  return MatrixView<const Scalar>(head.weight.value.template data<Scalar>(), head.out_features(),
-                                  head.in_features());
+MatrixView<const typename Backend::Param> weight_view(const Linear<Backend>& head) {
+  using Param = typename Backend::Param;
+  return MatrixView<const Param>(head.weight.value.template data<Param>(), head.out_features(),
+                                 head.in_features());
 }
 
 // logits = hidden W[v0 : v0 + logits.cols]^T (+ bias[v0 : ...]).
 template <class Backend>
 void head_slice_forward(Backend& backend, const Linear<Backend>& head,
-                        MatrixView<const typename Backend::Scalar> hidden, std::int64_t v0,
-                        MatrixView<typename Backend::Scalar> logits) {
-  using Scalar = typename Backend::Scalar;
+                        MatrixView<const typename Backend::Activation> hidden, std::int64_t v0,
+                        MatrixView<typename Backend::Stat> logits) {
+  using Stat = typename Backend::Stat;
   backend.gemm(hidden, Transpose::No,
                weight_view(head).block(v0, 0, logits.cols, head.in_features()), Transpose::Yes,
-               logits);
-  if (head.has_bias()) backend.add_bias(logits, head.bias.value.template data<Scalar>() + v0);
+               logits, Stat(1), Stat(0));
+  if (head.has_bias())
+    backend.add_bias(logits, head.bias.value.template data<typename Backend::Param>() + v0);
 }
 
 // Backpropagates dL/d(logits) of the slice [v0, v0 + d_logits.cols) for rows [r0, r0 + rows).
 template <class Backend>
 void head_slice_backward(Backend& backend, const Linear<Backend>& head,
-                         MatrixView<const typename Backend::Scalar> hidden, std::int64_t r0,
-                         std::int64_t v0, MatrixView<const typename Backend::Scalar> d_logits,
+                         MatrixView<const typename Backend::Activation> hidden, std::int64_t r0,
+                         std::int64_t v0, MatrixView<const typename Backend::Stat> d_logits,
                          const StudentGradients<Backend>& grads) {
-  using Scalar = typename Backend::Scalar;
+  using Stat = typename Backend::Stat;
   const std::int64_t width = d_logits.cols, in = head.in_features();
   if (grads.d_hidden.data)
     backend.gemm(d_logits, Transpose::No, weight_view(head).block(v0, 0, width, in), Transpose::No,
-                 grads.d_hidden.block(r0, 0, d_logits.rows, in), Scalar(1), Scalar(1));
+                 grads.d_hidden.block(r0, 0, d_logits.rows, in), Stat(1), Stat(1));
   if (grads.d_weight.data)
     backend.gemm(d_logits, Transpose::Yes, hidden, Transpose::No,
-                 grads.d_weight.block(v0, 0, width, in), Scalar(1), Scalar(1));
+                 grads.d_weight.block(v0, 0, width, in), Stat(1), Stat(1));
   if (grads.d_bias) backend.bias_backward(d_logits, grads.d_bias + v0);
 }
 
@@ -170,9 +171,9 @@ void head_slice_backward(Backend& backend, const Linear<Backend>& head,
 // Checks that the heads and hidden states fit together; `teacher_head` may be null.
 template <class Backend>
 void check_head_inputs(const Linear<Backend>* teacher_head,
-                       MatrixView<const typename Backend::Scalar> teacher_hidden,
+                       MatrixView<const typename Backend::Activation> teacher_hidden,
                        const Linear<Backend>& student_head,
-                       MatrixView<const typename Backend::Scalar> student_hidden,
+                       MatrixView<const typename Backend::Activation> student_hidden,
                        const StudentGradients<Backend>& grads, const Chunking& chunking) {
   KEPT_CHECK(student_hidden.cols == student_head.in_features(), "student hidden states have ",
              student_hidden.cols, " features but the student LM head takes ",
@@ -207,12 +208,13 @@ void check_head_inputs(const Linear<Backend>* teacher_head,
 //   void gradient(Backend&, RowBuffers&, r0, v0, teacher_logits, student_logits);  // two-pass
 template <class Backend, class Objective>
 void walk_logit_chunks(Backend& backend, const Linear<Backend>* teacher_head,
-                       MatrixView<const typename Backend::Scalar> teacher_hidden,
+                       MatrixView<const typename Backend::Activation> teacher_hidden,
                        const Linear<Backend>& student_head,
-                       MatrixView<const typename Backend::Scalar> student_hidden,
+                       MatrixView<const typename Backend::Activation> student_hidden,
                        const StudentGradients<Backend>& grads, const Chunking& chunking,
                        LogitWorkspace<Backend>& workspace, Objective& objective) {
-  using Scalar = typename Backend::Scalar;
+  using Act = typename Backend::Activation;
+  using Stat = typename Backend::Stat;
   if constexpr (Objective::kUsesTeacher)
     KEPT_CHECK(teacher_head, "this objective needs the teacher's LM head");
   check_head_inputs(teacher_head, teacher_hidden, student_head, student_hidden, grads, chunking);
@@ -228,23 +230,23 @@ void walk_logit_chunks(Backend& backend, const Linear<Backend>* teacher_head,
   // Grow-only buffers: a smaller call reuses the larger allocation.
   const std::int64_t buffer_size = chunk_rows * width;
   auto reserve = [&](Tensor& buffer) {
-    if (!buffer.defined() || buffer.numel() < buffer_size) backend.ensure(buffer, {buffer_size});
+    if (!buffer.defined() || buffer.numel() < buffer_size)
+      backend.ensure(buffer, Backend::Precision::stat, {buffer_size});
   };
   reserve(workspace.student_logits);
   if (with_teacher) reserve(workspace.teacher_logits);
-  Scalar* student_buffer = workspace.student_logits.template data<Scalar>();
-  Scalar* teacher_buffer =
-      with_teacher ? workspace.teacher_logits.template data<Scalar>() : nullptr;
+  Stat* student_buffer = workspace.student_logits.template data<Stat>();
+  Stat* teacher_buffer = with_teacher ? workspace.teacher_logits.template data<Stat>() : nullptr;
 
   for (std::int64_t r0 = 0; r0 < tokens; r0 += chunk_rows) {
     const std::int64_t rows = std::min(chunk_rows, tokens - r0);
     const auto student_rows = student_hidden.block(r0, 0, rows, student_hidden.cols);
     const auto teacher_rows = with_teacher ? teacher_hidden.block(r0, 0, rows, teacher_hidden.cols)
-                                           : MatrixView<const Scalar>();
+                                           : MatrixView<const Act>();
     // The slice's logits, freshly computed into the two buffers.
     auto slice_logits = [&](std::int64_t v0, std::int64_t w) {
-      MatrixView<Scalar> student_logits(student_buffer, rows, w);
-      MatrixView<Scalar> teacher_logits(teacher_buffer, with_teacher ? rows : 0, w);
+      MatrixView<Stat> student_logits(student_buffer, rows, w);
+      MatrixView<Stat> teacher_logits(teacher_buffer, with_teacher ? rows : 0, w);
       detail::head_slice_forward(backend, student_head, student_rows, v0, student_logits);
       if (with_teacher)
         detail::head_slice_forward(backend, *teacher_head, teacher_rows, v0, teacher_logits);
@@ -256,23 +258,23 @@ void walk_logit_chunks(Backend& backend, const Linear<Backend>* teacher_head,
       const std::int64_t w = std::min(width, vocab - v0);
       auto [teacher_logits, student_logits] = slice_logits(v0, w);
       const bool write_gradient = want_gradient && !Objective::kTwoPass;
-      objective.observe(backend, workspace.rows, r0, v0, MatrixView<const Scalar>(teacher_logits),
+      objective.observe(backend, workspace.rows, r0, v0, MatrixView<const Stat>(teacher_logits),
                         student_logits, write_gradient);
       if (write_gradient)
         detail::head_slice_backward(backend, student_head, student_rows, r0, v0,
-                                    MatrixView<const Scalar>(student_logits), grads);
+                                    MatrixView<const Stat>(student_logits), grads);
     }
     objective.finish(backend, workspace.rows, r0);
     if (!Objective::kTwoPass || !want_gradient) continue;
     for (std::int64_t v0 = 0; v0 < vocab; v0 += width) {
       const std::int64_t w = std::min(width, vocab - v0);
-      MatrixView<Scalar> student_logits(student_buffer, rows, w);
-      MatrixView<Scalar> teacher_logits(teacher_buffer, with_teacher ? rows : 0, w);
+      MatrixView<Stat> student_logits(student_buffer, rows, w);
+      MatrixView<Stat> teacher_logits(teacher_buffer, with_teacher ? rows : 0, w);
       if (!one_slice) std::tie(teacher_logits, student_logits) = slice_logits(v0, w);
-      objective.gradient(backend, workspace.rows, r0, v0, MatrixView<const Scalar>(teacher_logits),
+      objective.gradient(backend, workspace.rows, r0, v0, MatrixView<const Stat>(teacher_logits),
                          student_logits);
       detail::head_slice_backward(backend, student_head, student_rows, r0, v0,
-                                  MatrixView<const Scalar>(student_logits), grads);
+                                  MatrixView<const Stat>(student_logits), grads);
     }
   }
 }

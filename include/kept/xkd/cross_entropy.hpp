@@ -37,21 +37,21 @@ namespace detail {
 
 template <class Backend>
 struct CrossEntropyChunkMath {
-  using Scalar = typename Backend::Scalar;
+  using Stat = typename Backend::Stat;
   using Kernels = LossKernels<Backend>;
   using RowBuffers = typename Kernels::RowBuffers;
   static constexpr bool kUsesTeacher = false, kTwoPass = true;
 
   std::span<const std::int32_t> targets;
-  Scalar gradient_scale;  // 1 / N
+  Stat gradient_scale;  // 1 / N
   ChunkSums sums;
 
   void begin(Backend& backend, RowBuffers& rows, std::int64_t, std::int64_t count) {
     Kernels::reset(backend, rows, count);
   }
   void observe(Backend& backend, RowBuffers& rows, std::int64_t r0, std::int64_t v0,
-               MatrixView<const Scalar>, MatrixView<Scalar> student, bool) {
-    Kernels::update(backend, rows, MatrixView<const Scalar>(), student, v0, Scalar(1),
+               MatrixView<const Stat>, MatrixView<Stat> student, bool) {
+    Kernels::update(backend, rows, MatrixView<const Stat>(), student, v0, Stat(1),
                     targets.data() + r0, true);
   }
   void finish(Backend& backend, RowBuffers& rows, std::int64_t r0) {
@@ -60,7 +60,7 @@ struct CrossEntropyChunkMath {
                              nullptr));
   }
   void gradient(Backend& backend, RowBuffers& rows, std::int64_t r0, std::int64_t v0,
-                MatrixView<const Scalar>, MatrixView<Scalar> student) {
+                MatrixView<const Stat>, MatrixView<Stat> student) {
     Kernels::cross_entropy_gradient(backend, rows, student, v0, targets.data() + r0,
                                     gradient_scale);
   }
@@ -73,20 +73,21 @@ struct CrossEntropyChunkMath {
 // into its parameter grads when allocated; with neither, only the value is computed.
 template <class Backend>
 CrossEntropyResult cross_entropy(Backend& backend, Linear<Backend>& head,
-                                 MatrixView<const typename Backend::Scalar> hidden,
+                                 MatrixView<const typename Backend::Activation> hidden,
                                  std::span<const std::int32_t> targets,
-                                 MatrixView<typename Backend::Scalar>* d_hidden,
+                                 MatrixView<typename Backend::Activation>* d_hidden,
                                  const CrossEntropyOptions& options = {},
                                  LogitWorkspace<Backend>* workspace = nullptr) {
-  using Scalar = typename Backend::Scalar;
+  using Stat = typename Backend::Stat;
   const std::int64_t counted = detail::check_targets(targets, hidden.rows, head.out_features());
   const double n = detail::denominator(options.normalizer, static_cast<double>(counted));
   detail::CrossEntropyChunkMath<Backend> math{
-      targets, static_cast<Scalar>(n > 0 ? 1.0 / n : 0.0), {}};
+      targets, static_cast<Stat>(n > 0 ? 1.0 / n : 0.0), {}};
   LogitWorkspace<Backend> local;
   walk_logit_chunks(backend, static_cast<const Linear<Backend>*>(nullptr),
-                    MatrixView<const Scalar>(), head, hidden, student_gradients(head, d_hidden),
-                    options.chunking, workspace ? *workspace : local, math);
+                    MatrixView<const typename Backend::Activation>(), head, hidden,
+                    student_gradients(head, d_hidden), options.chunking,
+                    workspace ? *workspace : local, math);
   return {n > 0 ? math.sums.student_ce / n : 0.0, math.sums.rows, math.sums.student_correct};
 }
 

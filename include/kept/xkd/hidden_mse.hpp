@@ -47,7 +47,8 @@ HiddenMseResult hidden_mse(Backend& backend, std::span<const Tensor> teacher_sta
                            std::span<const Tensor> student_states, std::vector<Tensor>* d_states,
                            const HiddenMseOptions& options = {},
                            std::span<const float> token_weights = {}) {
-  using Scalar = typename Backend::Scalar;
+  using Act = typename Backend::Activation;
+  using Stat = typename Backend::Stat;
   KEPT_CHECK(teacher_states.size() == student_states.size(), "the teacher has ",
              teacher_states.size(), " residual-stream slots, the student ", student_states.size(),
              " (both need L+1: kept all states in the forward pass?)");
@@ -64,7 +65,7 @@ HiddenMseResult hidden_mse(Backend& backend, std::span<const Tensor> teacher_sta
   }
   const double weight_sum = detail::check_weights(token_weights, shape[0]);
   const double n = detail::denominator(options.normalizer, weight_sum);
-  const Scalar scale = static_cast<Scalar>(n > 0 ? 1.0 / n : 0.0);
+  const Stat scale = static_cast<Stat>(n > 0 ? 1.0 / n : 0.0);
   const float* weights = token_weights.empty() ? nullptr : token_weights.data();
 
   HiddenMseResult result;
@@ -72,14 +73,14 @@ HiddenMseResult hidden_mse(Backend& backend, std::span<const Tensor> teacher_sta
   if (d_states) d_states->resize(student_states.size());
   typename LossKernels<Backend>::RowBuffers buffers;
   for (std::size_t l = 0; l < student_states.size(); ++l) {
-    MatrixView<Scalar> grad;
+    MatrixView<Act> grad;
     if (d_states) {
-      backend.ensure((*d_states)[l], shape);
-      grad = as_matrix<Scalar>((*d_states)[l]);
+      backend.ensure((*d_states)[l], Backend::Precision::activation, shape);
+      grad = as_matrix<Act>((*d_states)[l]);
     }
     const double sum = LossKernels<Backend>::hidden_squared_error(
-        backend, buffers, as_matrix<Scalar>(teacher_states[l]),
-        as_matrix<Scalar>(student_states[l]), grad, options.centre_teacher, weights, scale);
+        backend, buffers, as_matrix<Act>(teacher_states[l]), as_matrix<Act>(student_states[l]),
+        grad, options.centre_teacher, weights, scale);
     result.slot_loss.push_back(n > 0 ? sum / n : 0.0);
     result.loss += result.slot_loss.back();
   }

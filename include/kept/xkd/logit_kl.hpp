@@ -51,22 +51,22 @@ namespace detail {
 
 template <class Backend>
 struct KlChunkMath {
-  using Scalar = typename Backend::Scalar;
+  using Stat = typename Backend::Stat;
   using Kernels = LossKernels<Backend>;
   using RowBuffers = typename Kernels::RowBuffers;
   static constexpr bool kUsesTeacher = true, kTwoPass = true;
 
-  Scalar temperature;
+  Stat temperature;
   std::span<const float> weights;
-  Scalar gradient_scale;  // 1 / N
+  Stat gradient_scale;  // 1 / N
   ChunkSums sums;
 
   void begin(Backend& backend, RowBuffers& rows, std::int64_t, std::int64_t count) {
     Kernels::reset(backend, rows, count);
   }
   void observe(Backend& backend, RowBuffers& rows, std::int64_t, std::int64_t v0,
-               MatrixView<const Scalar> teacher, MatrixView<Scalar> student, bool) {
-    Kernels::update(backend, rows, teacher, student, v0, Scalar(1) / temperature, nullptr, true);
+               MatrixView<const Stat> teacher, MatrixView<Stat> student, bool) {
+    Kernels::update(backend, rows, teacher, student, v0, Stat(1) / temperature, nullptr, true);
   }
   void finish(Backend& backend, RowBuffers& rows, std::int64_t r0) {
     Kernels::finish(backend, rows);
@@ -74,7 +74,7 @@ struct KlChunkMath {
                              nullptr, nullptr));
   }
   void gradient(Backend& backend, RowBuffers& rows, std::int64_t r0, std::int64_t,
-                MatrixView<const Scalar> teacher, MatrixView<Scalar> student) {
+                MatrixView<const Stat> teacher, MatrixView<Stat> student) {
     Kernels::kl_gradient(backend, rows, teacher, student, temperature, offset_or_null(weights, r0),
                          gradient_scale);
   }
@@ -87,21 +87,21 @@ struct KlChunkMath {
 // (all 1) or one weight >= 0 per token. Pass a workspace to reuse the logit buffers across calls.
 template <class Backend>
 LogitLossResult logit_kl(Backend& backend, const Linear<Backend>& teacher_head,
-                         MatrixView<const typename Backend::Scalar> teacher_hidden,
+                         MatrixView<const typename Backend::Activation> teacher_hidden,
                          Linear<Backend>& student_head,
-                         MatrixView<const typename Backend::Scalar> student_hidden,
-                         MatrixView<typename Backend::Scalar>* d_student_hidden,
+                         MatrixView<const typename Backend::Activation> student_hidden,
+                         MatrixView<typename Backend::Activation>* d_student_hidden,
                          const LogitKlOptions& options = {},
                          std::span<const float> token_weights = {},
                          LogitWorkspace<Backend>* workspace = nullptr) {
-  using Scalar = typename Backend::Scalar;
+  using Stat = typename Backend::Stat;
   KEPT_CHECK(options.temperature > 0 && std::isfinite(options.temperature),
              "KL temperature must be positive and finite, got ", options.temperature);
   const double weight_sum = detail::check_weights(token_weights, student_hidden.rows);
   const double n = detail::denominator(options.normalizer, weight_sum);
-  detail::KlChunkMath<Backend> math{static_cast<Scalar>(options.temperature),
+  detail::KlChunkMath<Backend> math{static_cast<Stat>(options.temperature),
                                     token_weights,
-                                    static_cast<Scalar>(n > 0 ? 1.0 / n : 0.0),
+                                    static_cast<Stat>(n > 0 ? 1.0 / n : 0.0),
                                     {}};
   LogitWorkspace<Backend> local;
   walk_logit_chunks(backend, &teacher_head, teacher_hidden, student_head, student_hidden,

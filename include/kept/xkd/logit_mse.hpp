@@ -31,22 +31,22 @@ namespace detail {
 
 template <class Backend>
 struct MseChunkMath {
-  using Scalar = typename Backend::Scalar;
+  using Stat = typename Backend::Stat;
   using Kernels = LossKernels<Backend>;
   using RowBuffers = typename Kernels::RowBuffers;
   static constexpr bool kUsesTeacher = true, kTwoPass = false;
 
   std::span<const float> weights;
-  Scalar gradient_scale;  // 1 / (V N); the kernel applies the 2
+  Stat gradient_scale;  // 1 / (V N); the kernel applies the 2
   ChunkSums sums;
 
   void begin(Backend& backend, RowBuffers& rows, std::int64_t, std::int64_t count) {
     Kernels::reset(backend, rows, count);
   }
   void observe(Backend& backend, RowBuffers& rows, std::int64_t r0, std::int64_t v0,
-               MatrixView<const Scalar> teacher, MatrixView<Scalar> student, bool write_gradient) {
+               MatrixView<const Stat> teacher, MatrixView<Stat> student, bool write_gradient) {
     // The argmax first: squared_error overwrites the student slice with its gradient.
-    Kernels::update(backend, rows, teacher, student, v0, Scalar(1), nullptr, false);
+    Kernels::update(backend, rows, teacher, student, v0, Stat(1), nullptr, false);
     Kernels::squared_error(backend, rows, teacher, student, offset_or_null(weights, r0),
                            gradient_scale, write_gradient);
   }
@@ -54,8 +54,8 @@ struct MseChunkMath {
     sums.add(Kernels::reduce(backend, rows, true, false, offset_or_null(weights, r0), nullptr,
                              nullptr, nullptr));
   }
-  void gradient(Backend&, RowBuffers&, std::int64_t, std::int64_t, MatrixView<const Scalar>,
-                MatrixView<Scalar>) {}
+  void gradient(Backend&, RowBuffers&, std::int64_t, std::int64_t, MatrixView<const Stat>,
+                MatrixView<Stat>) {}
 };
 
 }  // namespace detail
@@ -63,19 +63,19 @@ struct MseChunkMath {
 // Mean over tokens of (1/V) ||s - t||^2 on raw logits; arguments as for logit_kl.
 template <class Backend>
 LogitLossResult logit_mse(Backend& backend, const Linear<Backend>& teacher_head,
-                          MatrixView<const typename Backend::Scalar> teacher_hidden,
+                          MatrixView<const typename Backend::Activation> teacher_hidden,
                           Linear<Backend>& student_head,
-                          MatrixView<const typename Backend::Scalar> student_hidden,
-                          MatrixView<typename Backend::Scalar>* d_student_hidden,
+                          MatrixView<const typename Backend::Activation> student_hidden,
+                          MatrixView<typename Backend::Activation>* d_student_hidden,
                           const LogitMseOptions& options = {},
                           std::span<const float> token_weights = {},
                           LogitWorkspace<Backend>* workspace = nullptr) {
-  using Scalar = typename Backend::Scalar;
+  using Stat = typename Backend::Stat;
   const double weight_sum = detail::check_weights(token_weights, student_hidden.rows);
   const double n = detail::denominator(options.normalizer, weight_sum);
   const double vocab = static_cast<double>(student_head.out_features());
   detail::MseChunkMath<Backend> math{
-      token_weights, static_cast<Scalar>(n > 0 && vocab > 0 ? 1.0 / (vocab * n) : 0.0), {}};
+      token_weights, static_cast<Stat>(n > 0 && vocab > 0 ? 1.0 / (vocab * n) : 0.0), {}};
   LogitWorkspace<Backend> local;
   walk_logit_chunks(backend, &teacher_head, teacher_hidden, student_head, student_hidden,
                     student_gradients(student_head, d_student_hidden), options.chunking,

@@ -78,7 +78,7 @@ namespace detail {
 
 template <class Backend>
 struct EvalChunkMath {
-  using Scalar = typename Backend::Scalar;
+  using Stat = typename Backend::Stat;
   using Kernels = LossKernels<Backend>;
   using RowBuffers = typename Kernels::RowBuffers;
   static constexpr bool kUsesTeacher = false, kTwoPass = false;
@@ -95,8 +95,8 @@ struct EvalChunkMath {
     teacher_ce_rows.resize(static_cast<std::size_t>(count));
   }
   void observe(Backend& backend, RowBuffers& rows, std::int64_t r0, std::int64_t v0,
-               MatrixView<const Scalar> teacher, MatrixView<Scalar> student, bool) {
-    Kernels::update(backend, rows, teacher, student, v0, Scalar(1), targets.data() + r0, true);
+               MatrixView<const Stat> teacher, MatrixView<Stat> student, bool) {
+    Kernels::update(backend, rows, teacher, student, v0, Stat(1), targets.data() + r0, true);
   }
   void finish(Backend& backend, RowBuffers& rows, std::int64_t r0) {
     Kernels::finish(backend, rows);
@@ -119,8 +119,8 @@ struct EvalChunkMath {
       ++sums.tokens_by_position[position];
     }
   }
-  void gradient(Backend&, RowBuffers&, std::int64_t, std::int64_t, MatrixView<const Scalar>,
-                MatrixView<Scalar>) {}
+  void gradient(Backend&, RowBuffers&, std::int64_t, std::int64_t, MatrixView<const Stat>,
+                MatrixView<Stat>) {}
 };
 
 }  // namespace detail
@@ -129,9 +129,9 @@ struct EvalChunkMath {
 // `targets` has one id per token (-1 = not counted); `seq` maps rows to positions.
 template <class Backend>
 void accumulate_eval(Backend& backend, const Linear<Backend>* teacher_head,
-                     MatrixView<const typename Backend::Scalar> teacher_hidden,
+                     MatrixView<const typename Backend::Activation> teacher_hidden,
                      const Linear<Backend>& student_head,
-                     MatrixView<const typename Backend::Scalar> student_hidden,
+                     MatrixView<const typename Backend::Activation> student_hidden,
                      std::span<const std::int32_t> targets, std::int64_t seq, EvalSums& sums,
                      const EvalOptions& options = {},
                      LogitWorkspace<Backend>* workspace = nullptr) {

@@ -27,32 +27,34 @@ struct OpmL2Workspace {
 // One norm site: x [tokens, hidden]; g, b the LayerNorm's, w the RMSNorm's weight and d_weight
 // its gradient (accumulated). Returns the site's loss, divided by `normalizer` (> 0).
 template <class Backend>
-double opm_l2(Backend& backend, MatrixView<const typename Backend::Scalar> x,
-              const typename Backend::Scalar* g, const typename Backend::Scalar* b,
-              typename Backend::Scalar layernorm_eps, const typename Backend::Scalar* w,
-              typename Backend::Scalar rmsnorm_eps, typename Backend::Scalar* d_weight,
+double opm_l2(Backend& backend, MatrixView<const typename Backend::Activation> x,
+              const typename Backend::Param* g, const typename Backend::Param* b,
+              typename Backend::Stat layernorm_eps, const typename Backend::Param* w,
+              typename Backend::Stat rmsnorm_eps, typename Backend::Grad* d_weight,
               double normalizer, OpmL2Workspace<Backend>& workspace) {
-  using Scalar = typename Backend::Scalar;
+  using Act = typename Backend::Activation;
+  using Stat = typename Backend::Stat;
+  constexpr DType kAct = Backend::Precision::activation;
   KEPT_CHECK(normalizer > 0, "opm_l2: the normalizer must be positive, got ", normalizer);
   KEPT_CHECK(x.contiguous(), "opm_l2: the activations must be contiguous");
   const std::int64_t rows = x.rows, cols = x.cols;
-  backend.ensure(workspace.target, {rows, cols});
-  backend.ensure(workspace.output, {rows, cols});
-  backend.ensure(workspace.d_output, {rows, cols});
-  backend.ensure(workspace.d_input, {rows, cols});
-  backend.ensure(workspace.rstd, {rows});
-  Scalar* y = workspace.target.template data<Scalar>();
-  Scalar* z = workspace.output.template data<Scalar>();
-  Scalar* dz = workspace.d_output.template data<Scalar>();
-  Scalar* rstd = workspace.rstd.template data<Scalar>();
+  backend.ensure(workspace.target, kAct, {rows, cols});
+  backend.ensure(workspace.output, kAct, {rows, cols});
+  backend.ensure(workspace.d_output, kAct, {rows, cols});
+  backend.ensure(workspace.d_input, kAct, {rows, cols});
+  backend.ensure(workspace.rstd, Backend::Precision::stat, {rows});
+  Act* y = workspace.target.template data<Act>();
+  Act* z = workspace.output.template data<Act>();
+  Act* dz = workspace.d_output.template data<Act>();
+  Stat* rstd = workspace.rstd.template data<Stat>();
   backend.layernorm_forward(x.data, g, b, y, nullptr, nullptr, rows, cols, layernorm_eps);
   backend.rmsnorm_forward(x.data, w, z, rstd, rows, cols, rmsnorm_eps);
   const double sum = LossKernels<Backend>::hidden_squared_error(
-      backend, workspace.rows, MatrixView<const Scalar>(y, rows, cols),
-      MatrixView<const Scalar>(z, rows, cols), MatrixView<Scalar>(dz, rows, cols),
-      /*centre_teacher=*/false, nullptr, static_cast<Scalar>(1.0 / normalizer));
+      backend, workspace.rows, MatrixView<const Act>(y, rows, cols),
+      MatrixView<const Act>(z, rows, cols), MatrixView<Act>(dz, rows, cols),
+      /*centre_teacher=*/false, nullptr, static_cast<Stat>(1.0 / normalizer));
   backend.fill_zero(workspace.d_input);  // dL/dx is computed by the kernel and not used
-  backend.rmsnorm_backward(dz, x.data, w, rstd, workspace.d_input.template data<Scalar>(), d_weight,
+  backend.rmsnorm_backward(dz, x.data, w, rstd, workspace.d_input.template data<Act>(), d_weight,
                            rows, cols);
   return sum / normalizer;
 }

@@ -1,0 +1,81 @@
+// kept/core/element_math.hpp: per-element math shared by the CPU and CUDA backends.
+//
+// The same inline function computes a value on both sides, so the CPU reference (CpuBf16)
+// rounds, rotates and gates exactly as a CUDA kernel does: nvcc sees these as
+// __host__ __device__, g++ as plain inline functions. Only what both sides must agree on to the
+// bit lives here (the rest of a kernel is free to differ, e.g. in its summation order):
+//
+//   bf16_from_float      fp32 -> bf16 round-to-nearest-even (NaN stays a quiet NaN); the same
+//                        rounding as torch's and CUDA's __float2bfloat16_rn
+//   bf16_stochastic      fp32 -> bf16 rounding up with probability (x - down) / ulp, from 16
+//                        random bits (the unbiased rounding of a bf16 weight update, llm.c's
+//                        stochastic_rounding)
+//   silu, sigmoid        in fp32 (double for the float64 reference)
+//   rope_inv_freq/angle  the angle p * theta^(-2i/D) formed in fp32 as transformers does
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define KEPT_HOST_DEVICE __host__ __device__
+#else
+#define KEPT_HOST_DEVICE
+#endif
+
+namespace kept {
+
+KEPT_HOST_DEVICE inline std::uint32_t float_bits(float value) {
+  std::uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  return bits;
+}
+KEPT_HOST_DEVICE inline float float_from_bits(std::uint32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+// bf16 is the top half of an fp32; these work on its 16 bits.
+KEPT_HOST_DEVICE inline float float_from_bf16(std::uint16_t bits) {
+  return float_from_bits(static_cast<std::uint32_t>(bits) << 16);
+}
+KEPT_HOST_DEVICE inline std::uint16_t bf16_from_float(float value) {
+  const std::uint32_t bits = float_bits(value);
+  if ((bits & 0x7fffffffu) > 0x7f800000u)  // NaN: force a quiet mantissa bit so it stays NaN
+    return static_cast<std::uint16_t>((bits >> 16) | 0x0040u);
+  const std::uint32_t rounding_bias = 0x7fffu + ((bits >> 16) & 1u);  // ties to even
+  return static_cast<std::uint16_t>((bits + rounding_bias) >> 16);
+}
+// Rounds up (away from the truncated value) when the 16 dropped bits exceed `random16`, so
+// E[result] = value. Infinities and NaN are rounded to nearest instead.
+KEPT_HOST_DEVICE inline std::uint16_t bf16_stochastic(float value, std::uint32_t random16) {
+  const std::uint32_t bits = float_bits(value);
+  if ((bits & 0x7f800000u) == 0x7f800000u) return bf16_from_float(value);
+  const std::uint32_t dropped = bits & 0xffffu;
+  const std::uint32_t truncated = bits >> 16;
+  const std::uint32_t rounded = dropped > (random16 & 0xffffu) ? truncated + 1 : truncated;
+  return static_cast<std::uint16_t>(rounded);
+}
+
+template <class T>
+KEPT_HOST_DEVICE inline T sigmoid(T x) {
+  return T(1) / (T(1) + std::exp(-x));
+}
+template <class T>
+KEPT_HOST_DEVICE inline T silu(T x) {
+  return x * sigmoid(x);
+}
+
+// RoPE, rotate-half form: inv_freq_i = 1 / theta^(2i / D) in fp32, angle = p * inv_freq_i in
+// fp32 (transformers' LlamaRotaryEmbedding), whatever the activation type.
+KEPT_HOST_DEVICE inline float rope_inv_freq(std::int64_t i, std::int64_t head_dim, double theta) {
+  const float exponent = static_cast<float>(2 * i) / static_cast<float>(head_dim);
+  return 1.0f / std::pow(static_cast<float>(theta), exponent);
+}
+KEPT_HOST_DEVICE inline float rope_angle(std::int64_t position, float inv_freq) {
+  return static_cast<float>(position) * inv_freq;
+}
+
+}  // namespace kept
