@@ -265,16 +265,18 @@ void walk_logit_chunks(Backend& backend, const Linear<Backend>* teacher_head,
                                     MatrixView<const Stat>(student_logits), grads);
     }
     objective.finish(backend, workspace.rows, r0);
-    if (!Objective::kTwoPass || !want_gradient) continue;
-    for (std::int64_t v0 = 0; v0 < vocab; v0 += width) {
-      const std::int64_t w = std::min(width, vocab - v0);
-      MatrixView<Stat> student_logits(student_buffer, rows, w);
-      MatrixView<Stat> teacher_logits(teacher_buffer, with_teacher ? rows : 0, w);
-      if (!one_slice) std::tie(teacher_logits, student_logits) = slice_logits(v0, w);
-      objective.gradient(backend, workspace.rows, r0, v0, MatrixView<const Stat>(teacher_logits),
-                         student_logits);
-      detail::head_slice_backward(backend, student_head, student_rows, r0, v0,
-                                  MatrixView<const Stat>(student_logits), grads);
+    if constexpr (Objective::kTwoPass) {  // constexpr: nvcc flags the loop unreachable otherwise
+      if (!want_gradient) continue;
+      for (std::int64_t v0 = 0; v0 < vocab; v0 += width) {
+        const std::int64_t w = std::min(width, vocab - v0);
+        MatrixView<Stat> student_logits(student_buffer, rows, w);
+        MatrixView<Stat> teacher_logits(teacher_buffer, with_teacher ? rows : 0, w);
+        if (!one_slice) std::tie(teacher_logits, student_logits) = slice_logits(v0, w);
+        objective.gradient(backend, workspace.rows, r0, v0, MatrixView<const Stat>(teacher_logits),
+                           student_logits);
+        detail::head_slice_backward(backend, student_head, student_rows, r0, v0,
+                                    MatrixView<const Stat>(student_logits), grads);
+      }
     }
   }
 }

@@ -1,0 +1,56 @@
+// The backend contract under nvcc: kept::cuda::CudaBackend satisfies kept::Backend, and the whole
+// model (both norms), every objective, the optimizer step, checkpoints and evaluation instantiate
+// for it, as tests/unit/test_backend_contract.cpp does for the CPU backends. A host-only test
+// checks that an op the backend lacks names itself.
+#include <catch2/catch.hpp>
+
+#include <filesystem>
+#include <tuple>
+
+#include "kept/backend/cuda/backend.cuh"
+#include "kept/io/weights.hpp"
+#include "kept/model/decoder.hpp"
+#include "kept/model/init.hpp"
+#include "kept/train/adamw.hpp"
+#include "kept/train/checkpoint_state.hpp"
+#include "kept/xkd/cuda_loss_kernels.cuh"
+#include "kept/xkd/xkd.hpp"
+
+using kept::cuda::CudaBackend;
+
+template class kept::Decoder<kept::LayerNorm, CudaBackend>;
+template class kept::Decoder<kept::RMSNorm, CudaBackend>;
+
+namespace {
+
+void train_surface(CudaBackend& backend, kept::Decoder<kept::RMSNorm, CudaBackend>& model,
+                   kept::AdamW& optimizer, const std::filesystem::path& dir) {
+  kept::init_parameters(backend, model, {});
+  kept::load_weights(backend, model, kept::CheckpointReader::open(dir));
+  auto params = kept::parameters_of(model);
+  if (kept::all_finite(backend, params)) kept::clip_grad_norm(backend, params, 1.0);
+  optimizer.step(backend, params);
+  kept::TrainerState state;
+  kept::save_checkpoint(backend, dir, state, params, optimizer);
+  kept::load_checkpoint(backend, dir, params, optimizer);
+  kept::save_pretrained(backend, model, model.config(), dir, false);
+}
+
+constexpr auto objectives = std::tuple{&kept::xkd::logit_kl<CudaBackend>,
+                                       &kept::xkd::logit_mse<CudaBackend>,
+                                       &kept::xkd::cross_entropy<CudaBackend>,
+                                       &kept::xkd::hidden_mse<CudaBackend>,
+                                       &kept::xkd::accumulate_eval<CudaBackend>,
+                                       &kept::xkd::opm_l2<CudaBackend>,
+                                       &train_surface};
+
+}  // namespace
+
+static_assert(kept::Backend<CudaBackend>);
+
+TEST_CASE("the CUDA backend instantiates every objective and the training surface",
+          "[cuda][contract]") {
+  std::apply([](auto... f) { CHECK(((f != nullptr) && ...)); }, objectives);
+  CHECK_THROWS_WITH(kept::cuda::not_implemented("swiglu_forward"),
+                    Catch::Contains("not implemented on cuda: swiglu_forward"));
+}
