@@ -46,6 +46,9 @@ class Run {
 
   TrainResult run() {
     configure_trainable();
+    // Values, gradients and optimizer state in one flat buffer each
+    // (kept/model/parameter_arena.hpp).
+    ParameterArena arena(cpu_, student_);
     const std::vector<Parameter*> params = parameters_of(student_);
     AdamWConfig adam;
     adam.beta1 = job_.beta1;
@@ -55,6 +58,7 @@ class Run {
     adam.decay.norm_weight = adam.decay.norm_bias = job_.decay_norms;
     adam.decay.bias = job_.decay_biases;
     AdamW optimizer(adam);
+    optimizer.use_arena(&arena);
     CosineSchedule schedule{job_.lr, job_.warmup_steps, job_.steps, job_.min_lr, 0.0};
     schedule.validate();
 
@@ -87,7 +91,7 @@ class Run {
     std::optional<fs::path> last_checkpoint =
         options_.resume ? latest_checkpoint(checkpoints) : std::nullopt;
     while (state.step < job_.steps) {
-      student_.zero_grad(cpu_);
+      arena.zero_grad(cpu_, student_);
       loss = 0;
       std::int64_t tokens = 0;
       for (std::int64_t micro = 0; micro < job_.grad_accum; ++micro) {

@@ -9,6 +9,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -23,6 +24,7 @@
 #include "kept/core/tensor.hpp"
 #include "kept/io/safetensors.hpp"
 #include "kept/layers/parameter.hpp"
+#include "kept/model/parameter_arena.hpp"
 #include "kept/train/adamw.hpp"
 #include "kept/train/checkpoint_state.hpp"
 #include "kept/train/data.hpp"
@@ -330,6 +332,121 @@ TEST_CASE("AdamW state saved and loaded continues bit-identically", "[train][ada
     CHECK(target.steps_taken() == 0);
     CHECK(target.exp_avg("a.weight") == nullptr);
   }
+}
+
+namespace {
+// A "model" for the arena: anything with visit_parameters.
+struct ParamList {
+  std::vector<Parameter> ps;
+  template <class Visitor>
+  void visit_parameters(Visitor&& visitor) {
+    for (Parameter& p : ps)
+      visitor(p);
+  }
+};
+ParamList arena_params() {
+  ParamList list;
+  list.ps.push_back(make_param("a.weight", ParamRole::Weight, {2, 3}, {1, 2, 3, 4, 5, 6}));
+  list.ps.push_back(make_param("a.bias", ParamRole::Bias, {3}, {0.1f, -0.1f, 0.2f}));
+  std::vector<float> big(70);
+  for (std::size_t i = 0; i < big.size(); ++i)
+    big[i] = 0.01f * static_cast<float>(i);
+  list.ps.push_back(make_param("b.weight", ParamRole::Weight, {7, 10}, big));
+  list.ps.push_back(make_param("norm.weight", ParamRole::NormWeight, {2}, {1, 1}));
+  return list;
+}
+}  // namespace
+
+TEST_CASE("the parameter arena: one buffer per role, aligned named views, values kept",
+          "[train][arena]") {
+  ParamList model = arena_params();
+  ParamList original = arena_params();
+  model.ps[3].trainable = false;
+  ParameterArena arena(host_backend, model);
+  REQUIRE(arena.slots().size() == 4);
+  std::int64_t expected_offset = 0;
+  for (std::size_t i = 0; i < 4; ++i) {
+    const ArenaSlot& slot = arena.slots()[i];
+    const Parameter& p = model.ps[i];
+    CHECK(slot.name == p.name);
+    CHECK(slot.offset == expected_offset);
+    CHECK(slot.offset % kArenaAlignment == 0);
+    expected_offset += (slot.count + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;
+    // The value is a view into the one values buffer, and holds what the parameter held.
+    CHECK(p.value.storage() == arena.values().storage());
+    CHECK(p.value.raw() == static_cast<const float*>(arena.values().raw()) + slot.offset);
+    CHECK(std::equal(p.value.span<const float>().begin(), p.value.span<const float>().end(),
+                     original.ps[i].value.span<const float>().begin()));
+    if (p.trainable)
+      CHECK(p.grad.raw() == static_cast<const float*>(arena.grads().raw()) + slot.offset);
+    else
+      CHECK_FALSE(p.grad.defined());
+  }
+  CHECK(arena.elements() == expected_offset);
+  CHECK(arena.find("b.weight") == &arena.slots()[2]);
+  CHECK(arena.find("nope") == nullptr);
+
+  // zero_grad: one fill; an unfrozen parameter gets its view back.
+  set_grad(model.ps[0], {1, 1, 1, 1, 1, 1});
+  model.ps[3].trainable = true;
+  arena.zero_grad(host_backend, model);
+  for (float g : arena.grads().span<const float>())
+    CHECK(g == 0.0f);
+  CHECK(model.ps[3].grad.raw() ==
+        static_cast<const float*>(arena.grads().raw()) + arena.slots()[3].offset);
+
+  ParamList other = arena_params();
+  other.ps.pop_back();
+  CHECK_THAT(error_of([&] { arena.zero_grad(host_backend, other); }), Contains("changed"));
+}
+
+TEST_CASE("AdamW over the arena is bit-identical to AdamW over separate tensors",
+          "[train][arena][adamw]") {
+  ParamList separate = arena_params(), flat = arena_params();
+  ParameterArena arena(host_backend, flat);
+  const AdamWConfig config{.lr = 0.05, .beta1 = 0.8, .beta2 = 0.99, .weight_decay = 0.1};
+  AdamW plain(config), over_arena(config);
+  over_arena.use_arena(&arena);
+  Random random(9);
+  std::vector<Parameter*> a = parameters_of(separate), b = parameters_of(flat);
+  for (int step = 0; step < 5; ++step) {
+    b[1]->trainable = a[1]->trainable = step != 2;  // frozen for one step, then back
+    arena.zero_grad(host_backend, flat);            // gives b[1] its gradient view back
+    for (std::size_t i = 0; i < a.size(); ++i) {
+      if (!a[i]->trainable) continue;
+      std::vector<float> g(static_cast<std::size_t>(a[i]->value.numel()));
+      for (float& x : g)
+        x = static_cast<float>(random.normal());
+      set_grad(*a[i], g);
+      set_grad(*b[i], g);
+    }
+    plain.step(host_backend, a);
+    over_arena.step(host_backend, b);
+  }
+  for (std::size_t i = 0; i < a.size(); ++i)
+    CHECK(std::memcmp(a[i]->value.raw(), b[i]->value.raw(), a[i]->value.nbytes()) == 0);
+  const auto sa = plain.state_tensors(host_backend), sb = over_arena.state_tensors(host_backend);
+  REQUIRE(sa.size() == sb.size());
+  for (std::size_t i = 0; i < sa.size(); ++i) {
+    CHECK(sa[i].name == sb[i].name);
+    CHECK(std::memcmp(sa[i].tensor.raw(), sb[i].tensor.raw(), sa[i].tensor.nbytes()) == 0);
+  }
+  // The moments live in the arena's buffer, at the parameter's slot.
+  const ArenaSlot& slot = *arena.find("b.weight");
+  CHECK(over_arena.exp_avg("b.weight")->raw() == arena.exp_avg(slot).raw());
+
+  // Loading state into an arena-backed optimizer writes the slots, and a bad file changes none.
+  AdamW restored(config);
+  restored.use_arena(&arena);
+  std::vector<NamedTensor> broken = sa;
+  broken.push_back({"master/a.weight", Tensor::zeros(DType::F32, {2, 3})});
+  const Tensor before = arena.exp_avg(slot).clone();
+  CHECK_THAT(error_of([&] { restored.load_state(host_backend, broken, b); }),
+             Contains("keeps none"));
+  CHECK(std::memcmp(before.raw(), arena.exp_avg(slot).raw(), before.nbytes()) == 0);
+  restored.load_state(host_backend, sa, b);
+  CHECK(std::memcmp(arena.exp_avg(slot).raw(), plain.exp_avg("b.weight")->raw(), before.nbytes()) ==
+        0);
 }
 
 TEST_CASE("AdamW matches torch.optim.AdamW (tests/data/train_reference.json)", "[train][adamw]") {

@@ -75,6 +75,7 @@
 #include "kept/core/tensor.hpp"
 #include "kept/io/safetensors.hpp"
 #include "kept/layers/parameter.hpp"
+#include "kept/model/parameter_arena.hpp"
 
 namespace kept {
 
@@ -160,6 +161,13 @@ class AdamW {
   }
 
   const AdamWConfig& config() const { return config_; }
+  // Keeps the moments (and master weights) in the arena's buffers, at each parameter's slot,
+  // instead of one allocation per parameter. The arena must outlive the optimizer's use of it.
+  void use_arena(const ParameterArena* arena) {
+    KEPT_CHECK(!arena || arena->has_optimizer_state(),
+               "AdamW: the parameter arena was built without optimizer state");
+    arena_ = arena;
+  }
   // The trainer sets the scheduled rate before each step.
   void set_lr(double lr) { config_.lr = lr; }
   double lr() const { return config_.lr; }
@@ -306,7 +314,15 @@ class AdamW {
       KEPT_CHECK(known, where, ": unexpected tensor ", name,
                  " (not exp_avg/, exp_avg_sq/, master/ or step/ of a parameter)");
     }
-    std::map<std::string, State, std::less<>> loaded;
+    // Validate everything first; only then write (into the arena's slots when there is one),
+    // so a bad file leaves the optimizer as it was.
+    struct Entry {
+      std::string name;
+      Shape shape;
+      const Tensor *exp_avg = nullptr, *exp_avg_sq = nullptr, *master = nullptr;
+      std::int64_t step = 0;
+    };
+    std::vector<Entry> checked;
     for (const std::string& name : names) {
       auto param = by_name.find(name);
       KEPT_CHECK(param != by_name.end(), where, ": state for parameter ", name,
@@ -318,17 +334,31 @@ class AdamW {
                    ", expected ", dtype_name(kMaster));
         KEPT_CHECK(t.shape() == shape, where, ": ", key, " has shape ", t.shape(),
                    " but parameter ", name, " has shape ", shape);
-        Tensor on_backend = backend.zeros(kMaster, shape);
-        backend.upload(t, on_backend);
-        return on_backend;
+        return &t;
       };
+      Entry entry{name, shape, moment("exp_avg/" + name), moment("exp_avg_sq/" + name)};
+      if constexpr (Backend::Precision::separate_master) entry.master = moment("master/" + name);
+      entry.step = scalar_i("step/" + name);
+      KEPT_CHECK(entry.step >= 1, where, ": step/", name, " is ", entry.step, ", expected >= 1");
+      checked.push_back(entry);
+    }
+    KEPT_CHECK(entries.empty(), where, ": unexpected tensor ", entries.begin()->first,
+               entries.begin()->first.starts_with("master/")
+                   ? " (master weights, but this backend keeps none)"
+                   : "");
+    std::map<std::string, State, std::less<>> loaded;
+    for (const Entry& entry : checked) {
       State s;
-      s.exp_avg = moment("exp_avg/" + name);
-      s.exp_avg_sq = moment("exp_avg_sq/" + name);
-      if constexpr (Backend::Precision::separate_master) s.master = moment("master/" + name);
-      s.step = scalar_i("step/" + name);
-      KEPT_CHECK(s.step >= 1, where, ": step/", name, " is ", s.step, ", expected >= 1");
-      loaded.emplace(name, std::move(s));
+      s.exp_avg = fresh_state(backend, entry.name, entry.shape, &ParameterArena::exp_avg);
+      backend.upload(*entry.exp_avg, s.exp_avg);
+      s.exp_avg_sq = fresh_state(backend, entry.name, entry.shape, &ParameterArena::exp_avg_sq);
+      backend.upload(*entry.exp_avg_sq, s.exp_avg_sq);
+      if (entry.master) {
+        s.master = fresh_state(backend, entry.name, entry.shape, &ParameterArena::master);
+        backend.upload(*entry.master, s.master);
+      }
+      s.step = entry.step;
+      loaded.emplace(entry.name, std::move(s));
     }
     states_ = std::move(loaded);
     steps_taken_ = steps;
@@ -344,7 +374,6 @@ class AdamW {
 
   template <class Backend>
   State& state_for(Backend& backend, const Parameter& p) {
-    constexpr DType kMaster = Backend::Precision::master;
     auto found = states_.find(p.name);
     if (found != states_.end()) {
       KEPT_CHECK(found->second.exp_avg.shape() == p.value.shape(), "AdamW step: parameter ", p.name,
@@ -353,11 +382,11 @@ class AdamW {
       return found->second;
     }
     State s;
-    s.exp_avg = backend.zeros(kMaster, p.value.shape());
-    s.exp_avg_sq = backend.zeros(kMaster, p.value.shape());
+    s.exp_avg = fresh_state(backend, p.name, p.value.shape(), &ParameterArena::exp_avg);
+    s.exp_avg_sq = fresh_state(backend, p.name, p.value.shape(), &ParameterArena::exp_avg_sq);
     if constexpr (Backend::Precision::separate_master) {
       // The master starts as the parameter's value, widened exactly.
-      s.master = backend.zeros(kMaster, p.value.shape());
+      s.master = fresh_state(backend, p.name, p.value.shape(), &ParameterArena::master);
       backend.upload(backend.download(p.value), s.master);
     }
     return states_.emplace(p.name, std::move(s)).first->second;
@@ -372,7 +401,25 @@ class AdamW {
     }
   }
 
+  // A zeroed state tensor for parameter `name`: its slot in the arena's buffer `which` when
+  // there is an arena, else a new allocation.
+  template <class Backend>
+  Tensor fresh_state(Backend& backend, std::string_view name, const Shape& shape,
+                     Tensor (ParameterArena::*which)(const ArenaSlot&) const) {
+    if (arena_) {
+      const ArenaSlot* slot = arena_->find(name);
+      KEPT_CHECK(slot, "AdamW: parameter ", name, " is not in the parameter arena");
+      Tensor view = (arena_->*which)(*slot);
+      KEPT_CHECK(view.defined(), "AdamW: the parameter arena has no buffer for this state of ",
+                 name);
+      backend.fill_zero(view);
+      return view;
+    }
+    return backend.zeros(Backend::Precision::master, shape);
+  }
+
   AdamWConfig config_;
+  const ParameterArena* arena_ = nullptr;
   std::map<std::string, State, std::less<>> states_;
   std::int64_t steps_taken_ = 0;
 };

@@ -1,0 +1,134 @@
+// kept/model/parameter_arena.hpp: every parameter of a model in one flat buffer per role.
+//
+// One contiguous buffer each for the values (Param), the gradients (Grad), and, for the
+// optimizer, the fp32 master weights (Master, only when the backend's Param type differs) and
+// AdamW's two moments (Master); each Parameter's value and grad become named views into them at
+// the parameter's offset (HF names and shapes unchanged, so loading, saving and checkpoints see
+// no difference). What that buys: zero_grad is one fill; an optimizer, an all-reduce or a
+// ZeRO shard works on contiguous ranges; fused projections can read neighbouring views. The
+// layout is llm.c's malloc_and_point_parameters with names kept.
+//
+// Layout: parameters in visiting (checkpoint) order, each slot starting at a multiple of
+// kArenaAlignment elements (256 bytes of fp32, enough for any vector load and for sharding on
+// slot boundaries); the padding is zero and stays zero (no op writes it). The same offsets
+// index every buffer, so slot i of the moments belongs to slot i of the values.
+//
+// Adopting a model copies each value into the arena once (through the backend's download and
+// upload, the only cross-space copy the contract has). Gradients start at zero; a frozen
+// parameter keeps its slot but its `grad` stays undefined, as the layers expect.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "kept/core/error.hpp"
+#include "kept/core/tensor.hpp"
+#include "kept/layers/parameter.hpp"
+
+namespace kept {
+
+inline constexpr std::int64_t kArenaAlignment = 64;  // elements
+
+struct ArenaSlot {
+  std::string name;
+  Shape shape;
+  std::int64_t offset = 0;  // elements from the start of every buffer
+  std::int64_t count = 0;
+};
+
+class ParameterArena {
+ public:
+  ParameterArena() = default;
+
+  // Lays out every parameter of `model`, allocates the buffers in `backend` and points the
+  // parameters at them. `optimizer_state` also allocates master weights (when separate) and the
+  // two AdamW moments.
+  template <class Backend, class Model>
+  ParameterArena(Backend& backend, Model& model, bool optimizer_state = true) {
+    using Precision = typename Backend::Precision;
+    std::vector<Parameter*> params;
+    model.visit_parameters([&](Parameter& p) { params.push_back(&p); });
+    for (Parameter* p : params) {
+      KEPT_CHECK(index_.emplace(p->name, slots_.size()).second,
+                 "parameter arena: two parameters are named ", p->name);
+      slots_.push_back({p->name, p->value.shape(), total_, p->value.numel()});
+      total_ += (p->value.numel() + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;
+    }
+    values_ = backend.zeros(Precision::param, {total_});
+    grads_ = backend.zeros(Precision::grad, {total_});
+    if (optimizer_state) {
+      if constexpr (Precision::separate_master)
+        master_ = backend.zeros(Precision::master, {total_});
+      exp_avg_ = backend.zeros(Precision::master, {total_});
+      exp_avg_sq_ = backend.zeros(Precision::master, {total_});
+    }
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      Parameter& p = *params[i];
+      KEPT_CHECK(p.value.dtype() == Precision::param, "parameter arena: ", p.name, " is ",
+                 dtype_name(p.value.dtype()), ", the backend's parameters are ",
+                 dtype_name(Precision::param));
+      Tensor value = view(values_, slots_[i]);
+      backend.upload(backend.download(p.value), value);
+      p.value = value;
+      p.grad = p.trainable ? view(grads_, slots_[i]) : Tensor();
+    }
+  }
+
+  const std::vector<ArenaSlot>& slots() const { return slots_; }
+  std::int64_t elements() const { return total_; }  // per buffer, padding included
+  const ArenaSlot* find(std::string_view name) const {
+    auto found = index_.find(name);
+    return found == index_.end() ? nullptr : &slots_[found->second];
+  }
+
+  const Tensor& values() const { return values_; }
+  const Tensor& grads() const { return grads_; }
+  bool has_optimizer_state() const { return exp_avg_.defined(); }
+  bool has_master() const { return master_.defined(); }
+
+  // Views of one slot in each buffer (undefined when that buffer was not allocated).
+  Tensor master(const ArenaSlot& slot) const { return view(master_, slot); }
+  Tensor exp_avg(const ArenaSlot& slot) const { return view(exp_avg_, slot); }
+  Tensor exp_avg_sq(const ArenaSlot& slot) const { return view(exp_avg_sq_, slot); }
+
+  // Zeroes every gradient with one fill and points each trainable parameter's grad at its slot
+  // again (a parameter unfrozen since the last call gets its view back; a frozen one none).
+  template <class Backend, class Model>
+  void zero_grad(Backend& backend, Model& model) {
+    std::size_t count = 0;
+    model.visit_parameters([&](Parameter& p) {
+      KEPT_CHECK(count < slots_.size() && slots_[count].name == p.name,
+                 "parameter arena: the model's parameters changed since the arena was built (",
+                 p.name, ")");
+      ++count;
+    });
+    KEPT_CHECK(count == slots_.size(),
+               "parameter arena: the model's parameters changed since the "
+               "arena was built (",
+               count, " parameters, the arena has ", slots_.size(), ")");
+    backend.fill_zero(grads_);
+    std::size_t i = 0;
+    model.visit_parameters([&](Parameter& p) {
+      p.grad = p.trainable ? view(grads_, slots_[i]) : Tensor();
+      ++i;
+    });
+  }
+
+ private:
+  static Tensor view(const Tensor& buffer, const ArenaSlot& slot) {
+    if (!buffer.defined()) return Tensor();
+    return Tensor::from_storage(buffer.dtype(), slot.shape, buffer.storage(),
+                                static_cast<std::size_t>(slot.offset) * dtype_size(buffer.dtype()));
+  }
+
+  std::vector<ArenaSlot> slots_;
+  std::map<std::string, std::size_t, std::less<>> index_;
+  std::int64_t total_ = 0;
+  Tensor values_, grads_, master_, exp_avg_, exp_avg_sq_;
+};
+
+}  // namespace kept
