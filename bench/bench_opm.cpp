@@ -12,7 +12,7 @@
 // (activation bytes / time: each activation is read once from memory; add() makes three passes over
 // a row, two of them from cache), fp64 GFLOP/s (~17 flops per element: 6 for the row statistics, 11
 // for the five sums), and solve() milliseconds. The copy probe is a 256 MiB memcpy, best of 5, read
-// + write bytes, on 1 thread and split across all threads (as bench_cpu_ops measures it).
+// + write bytes, on 1 thread and split across all threads (as kept_ops --bench measures it).
 //
 // The activations are realistic in the ways OPM cares about: unit-scale Gaussian-like values,
 // a per-token mean offset (so mu_t != 0) and a few "massive activation" coordinates.

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""bench/bench_torch_ops.py: PyTorch CPU timings of the cases bench_cpu_ops measures.
+"""bench/bench_torch_ops.py: PyTorch CPU timings of the cases kept_ops --bench measures.
 
-bench_cpu_ops starts this as a child process and keeps it for the whole run:
+kept_ops --bench starts this as a child process and keeps it for the whole run:
 
     bench_torch_ops.py --serve --threads N --min-reps A --max-reps B --budget-s S
 
@@ -9,7 +9,7 @@ It prints one JSON line {"info": {...}} (or {"error": reason} when torch cannot 
 and exits), then answers each request line {"id", "params"} on stdin with {"id", "ms" (the
 median), "min_ms", "reps", "discarded", "noisy"} or {"id", "error"}. So every case is timed
 in kept and then in torch right after it, under the same machine load. The timing rule is
-bench_cpu_ops's: warmup (one call, two for calls under 50 ms), then repetitions until min_reps
+kept_ops --bench's: warmup (one call, two for calls under 50 ms), then repetitions until min_reps
 and the time budget are both reached (at most max_reps), median; repetitions disturbed by
 another process are discarded (see measure).
 
@@ -39,7 +39,7 @@ import time
 
 
 # A repetition during which torch's threads did not get their cores (another process ran) is
-# discarded and redone, by bench_cpu_ops's rule: the CPU time of the `threads` busiest threads
+# discarded and redone, by kept_ops --bench's rule: the CPU time of the `threads` busiest threads
 # of this process, read through the per-thread CPU-time clocks (Linux: (~tid << 3) | 6), must
 # be at least MIN_CPU_SHARE x threads x wall time.
 MIN_CPU_SHARE = 0.97

@@ -7,6 +7,8 @@
 //                         elements before and after every buffer untouched
 //   kept_ops --grad       finite-difference gradient checks in float64 of every differentiable op
 //   kept_ops --list       one line per (op case, backend)
+//   kept_ops --bench      the ops timed at model sizes beside this machine's limits and PyTorch
+//                         CPU in the same run (tests/ops/ops_bench.cpp; options: --help)
 //   --filter TEXT         only cases whose name contains TEXT;  --seed N: another draw
 //   --inject error|guard  the harness's own test: perturbs the fp32 backend's first output
 //                         (by 1e-3 of its size) or writes one element past its end; every fp32
@@ -517,7 +519,19 @@ std::vector<GradCase> all_grad_cases() {
 
 }  // namespace
 
+namespace kept::ops {
+int run_bench(int argc, char** argv);  // tests/ops/ops_bench.cpp
+}
+
 int main(int argc, char** argv) {
+  // --bench hands every other argument to the benchmark (its own options).
+  for (int i = 1; i < argc; ++i)
+    if (std::string(argv[i]) == "--bench") {
+      std::vector<char*> rest{argv[0]};
+      for (int j = 1; j < argc; ++j)
+        if (j != i) rest.push_back(argv[j]);
+      return kept::ops::run_bench(static_cast<int>(rest.size()), rest.data());
+    }
   bool list = false, grad = false;
   std::string filter;
   std::uint64_t seed = 2026;

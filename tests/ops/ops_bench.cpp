@@ -1,5 +1,6 @@
-// bench/bench_cpu_ops.cpp: the CPU backend's speed per op, beside this machine's limits and
-// PyTorch CPU, all measured in the same run. See bench/README.md for what each number means.
+// tests/ops/ops_bench.cpp: `kept_ops --bench`, the CPU backend's speed per op, beside this
+// machine's limits and PyTorch CPU, all measured in the same run (formerly bench/bench_cpu_ops).
+// See bench/README.md for what each number means.
 //
 // - Limits, measured first: a copy-bandwidth probe (memcpy of 256 MiB, far beyond the LLC, on
 //   1 thread and split across all threads; best of N; read + write bytes) and OpenBLAS sgemm on
@@ -16,8 +17,8 @@
 //   same machine load, and the table shows kept/torch = torch time / kept time (> 1: kept is
 //   faster).
 //
-// Usage: bench_cpu_ops [--json PATH] [--filter SUBSTRINGS] [--quick] [--no-torch]
-//                      [--python PATH] [--torch-script PATH] [--torch-cold-malloc]
+// Usage: kept_ops --bench [--json PATH] [--filter SUBSTRINGS] [--quick] [--no-torch]
+//                        [--python PATH] [--torch-script PATH] [--torch-cold-malloc]
 #include <cblas.h>
 #include <omp.h>
 #include <time.h>
@@ -933,7 +934,7 @@ json to_json(const Bench& bench, const json& info) {
 
 int usage(const char* argv0) {
   std::fprintf(stderr,
-               "usage: %s [--json PATH] [--filter SUBSTRINGS] [--quick] [--no-torch]\n"
+               "usage: %s --bench [--json PATH] [--filter SUBSTRINGS] [--quick] [--no-torch]\n"
                "          [--python PATH] [--torch-script PATH] [--torch-cold-malloc]\n",
                argv0);
   return 2;
@@ -941,7 +942,12 @@ int usage(const char* argv0) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+namespace kept::ops {
+// argv[0] is the program; the arguments after --bench follow.
+int run_bench(int argc, char** argv);
+}
+
+int kept::ops::run_bench(int argc, char** argv) {
   Bench bench;
   Options& options = bench.options;
   if (const char* python = std::getenv("KEPT_PYTHON"); python && *python) options.python = python;
