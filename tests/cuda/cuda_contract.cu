@@ -13,7 +13,6 @@
 #include "kept/model/init.hpp"
 #include "kept/train/adamw.hpp"
 #include "kept/train/checkpoint_state.hpp"
-#include "kept/xkd/cuda_loss_kernels.cuh"
 #include "kept/xkd/xkd.hpp"
 
 using kept::cuda::CudaBackend;

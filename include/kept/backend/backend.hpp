@@ -5,7 +5,7 @@
 // `kept::Backend<B>` names every op they call, with one signature for every backend, so a
 // backend that lacks an op or spells it differently fails where it is named (a static_assert),
 // not deep inside a layer template. The per-chunk loss kernels join the contract through the
-// traits class xkd::LossKernels<B> (kept/xkd/loss_kernels.hpp), which a backend specialises.
+// traits class LossKernels<B> (kept/backend/loss_kernels.hpp), which a backend specialises.
 //
 // Precision policy. One `Scalar` cannot serve bf16 training, so a backend names five types:
 //

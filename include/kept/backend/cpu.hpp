@@ -19,6 +19,7 @@
 #include "kept/backend/cpu/attention.hpp"
 #include "kept/backend/cpu/embedding.hpp"
 #include "kept/backend/cpu/gemm.hpp"
+#include "kept/backend/cpu/loss_kernels.hpp"
 #include "kept/backend/cpu/norm.hpp"
 #include "kept/backend/cpu/optimizer.hpp"
 #include "kept/backend/cpu/rope.hpp"

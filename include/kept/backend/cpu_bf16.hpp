@@ -16,6 +16,7 @@
 
 #include "kept/backend/backend.hpp"
 #include "kept/backend/cpu.hpp"
+#include "kept/backend/loss_kernels.hpp"
 #include "kept/core/dtype.hpp"
 #include "kept/core/rope_table.hpp"
 #include "kept/core/tensor.hpp"
@@ -234,5 +235,78 @@ class CpuBf16 {
 };
 
 static_assert(Backend<CpuBf16>, "CpuBf16 must satisfy kept::Backend");
+
+// CpuBf16: logit chunks are fp32 (the Stat type), so the fp32 kernels run on them as they are;
+// hidden states are bf16, widened for the squared error, and the gradient is rounded once.
+template <>
+struct LossKernels<CpuBf16> {
+  using Backend = CpuBf16;
+  using Fp32 = LossKernels<Cpu>;
+  using RowBuffers = Fp32::RowBuffers;
+
+  static void reset(Backend&, RowBuffers& buffers, std::int64_t rows) {
+    Cpu cpu;
+    Fp32::reset(cpu, buffers, rows);
+  }
+  static void update(Backend&, RowBuffers& buffers, MatrixView<const float> teacher,
+                     MatrixView<const float> student, std::int64_t offset, float inv_temperature,
+                     const std::int32_t* targets, bool with_sums) {
+    Cpu cpu;
+    Fp32::update(cpu, buffers, teacher, student, offset, inv_temperature, targets, with_sums);
+  }
+  static void finish(Backend&, RowBuffers& buffers) {
+    Cpu cpu;
+    Fp32::finish(cpu, buffers);
+  }
+  static ChunkSums reduce(Backend&, const RowBuffers& buffers, bool with_teacher, bool with_sums,
+                          const float* weights, const std::int32_t* targets,
+                          double* student_ce_rows, double* teacher_ce_rows) {
+    Cpu cpu;
+    return Fp32::reduce(cpu, buffers, with_teacher, with_sums, weights, targets, student_ce_rows,
+                        teacher_ce_rows);
+  }
+  static void kl_gradient(Backend&, const RowBuffers& buffers, MatrixView<const float> teacher,
+                          MatrixView<float> student, float temperature, const float* weights,
+                          float scale) {
+    Cpu cpu;
+    Fp32::kl_gradient(cpu, buffers, teacher, student, temperature, weights, scale);
+  }
+  static void cross_entropy_gradient(Backend&, const RowBuffers& buffers, MatrixView<float> student,
+                                     std::int64_t offset, const std::int32_t* targets,
+                                     float scale) {
+    Cpu cpu;
+    Fp32::cross_entropy_gradient(cpu, buffers, student, offset, targets, scale);
+  }
+  static void squared_error(Backend&, RowBuffers& buffers, MatrixView<const float> teacher,
+                            MatrixView<float> student, const float* weights, float scale,
+                            bool write_gradient) {
+    Cpu cpu;
+    Fp32::squared_error(cpu, buffers, teacher, student, weights, scale, write_gradient);
+  }
+  static double hidden_squared_error(Backend&, RowBuffers& buffers, MatrixView<const bf16> teacher,
+                                     MatrixView<const bf16> student, MatrixView<bf16> grad,
+                                     bool centre_teacher, const float* weights, float scale) {
+    KEPT_CHECK(teacher.contiguous() && student.contiguous() && (!grad.data || grad.contiguous()),
+               "loss kernels need contiguous hidden states");
+    const std::int64_t count = student.rows * student.cols;
+    auto widen = [&](const bf16* data) {
+      std::vector<float> out(static_cast<std::size_t>(count));
+      for (std::int64_t i = 0; i < count; ++i)
+        out[static_cast<std::size_t>(i)] = to_float(data[i]);
+      return out;
+    };
+    const std::vector<float> wt = widen(teacher.data), ws = widen(student.data);
+    std::vector<float> wg(grad.data ? static_cast<std::size_t>(count) : 0);
+    Cpu cpu;
+    const double sum = Fp32::hidden_squared_error(
+        cpu, buffers, MatrixView<const float>(wt.data(), student.rows, student.cols),
+        MatrixView<const float>(ws.data(), student.rows, student.cols),
+        MatrixView<float>(grad.data ? wg.data() : nullptr, student.rows, student.cols),
+        centre_teacher, weights, scale);
+    for (std::size_t i = 0; i < wg.size(); ++i)
+      grad.data[i] = to_bf16(wg[i]);
+    return sum;
+  }
+};
 
 }  // namespace kept

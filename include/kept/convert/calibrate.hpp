@@ -14,7 +14,6 @@
 #include <string>
 #include <vector>
 
-#include "kept/backend/cpu.hpp"
 #include "kept/io/weights.hpp"
 #include "kept/model/decoder.hpp"
 #include "kept/opm.hpp"

@@ -31,6 +31,8 @@
 #include <cstdint>
 #include <limits>
 
+#include "kept/backend/loss_kernels.hpp"
+
 namespace kept::cpu {
 
 // What one row has seen of the vocabulary so far. Teacher fields are unused when there is no
@@ -147,30 +149,8 @@ inline void softmax_rows_finish(SoftmaxRowState<T>* states, std::int64_t rows) {
   }
 }
 
-// Weighted sums over a chunk's rows, in double. A row counts when its weight is non-zero and
-// (with targets) its target is not -1; every sum is weighted (a 0/1 mask gives plain sums).
-struct SoftmaxChunkSums {
-  double weight = 0;         // sum of the counted rows' weights
-  std::int64_t rows = 0;     // rows counted
-  double kl = 0;             // sum w KL(p || q) at the temperature of the update (unscaled)
-  double student_ce = 0;     // sum w (lse_s - s_y): needs targets and T = 1
-  double teacher_ce = 0;     // sum w (lse_t - t_y)
-  double squared_error = 0;  // sum w sum_v (s_v - t_v)^2
-  std::int64_t agree = 0;    // counted rows whose teacher and student argmax are equal
-  std::int64_t student_correct = 0, teacher_correct = 0;  // argmax == target
-
-  void add(const SoftmaxChunkSums& other) {
-    weight += other.weight;
-    rows += other.rows;
-    kl += other.kl;
-    student_ce += other.student_ce;
-    teacher_ce += other.teacher_ce;
-    squared_error += other.squared_error;
-    agree += other.agree;
-    student_correct += other.student_correct;
-    teacher_correct += other.teacher_correct;
-  }
-};
+// The chunk sums (kept/backend/loss_kernels.hpp, part of the contract).
+using SoftmaxChunkSums = kept::ChunkSums;
 
 // Reduces finished row states (in row order, so deterministic). `with_teacher` says whether
 // the states saw teacher logits (the KL, teacher CE and agreement need them), `with_sums`
