@@ -8,12 +8,9 @@
 #include <tuple>
 
 #include "kept/backend/cuda/backend.cuh"
-#include "kept/io/weights.hpp"
 #include "kept/model/decoder.hpp"
-#include "kept/model/init.hpp"
-#include "kept/train/adamw.hpp"
-#include "kept/train/checkpoint_state.hpp"
 #include "kept/xkd/xkd.hpp"
+#include "support/training_surface.hpp"
 
 using kept::cuda::CudaBackend;
 
@@ -22,26 +19,11 @@ template class kept::Decoder<kept::RMSNorm, CudaBackend>;
 
 namespace {
 
-void train_surface(CudaBackend& backend, kept::Decoder<kept::RMSNorm, CudaBackend>& model,
-                   kept::AdamW& optimizer, const std::filesystem::path& dir) {
-  kept::init_parameters(backend, model, {});
-  kept::load_weights(backend, model, kept::CheckpointReader::open(dir));
-  auto params = kept::parameters_of(model);
-  if (kept::all_finite(backend, params)) kept::clip_grad_norm(backend, params, 1.0);
-  optimizer.step(backend, params);
-  kept::TrainerState state;
-  kept::save_checkpoint(backend, dir, state, params, optimizer);
-  kept::load_checkpoint(backend, dir, params, optimizer);
-  kept::save_pretrained(backend, model, model.config(), dir, false);
-}
-
-constexpr auto objectives = std::tuple{&kept::xkd::logit_kl<CudaBackend>,
-                                       &kept::xkd::logit_mse<CudaBackend>,
-                                       &kept::xkd::cross_entropy<CudaBackend>,
-                                       &kept::xkd::hidden_mse<CudaBackend>,
-                                       &kept::xkd::accumulate_eval<CudaBackend>,
-                                       &kept::xkd::opm_l2<CudaBackend>,
-                                       &train_surface};
+constexpr auto objectives =
+    std::tuple{&kept::xkd::logit_kl<CudaBackend>,         &kept::xkd::logit_mse<CudaBackend>,
+               &kept::xkd::cross_entropy<CudaBackend>,    &kept::xkd::hidden_mse<CudaBackend>,
+               &kept::xkd::accumulate_eval<CudaBackend>,  &kept::xkd::opm_l2<CudaBackend>,
+               &kept::test::training_surface<CudaBackend>};
 
 }  // namespace
 

@@ -19,6 +19,7 @@
 #include "kept/train/adamw.hpp"
 #include "kept/train/checkpoint_state.hpp"
 #include "kept/xkd/xkd.hpp"
+#include "support/training_surface.hpp"
 
 namespace {
 
@@ -39,27 +40,11 @@ struct NoSwiglu : kept::Cpu {
   void swiglu_forward() = delete;
 };
 
-// Everything above the layers that a training job calls on a backend: init, load, the optimizer
-// step with clipping and the finiteness guard, checkpoints, the final save.
 template <class B>
-void train_surface(B& backend, kept::Decoder<kept::RMSNorm, B>& model, kept::AdamW& optimizer,
-                   const std::filesystem::path& dir) {
-  kept::init_parameters(backend, model, {});
-  kept::load_weights(backend, model, kept::CheckpointReader::open(dir));
-  auto params = kept::parameters_of(model);
-  if (kept::all_finite(backend, params)) kept::clip_grad_norm(backend, params, 1.0);
-  optimizer.step(backend, params);
-  kept::TrainerState state;
-  kept::save_checkpoint(backend, dir, state, params, optimizer);
-  kept::load_checkpoint(backend, dir, params, optimizer);
-  kept::save_pretrained(backend, model, model.config(), dir, false);
-}
-
-template <class B>
-constexpr auto objectives = std::tuple{
-    &kept::xkd::logit_kl<B>,   &kept::xkd::logit_mse<B>,       &kept::xkd::cross_entropy<B>,
-    &kept::xkd::hidden_mse<B>, &kept::xkd::accumulate_eval<B>, &kept::xkd::opm_l2<B>,
-    &train_surface<B>};
+constexpr auto objectives = std::tuple{&kept::xkd::logit_kl<B>,         &kept::xkd::logit_mse<B>,
+                                       &kept::xkd::cross_entropy<B>,    &kept::xkd::hidden_mse<B>,
+                                       &kept::xkd::accumulate_eval<B>,  &kept::xkd::opm_l2<B>,
+                                       &kept::test::training_surface<B>};
 
 }  // namespace
 

@@ -101,6 +101,17 @@ struct Precision {
   static constexpr bool separate_master = !std::is_same_v<ParamT, MasterT>;
 };
 
+// A backend's type names, from its precision policy: inherit UsesPrecision<Precision<...>>.
+template <class P>
+struct UsesPrecision {
+  using Precision = P;
+  using Activation = typename P::Activation;
+  using Param = typename P::Param;
+  using Grad = typename P::Grad;
+  using Master = typename P::Master;
+  using Stat = typename P::Stat;
+};
+
 // The scalars of one AdamW update, formed on the host the way torch forms them
 // (kept/train/adamw.hpp); the backend applies them to a range of elements.
 struct AdamWScalars {

@@ -30,14 +30,8 @@
 namespace kept {
 
 template <class T>
-struct CpuBackend {
-  // One type for everything: fp32 (Cpu) or float64 (Cpu64). See the policy in backend.hpp.
-  using Precision = kept::Precision<T, T, T, T, T>;
-  using Activation = T;
-  using Param = T;
-  using Grad = T;
-  using Master = T;
-  using Stat = T;
+// One type for everything: fp32 (Cpu) or float64 (Cpu64). See the policy in backend.hpp.
+struct CpuBackend : UsesPrecision<Precision<T, T, T, T, T>> {
   using RopeTable = kept::RopeTable<T>;
   static constexpr MemorySpace space = MemorySpace::Host;
   static constexpr const char* name() { return std::is_same_v<T, double> ? "cpu64" : "cpu"; }

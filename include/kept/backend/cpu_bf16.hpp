@@ -23,14 +23,8 @@
 
 namespace kept {
 
-class CpuBf16 {
+class CpuBf16 : public UsesPrecision<Precision<bf16, bf16, float, float, float>> {
  public:
-  using Precision = kept::Precision<bf16, bf16, float, float, float>;
-  using Activation = bf16;
-  using Param = bf16;
-  using Grad = float;
-  using Master = float;
-  using Stat = float;
   using RopeTable = kept::RopeTable<float>;
   static constexpr MemorySpace space = MemorySpace::Host;
   static constexpr const char* name() { return "cpu-bf16"; }

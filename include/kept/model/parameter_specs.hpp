@@ -19,13 +19,7 @@
 
 namespace kept {
 
-struct MetaBackend {
-  using Precision = kept::Precision<float, float, float, float, float>;
-  using Activation = float;
-  using Param = float;
-  using Grad = float;
-  using Master = float;
-  using Stat = float;
+struct MetaBackend : UsesPrecision<Precision<float, float, float, float, float>> {
   using RopeTable = kept::RopeTable<float>;
   Tensor zeros(DType dtype, const Shape& shape) { return Tensor::meta(dtype, shape); }
 };

@@ -31,14 +31,8 @@ inline void not_implemented(const char* op) {
   fail("not implemented on cuda: ", op);
 }
 
-class CudaBackend {
+class CudaBackend : public UsesPrecision<Precision<bf16, bf16, float, float, float>> {
  public:
-  using Precision = kept::Precision<bf16, bf16, float, float, float>;
-  using Activation = bf16;
-  using Param = bf16;
-  using Grad = float;
-  using Master = float;
-  using Stat = float;
   static constexpr MemorySpace space = MemorySpace::Cuda;
   static constexpr const char* name() { return "cuda"; }
 
