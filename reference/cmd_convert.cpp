@@ -145,9 +145,7 @@ void register_convert(CLI::App& app) {
   auto options = std::make_shared<Options>();
   CLI::App* command =
       app.add_subcommand("convert", "Convert an Orion/StableLM checkpoint to Llama (NPM + OPM)");
-  command->add_option("source", options->source, "Source checkpoint directory")
-      ->required()
-      ->check(CLI::ExistingDirectory);
+  add_existing_directory(command, "source", options->source, "Source checkpoint directory");
   command->add_option("destination", options->destination, "Llama checkpoint directory to create")
       ->required();
   command
@@ -155,12 +153,11 @@ void register_convert(CLI::App& app) {
                    "LayerNorm -> RMSNorm mapping: paper, calibrated or exact")
       ->check(CLI::IsMember({"paper", "calibrated", "exact"}))
       ->capture_default_str();
-  command
-      ->add_option(
-          "--calib", options->calibration,
-          "Calibration text (plain text or JSONL): needed by --opm calibrated; with any mode, "
-          "also reports KL and top-1 agreement before training")
-      ->check(CLI::ExistingFile);
+  add_existing_file(
+      command, "--calib", options->calibration,
+      "Calibration text (plain text or JSONL): needed by --opm calibrated; with any mode, "
+      "also reports KL and top-1 agreement before training",
+      Need::Optional);
   command->add_option("--calib-tokens", options->calibration_tokens, "Calibration tokens to use")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();

@@ -336,8 +336,8 @@ void register_demo(CLI::App& app) {
   CLI::App* command =
       app.add_subcommand("demo", "The whole KEPT pipeline on a toy model, from Debian's own text");
   command->add_option("--output", options->output, "Where everything goes")->capture_default_str();
-  command->add_option("--corpus", options->corpus, "Use this text instead of the Debian corpora")
-      ->check(CLI::ExistingFile);
+  add_existing_file(command, "--corpus", options->corpus,
+                    "Use this text instead of the Debian corpora", Need::Optional);
   command->add_option("--scale", options->scale, "Multiply every step count (0.1 for a quick look)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();

@@ -114,17 +114,12 @@ void register_eval(CLI::App& app) {
   auto options = std::make_shared<Options>();
   CLI::App* command =
       app.add_subcommand("eval", "Perplexity, KL to a teacher, top-1 agreement, by context length");
-  command->add_option("model", options->model, "Checkpoint directory")
-      ->required()
-      ->check(CLI::ExistingDirectory);
-  command->add_option("--data", options->data, "Text to score (plain text or JSONL)")
-      ->required()
-      ->check(CLI::ExistingFile);
-  command->add_option("--teacher", options->teacher, "Teacher checkpoint for KL and agreement")
-      ->check(CLI::ExistingDirectory);
-  command
-      ->add_option("--tokenizer", options->tokenizer, "SentencePiece model (default: the model's)")
-      ->check(CLI::ExistingFile);
+  add_existing_directory(command, "model", options->model, "Checkpoint directory");
+  add_existing_file(command, "--data", options->data, "Text to score (plain text or JSONL)");
+  add_existing_directory(command, "--teacher", options->teacher,
+                         "Teacher checkpoint for KL and agreement", Need::Optional);
+  add_existing_file(command, "--tokenizer", options->tokenizer,
+                    "SentencePiece model (default: the model's)", Need::Optional);
   command->add_option("--seq-len", options->seq_len, "Sequence length")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();

@@ -83,14 +83,10 @@ void register_forward(CLI::App& app) {
   auto options = std::make_shared<Options>();
   CLI::App* command =
       app.add_subcommand("forward", "Run a checkpoint on token ids; save logits (and states)");
-  command->add_option("model", options->model, "Checkpoint directory (config.json + safetensors)")
-      ->required()
-      ->check(CLI::ExistingDirectory);
-  command
-      ->add_option("--input", options->input,
-                   "safetensors file with an integer \"input_ids\" [batch, seq]")
-      ->required()
-      ->check(CLI::ExistingFile);
+  add_existing_directory(command, "model", options->model,
+                         "Checkpoint directory (config.json + safetensors)");
+  add_existing_file(command, "--input", options->input,
+                    "safetensors file with an integer \"input_ids\" [batch, seq]");
   command->add_option("--out", options->output, "Output safetensors file")->required();
   command->add_flag("--hidden-states", options->hidden_states,
                     "Also save the L+1 residual-stream states");

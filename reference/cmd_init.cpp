@@ -27,9 +27,8 @@ void register_init(CLI::App& app) {
   auto options = std::make_shared<Options>();
   CLI::App* command =
       app.add_subcommand("init", "Write a randomly initialised checkpoint for a config.json");
-  command->add_option("--config", options->config_path, "HF config.json (llama, orion or stablelm)")
-      ->required()
-      ->check(CLI::ExistingFile);
+  add_existing_file(command, "--config", options->config_path,
+                    "HF config.json (llama, orion or stablelm)");
   command->add_option("output", options->output, "Checkpoint directory to create")->required();
   command->add_option("--seed", options->seed, "Random seed")->capture_default_str();
   command->add_option("--init-std", options->init_std, "Standard deviation of weights")

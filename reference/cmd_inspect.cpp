@@ -61,9 +61,7 @@ void register_inspect(CLI::App& app) {
   auto model_dir = std::make_shared<std::string>();
   auto list_tensors = std::make_shared<bool>(false);
   CLI::App* command = app.add_subcommand("inspect", "Validate a checkpoint and summarise it");
-  command->add_option("model", *model_dir, "Checkpoint directory")
-      ->required()
-      ->check(CLI::ExistingDirectory);
+  add_existing_directory(command, "model", *model_dir, "Checkpoint directory");
   command->add_flag("--tensors", *list_tensors, "List every tensor");
   command->callback([model_dir, list_tensors] {
     const std::filesystem::path dir(*model_dir);

@@ -174,12 +174,9 @@ void register_opm(CLI::App& app) {
   auto options = std::make_shared<Options>();
   CLI::App* command =
       app.add_subcommand("opm", "Measure OPM's per-site numerics on a model and text");
-  command->add_option("source", options->source, "Orion/StableLM checkpoint directory")
-      ->required()
-      ->check(CLI::ExistingDirectory);
-  command->add_option("--data", options->data, "Text to run the model on (plain text or JSONL)")
-      ->required()
-      ->check(CLI::ExistingFile);
+  add_existing_directory(command, "source", options->source, "Orion/StableLM checkpoint directory");
+  add_existing_file(command, "--data", options->data,
+                    "Text to run the model on (plain text or JSONL)");
   command->add_option("--report", options->report, "Write the per-site diagnostics as JSON");
   command->add_option("--plot", options->plot, "Write the per-site errors as a PNG chart");
   command->add_option("--tokens", options->tokens, "Tokens of --data to use")

@@ -68,9 +68,8 @@ void register_tokenizer(CLI::App& app) {
   CLI::App* command = app.add_subcommand("tokenizer",
                                          "Train a byte-fallback SentencePiece BPE tokenizer, or "
                                          "write the HF files of an existing one");
-  CLI::Option* input =
-      command->add_option("--input", options->input, "Training text (plain text or JSONL)")
-          ->check(CLI::ExistingFile);
+  CLI::Option* input = add_existing_file(command, "--input", options->input,
+                                         "Training text (plain text or JSONL)", Need::Optional);
   CLI::Option* from =
       command
           ->add_option("--from", options->from,

@@ -50,9 +50,7 @@ void register_train(CLI::App& app) {
   auto options = std::make_shared<Options>();
   CLI::App* command =
       app.add_subcommand("train", "Run a training job: XKD, uptraining, pretraining, norm-only");
-  command->add_option("job", options->job, "Job file (JSON; see reference/job.hpp)")
-      ->required()
-      ->check(CLI::ExistingFile);
+  add_existing_file(command, "job", options->job, "Job file (JSON; see reference/job.hpp)");
   command->add_flag("--resume", options->train.resume,
                     "Continue from the newest checkpoint in the output directory");
   command->add_flag("--force", options->train.force,

@@ -9,8 +9,28 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <string>
 
 namespace kept::cli {
+
+enum class Need { Required, Optional };
+
+// An input the command reads: a positional argument or an option that must name an existing
+// directory (a checkpoint) or file (a job, a config, text); CLI11 reports a missing one by name.
+template <class T>
+CLI::Option* add_existing_directory(CLI::App* command, const std::string& name, T& variable,
+                                    const std::string& help, Need need = Need::Required) {
+  CLI::Option* option = command->add_option(name, variable, help);
+  if (need == Need::Required) option->required();
+  return option->check(CLI::ExistingDirectory);
+}
+template <class T>
+CLI::Option* add_existing_file(CLI::App* command, const std::string& name, T& variable,
+                               const std::string& help, Need need = Need::Required) {
+  CLI::Option* option = command->add_option(name, variable, help);
+  if (need == Need::Required) option->required();
+  return option->check(CLI::ExistingFile);
+}
 
 void register_init(CLI::App& app);
 void register_forward(CLI::App& app);
