@@ -15,6 +15,7 @@
 #include "kept/xkd/cross_entropy.hpp"
 
 int main(int argc, char** argv) {
+  kept::cpu::use_openblas_kernels_for_this_cpu(argv);  // OpenBLAS's fast kernels on any CPU
   std::uint64_t seed = 1;
   for (int i = 1; i + 1 < argc; ++i)
     if (std::strcmp(argv[i], "--seed") == 0) seed = std::stoull(argv[i + 1]);

@@ -142,9 +142,8 @@ void run(const Options& options) {
 }  // namespace
 
 void register_convert(CLI::App& app) {
-  auto options = std::make_shared<Options>();
-  CLI::App* command =
-      app.add_subcommand("convert", "Convert an Orion/StableLM checkpoint to Llama (NPM + OPM)");
+  auto [command, options] = add_command<Options>(
+      app, "convert", "Convert an Orion/StableLM checkpoint to Llama (NPM + OPM)");
   add_existing_directory(command, "source", options->source, "Source checkpoint directory");
   command->add_option("destination", options->destination, "Llama checkpoint directory to create")
       ->required();

@@ -332,9 +332,8 @@ void run(const Options& options) {
 }  // namespace
 
 void register_demo(CLI::App& app) {
-  auto options = std::make_shared<Options>();
-  CLI::App* command =
-      app.add_subcommand("demo", "The whole KEPT pipeline on a toy model, from Debian's own text");
+  auto [command, options] = add_command<Options>(
+      app, "demo", "The whole KEPT pipeline on a toy model, from Debian's own text");
   command->add_option("--output", options->output, "Where everything goes")->capture_default_str();
   add_existing_file(command, "--corpus", options->corpus,
                     "Use this text instead of the Debian corpora", Need::Optional);

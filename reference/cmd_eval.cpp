@@ -111,9 +111,8 @@ void run(const Options& options) {
 }  // namespace
 
 void register_eval(CLI::App& app) {
-  auto options = std::make_shared<Options>();
-  CLI::App* command =
-      app.add_subcommand("eval", "Perplexity, KL to a teacher, top-1 agreement, by context length");
+  auto [command, options] = add_command<Options>(
+      app, "eval", "Perplexity, KL to a teacher, top-1 agreement, by context length");
   add_existing_directory(command, "model", options->model, "Checkpoint directory");
   add_existing_file(command, "--data", options->data, "Text to score (plain text or JSONL)");
   add_existing_directory(command, "--teacher", options->teacher,

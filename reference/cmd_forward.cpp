@@ -80,9 +80,8 @@ void register_forward(CLI::App& app) {
     std::string model, input, output, precision = "fp32";
     bool hidden_states = false;
   };
-  auto options = std::make_shared<Options>();
-  CLI::App* command =
-      app.add_subcommand("forward", "Run a checkpoint on token ids; save logits (and states)");
+  auto [command, options] = add_command<Options>(
+      app, "forward", "Run a checkpoint on token ids; save logits (and states)");
   add_existing_directory(command, "model", options->model,
                          "Checkpoint directory (config.json + safetensors)");
   add_existing_file(command, "--input", options->input,

@@ -24,9 +24,8 @@ void register_init(CLI::App& app) {
     std::string dtype;
     bool force = false;
   };
-  auto options = std::make_shared<Options>();
-  CLI::App* command =
-      app.add_subcommand("init", "Write a randomly initialised checkpoint for a config.json");
+  auto [command, options] = add_command<Options>(
+      app, "init", "Write a randomly initialised checkpoint for a config.json");
   add_existing_file(command, "--config", options->config_path,
                     "HF config.json (llama, orion or stablelm)");
   command->add_option("output", options->output, "Checkpoint directory to create")->required();

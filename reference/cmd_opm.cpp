@@ -171,9 +171,8 @@ void run(const Options& options) {
 }  // namespace
 
 void register_opm(CLI::App& app) {
-  auto options = std::make_shared<Options>();
-  CLI::App* command =
-      app.add_subcommand("opm", "Measure OPM's per-site numerics on a model and text");
+  auto [command, options] =
+      add_command<Options>(app, "opm", "Measure OPM's per-site numerics on a model and text");
   add_existing_directory(command, "source", options->source, "Orion/StableLM checkpoint directory");
   add_existing_file(command, "--data", options->data,
                     "Text to run the model on (plain text or JSONL)");

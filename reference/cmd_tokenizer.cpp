@@ -64,10 +64,10 @@ void register_tokenizer(CLI::App& app) {
     std::int64_t vocab_size = 2000;
     double character_coverage = 0.9995;
   };
-  auto options = std::make_shared<Options>();
-  CLI::App* command = app.add_subcommand("tokenizer",
-                                         "Train a byte-fallback SentencePiece BPE tokenizer, or "
-                                         "write the HF files of an existing one");
+  auto [command, options] =
+      add_command<Options>(app, "tokenizer",
+                           "Train a byte-fallback SentencePiece BPE tokenizer, or "
+                           "write the HF files of an existing one");
   CLI::Option* input = add_existing_file(command, "--input", options->input,
                                          "Training text (plain text or JSONL)", Need::Optional);
   CLI::Option* from =

@@ -47,9 +47,8 @@ struct Options {
 }  // namespace
 
 void register_train(CLI::App& app) {
-  auto options = std::make_shared<Options>();
-  CLI::App* command =
-      app.add_subcommand("train", "Run a training job: XKD, uptraining, pretraining, norm-only");
+  auto [command, options] = add_command<Options>(
+      app, "train", "Run a training job: XKD, uptraining, pretraining, norm-only");
   add_existing_file(command, "job", options->job, "Job file (JSON; see reference/job.hpp)");
   command->add_flag("--resume", options->train.resume,
                     "Continue from the newest checkpoint in the output directory");

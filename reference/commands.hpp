@@ -9,27 +9,40 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <memory>
 #include <string>
+#include <utility>
 
 namespace kept::cli {
+
+// A subcommand and the options its callback will read (shared: the callback outlives
+// register_*). Use: auto [command, options] = add_command<Options>(app, "eval", "...");
+template <class Options>
+std::pair<CLI::App*, std::shared_ptr<Options>> add_command(CLI::App& app, const std::string& name,
+                                                           const std::string& description) {
+  return {app.add_subcommand(name, description), std::make_shared<Options>()};
+}
 
 enum class Need { Required, Optional };
 
 // An input the command reads: a positional argument or an option that must name an existing
 // directory (a checkpoint) or file (a job, a config, text); CLI11 reports a missing one by name.
 template <class T>
-CLI::Option* add_existing_directory(CLI::App* command, const std::string& name, T& variable,
-                                    const std::string& help, Need need = Need::Required) {
+CLI::Option* add_existing(CLI::App* command, const std::string& name, T& variable,
+                          const std::string& help, const CLI::Validator& exists, Need need) {
   CLI::Option* option = command->add_option(name, variable, help);
   if (need == Need::Required) option->required();
-  return option->check(CLI::ExistingDirectory);
+  return option->check(exists);
+}
+template <class T>
+CLI::Option* add_existing_directory(CLI::App* command, const std::string& name, T& variable,
+                                    const std::string& help, Need need = Need::Required) {
+  return add_existing(command, name, variable, help, CLI::ExistingDirectory, need);
 }
 template <class T>
 CLI::Option* add_existing_file(CLI::App* command, const std::string& name, T& variable,
                                const std::string& help, Need need = Need::Required) {
-  CLI::Option* option = command->add_option(name, variable, help);
-  if (need == Need::Required) option->required();
-  return option->check(CLI::ExistingFile);
+  return add_existing(command, name, variable, help, CLI::ExistingFile, need);
 }
 
 void register_init(CLI::App& app);

@@ -7,9 +7,11 @@
 #include <new>
 
 #include "commands.hpp"
+#include "kept/backend/cpu/blas_core.hpp"
 #include "kept/core/error.hpp"
 
 int main(int argc, char** argv) {
+  kept::cpu::use_openblas_kernels_for_this_cpu(argv);
   CLI::App app{
       "kept: LayerNorm-to-Llama conversion (NPM, OPM) and cross-architecture distillation (XKD)"};
   app.require_subcommand(1);

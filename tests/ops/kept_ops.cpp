@@ -24,6 +24,7 @@
 #include <utility>
 #include <vector>
 
+#include "kept/backend/cpu/blas_core.hpp"
 #include "ops/op_cases.hpp"
 
 namespace kept::ops {
@@ -524,6 +525,7 @@ int run_bench(int argc, char** argv);  // tests/ops/ops_bench.cpp
 }
 
 int main(int argc, char** argv) {
+  kept::cpu::use_openblas_kernels_for_this_cpu(argv);
   // --bench hands every other argument to the benchmark (its own options).
   for (int i = 1; i < argc; ++i)
     if (std::string(argv[i]) == "--bench") {

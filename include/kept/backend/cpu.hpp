@@ -17,6 +17,7 @@
 
 #include "kept/backend/backend.hpp"
 #include "kept/backend/cpu/attention.hpp"
+#include "kept/backend/cpu/blas_core.hpp"
 #include "kept/backend/cpu/embedding.hpp"
 #include "kept/backend/cpu/gemm.hpp"
 #include "kept/backend/cpu/loss_kernels.hpp"
