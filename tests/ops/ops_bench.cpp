@@ -1003,7 +1003,7 @@ int kept::ops::run_bench(int argc, char** argv) {
         ;
     info["openblas"] = std::string(openblas_get_config()) + " core=" + openblas_get_corename();
     info["loadavg_start"] = read_first_line("/proc/loadavg");
-    std::printf("kept bench_cpu_ops: %s, %d threads, %s\n", info["cpu"].get<std::string>().c_str(),
+    std::printf("kept_ops --bench: %s, %d threads, %s\n", info["cpu"].get<std::string>().c_str(),
                 omp_get_max_threads(), info["memory"].get<std::string>().c_str());
     std::printf("compiler: %s, flags: %s\nOpenBLAS: %s\nload average at start: %s\n",
                 info["compiler"].get<std::string>().c_str(),
