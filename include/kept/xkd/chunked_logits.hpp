@@ -201,7 +201,7 @@ void check_head_inputs(const Linear<Backend>* teacher_head,
 
 // The objective's per-chunk math, called by walk_logit_chunks:
 //   static constexpr bool kUsesTeacher, kTwoPass;
-//   void begin(Backend&, RowBuffers&, r0, rows);
+//   void begin(Backend&, RowBuffers&, r0, rows);  // optional; the row buffers are already reset
 //   void observe(Backend&, RowBuffers&, r0, v0, teacher_logits, student_logits,
 //                bool write_gradient);  // single-pass objectives write the gradient here
 //   void finish(Backend&, RowBuffers&, r0);
@@ -253,7 +253,9 @@ void walk_logit_chunks(Backend& backend, const Linear<Backend>* teacher_head,
       return std::pair{teacher_logits, student_logits};
     };
 
-    objective.begin(backend, workspace.rows, r0, rows);
+    LossKernels<Backend>::reset(backend, workspace.rows, rows);
+    if constexpr (requires { objective.begin(backend, workspace.rows, r0, rows); })
+      objective.begin(backend, workspace.rows, r0, rows);
     for (std::int64_t v0 = 0; v0 < vocab; v0 += width) {
       const std::int64_t w = std::min(width, vocab - v0);
       auto [teacher_logits, student_logits] = slice_logits(v0, w);

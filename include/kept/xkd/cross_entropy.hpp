@@ -46,9 +46,6 @@ struct CrossEntropyChunkMath {
   Stat gradient_scale;  // 1 / N
   ChunkSums sums;
 
-  void begin(Backend& backend, RowBuffers& rows, std::int64_t, std::int64_t count) {
-    Kernels::reset(backend, rows, count);
-  }
   void observe(Backend& backend, RowBuffers& rows, std::int64_t r0, std::int64_t v0,
                MatrixView<const Stat>, MatrixView<Stat> student, bool) {
     Kernels::update(backend, rows, MatrixView<const Stat>(), student, v0, Stat(1),

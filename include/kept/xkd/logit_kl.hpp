@@ -61,9 +61,6 @@ struct KlChunkMath {
   Stat gradient_scale;  // 1 / N
   ChunkSums sums;
 
-  void begin(Backend& backend, RowBuffers& rows, std::int64_t, std::int64_t count) {
-    Kernels::reset(backend, rows, count);
-  }
   void observe(Backend& backend, RowBuffers& rows, std::int64_t, std::int64_t v0,
                MatrixView<const Stat> teacher, MatrixView<Stat> student, bool) {
     Kernels::update(backend, rows, teacher, student, v0, Stat(1) / temperature, nullptr, true);

@@ -40,9 +40,6 @@ struct MseChunkMath {
   Stat gradient_scale;  // 1 / (V N); the kernel applies the 2
   ChunkSums sums;
 
-  void begin(Backend& backend, RowBuffers& rows, std::int64_t, std::int64_t count) {
-    Kernels::reset(backend, rows, count);
-  }
   void observe(Backend& backend, RowBuffers& rows, std::int64_t r0, std::int64_t v0,
                MatrixView<const Stat> teacher, MatrixView<Stat> student, bool write_gradient) {
     // The argmax first: squared_error overwrites the student slice with its gradient.

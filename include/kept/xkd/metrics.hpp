@@ -89,8 +89,7 @@ struct EvalChunkMath {
   EvalSums& sums;
   std::vector<double> student_ce_rows, teacher_ce_rows;
 
-  void begin(Backend& backend, RowBuffers& rows, std::int64_t, std::int64_t count) {
-    Kernels::reset(backend, rows, count);
+  void begin(Backend&, RowBuffers&, std::int64_t, std::int64_t count) {
     student_ce_rows.resize(static_cast<std::size_t>(count));
     teacher_ce_rows.resize(static_cast<std::size_t>(count));
   }
