@@ -19,19 +19,6 @@ std::vector<Parameter*> parameters_of(Module& module) {
   return result;
 }
 
-// Copies parameter values from `source` to `target` (same structure), converting the dtype:
-// builds the fp32 twin of a float64 module.
-template <class Source, class Target>
-void copy_parameters(Source& source, Target& target) {
-  auto from = parameters_of(source);
-  auto to = parameters_of(target);
-  REQUIRE(from.size() == to.size());
-  for (std::size_t i = 0; i < from.size(); ++i) {
-    REQUIRE(from[i]->name == to[i]->name);
-    to[i]->value = from[i]->value.to(to[i]->value.dtype());
-  }
-}
-
 // Gives every parameter of `module` a fresh zero gradient.
 template <class Module, class Backend>
 void zero_gradients(Module& module, Backend& backend) {
