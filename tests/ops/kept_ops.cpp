@@ -65,6 +65,9 @@ class Guarded {
   }
   T* data() { return storage_.data() + kGuard; }
   std::size_t size() const { return storage_.size() - 2 * kGuard; }
+  // The whole storage, guards included (mirrored to and from a device).
+  void* storage() { return storage_.data(); }
+  std::size_t storage_bytes() const { return storage_.size() * sizeof(T); }
   bool guards_intact() const {
     const auto* bytes = reinterpret_cast<const unsigned char*>(storage_.data());
     const std::size_t guard_bytes = kGuard * sizeof(T);
@@ -94,6 +97,11 @@ class RoleBuffer {
       single_.emplace(values);
   }
   void* data() { return half_ ? static_cast<void*>(half_->data()) : single_->data(); }
+  void* storage() { return half_ ? half_->storage() : single_->storage(); }
+  std::size_t storage_bytes() const {
+    return half_ ? half_->storage_bytes() : single_->storage_bytes();
+  }
+  std::size_t guard_bytes() const { return kGuard * (half_ ? 2 : 4); }
   kept::DType dtype() const { return half_ ? kept::DType::BF16 : kept::DType::F32; }
   bool guards_intact() const { return half_ ? half_->guards_intact() : single_->guards_intact(); }
   std::vector<double> values() const { return half_ ? half_->values() : single_->values(); }
@@ -169,6 +177,44 @@ Run run_case_bf16(kept::CpuBf16& backend, const OpCase& op, const Buffers& input
   return inspect(op, in, out, inputs);
 }
 
+#if defined(KEPT_OPS_WITH_CUDA)
+// The bf16 run's buffers mirrored into device memory, guards included: the op runs on the device
+// copies, which come back before the same inspection (guards, inputs unchanged) as on the host.
+Run run_case_cuda(kept::cuda::CudaBackend& backend, const OpCase& op, const Buffers& inputs,
+                  const Buffers& initial) {
+  using kept::ops::role_of;
+  using kept::ops::stored_bf16;
+  std::vector<RoleBuffer> in, out;
+  for (std::size_t i = 0; i < inputs.size(); ++i)
+    in.emplace_back(inputs[i], stored_bf16(role_of(op.op, op.input_names[i])));
+  for (std::size_t i = 0; i < initial.size(); ++i)
+    out.emplace_back(initial[i], stored_bf16(role_of(op.op, op.output_names[i])));
+  std::vector<kept::Tensor> device;
+  const auto mirror = [&](RoleBuffer& buffer) {
+    kept::Tensor copy =
+        backend.zeros(kept::DType::U8, {static_cast<std::int64_t>(buffer.storage_bytes())});
+    KEPT_CUDA_CHECK(
+        cudaMemcpy(copy.raw(), buffer.storage(), buffer.storage_bytes(), cudaMemcpyHostToDevice));
+    device.push_back(copy);
+    return static_cast<unsigned char*>(copy.raw()) + buffer.guard_bytes();
+  };
+  std::vector<kept::ops::Slot<true>> in_slots;
+  std::vector<kept::ops::Slot<false>> out_slots;
+  for (auto& b : in)
+    in_slots.push_back({mirror(b), b.dtype()});
+  for (auto& b : out)
+    out_slots.push_back({mirror(b), b.dtype()});
+  op.run_cuda(backend, in_slots, out_slots);
+  backend.context().synchronize();
+  std::size_t next = 0;
+  for (auto* buffers : {&in, &out})
+    for (auto& b : *buffers)
+      KEPT_CUDA_CHECK(
+          cudaMemcpy(b.storage(), device[next++].raw(), b.storage_bytes(), cudaMemcpyDeviceToHost));
+  return inspect(op, in, out, inputs);
+}
+#endif
+
 bool same_bits(const Buffers& a, const Buffers& b) {
   for (std::size_t i = 0; i < a.size(); ++i)
     if (std::memcmp(a[i].data(), b[i].data(), a[i].size() * sizeof(double)) != 0) return false;
@@ -225,6 +271,39 @@ void check_backend(const char* name, const OpCase& op, const Once& once, const B
     tally.report(false, name, op.name(), std::string("threw: ") + error.what());
   }
 }
+
+#if defined(KEPT_OPS_WITH_CUDA)
+kept::cuda::Cuda* g_cuda = nullptr;  // the device context, when there is one
+
+// CUDA against the float64 reference within the bf16 bound, and against CpuBf16 (which rounds at
+// the same points) "tightly": the two differ only in fp32 summation order, so a bf16 output may
+// differ by the two fp32 errors plus one bf16 rounding flipped by them, with no error from bf16
+// inputs (both saw the same ones): |cuda - cpubf16| <= 2 b32 + u_bf16 |y|, and 2 b32 for fp32.
+void check_cuda(const OpCase& op, const Buffers& inputs16, const Buffers& initial16,
+                const Buffers& reference16, const Buffers& bounds16, Tally& tally) {
+  using kept::ops::kBf16Unit;
+  using kept::ops::role_of;
+  using kept::ops::stored_bf16;
+  if (!g_cuda) return;
+  kept::cuda::CudaBackend backend(*g_cuda);
+  const auto once = [&] { return run_case_cuda(backend, op, inputs16, initial16); };
+  check_backend("cuda", op, once, reference16, bounds16, tally);
+  try {
+    kept::CpuBf16 cpu_bf16;
+    const Run twin = run_case_bf16(cpu_bf16, op, inputs16, initial16);
+    const Buffers fp32 = op.bound(inputs16, initial16, reference16);
+    Buffers tight = fp32;
+    for (std::size_t o = 0; o < tight.size(); ++o)
+      for (std::size_t e = 0; e < tight[o].size(); ++e)
+        tight[o][e] = 2 * fp32[o][e] + (stored_bf16(role_of(op.op, op.output_names[o]))
+                                            ? kBf16Unit * std::abs(twin.outputs[o][e])
+                                            : 0.0);
+    check_backend("cuda~bf16", op, once, twin.outputs, tight, tally);
+  } catch (const std::exception& error) {
+    tally.report(false, "cuda~bf16", op.name(), std::string("threw: ") + error.what());
+  }
+}
+#endif
 
 void check_case(OpCase op, std::uint64_t seed, Tally& tally) {
   using kept::ops::kBf16Unit;
@@ -285,6 +364,9 @@ void check_case(OpCase op, std::uint64_t seed, Tally& tally) {
     check_backend(
         "cpu-bf16", op, [&] { return run_case_bf16(cpu_bf16, op, inputs16, initial16); },
         reference16.outputs, bounds, tally);
+#if defined(KEPT_OPS_WITH_CUDA)
+    check_cuda(op, inputs16, initial16, reference16.outputs, bounds, tally);
+#endif
   } catch (const std::exception& error) {
     tally.report(false, "cpu-bf16", op.name(), std::string("threw: ") + error.what());
   }
@@ -561,6 +643,24 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "kept_ops: --inject takes error or guard, not '%s'\n", g_inject.c_str());
     return 2;
   }
+#if defined(KEPT_OPS_WITH_CUDA)
+  // The CUDA backend runs where a device (or the emulator) is present; without one its cases
+  // are skipped with a line saying why, unless KEPT_REQUIRE_CUDA=1 (scripts/device.sh).
+  std::optional<kept::cuda::Cuda> cuda_context;
+  if (!grad && !list) {
+    const kept::cuda::DeviceProbe probe = kept::cuda::probe_devices();
+    if (probe.count > 0) {
+      cuda_context.emplace();
+      g_cuda = &*cuda_context;
+      std::printf("cuda: %s\n",
+                  kept::cuda::kEmulated ? "emulated on the CPU (KEPT_CUDA_EMULATION)" : "device 0");
+    } else {
+      std::printf("cuda: skipped, no CUDA device (%s)\n", probe.describe().c_str());
+      const char* require = std::getenv("KEPT_REQUIRE_CUDA");
+      if (require && std::string(require) == "1") return 1;
+    }
+  }
+#endif
   Tally tally;
   if (grad) {
     for (const GradCase& op : all_grad_cases()) {
@@ -576,6 +676,9 @@ int main(int argc, char** argv) {
       if (list) {
         for (const char* backend : {"cpu64", "cpu", "cpu-bf16"})
           std::printf("%s %s\n", op.name().c_str(), backend);
+#if defined(KEPT_OPS_WITH_CUDA)
+        std::printf("%s cuda\n%s cuda~bf16\n", op.name().c_str(), op.name().c_str());
+#endif
         continue;
       }
       check_case(op, seed, tally);

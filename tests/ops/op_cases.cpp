@@ -18,6 +18,18 @@ void set_runners(OpCase& c, Fn fn) {
   };
   c.run_bf16 = [fn](CpuBf16& b, const std::vector<Slot<true>>& in,
                     const std::vector<Slot<false>>& out) { fn(b, in, out); };
+#if defined(KEPT_OPS_WITH_CUDA)
+  c.run_cuda = [fn](cuda::CudaBackend& b, const std::vector<Slot<true>>& in,
+                    const std::vector<Slot<false>>& out) { fn(b, in, out); };
+#endif
+}
+
+// The token ids in the backend's memory (a device backend reads them there).
+template <class B>
+Tensor backend_tokens(B& b, const std::vector<std::int32_t>& tokens) {
+  Tensor ids;
+  b.upload_tokens(tokens, ids);
+  return ids;
 }
 
 // The backend a generic runner was called with.
@@ -444,7 +456,8 @@ void embedding_cases(std::vector<OpCase>& cases) {
       out = {draw(r, count * dim, 1.0)};
     };
     set_runners(f, [=](auto& b, const auto& in, const auto& out) {
-      b.embedding_forward(tokens.data(), count, in[0], vocab, dim, out[0]);
+      const Tensor ids = backend_tokens(b, tokens);
+      b.embedding_forward(ids.data<std::int32_t>(), count, in[0], vocab, dim, out[0]);
     });
     f.bound = [](const Buffers&, const Buffers&, const Buffers& ref) {
       return Buffers{std::vector<double>(ref[0].size(), 0.0)};
@@ -457,7 +470,8 @@ void embedding_cases(std::vector<OpCase>& cases) {
       out = {draw(r, vocab * dim, 1.0)};
     };
     set_runners(g, [=](auto& b, const auto& in, const auto& out) {
-      b.embedding_backward(tokens.data(), count, in[0], dim, out[0]);
+      const Tensor ids = backend_tokens(b, tokens);
+      b.embedding_backward(ids.data<std::int32_t>(), count, in[0], dim, out[0]);
     });
     g.bound = [=](const Buffers& in, const Buffers& init, const Buffers& ref) {
       std::vector<double> m(init[0].size());

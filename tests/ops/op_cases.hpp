@@ -35,6 +35,14 @@
 #include "kept/backend/cpu_bf16.hpp"
 #include "kept/core/random.hpp"
 
+// The CUDA backend joins the registry where it is compiled: the host-emulation build (g++,
+// KEPT_CUDA_EMULATION) and the nvcc build of kept_ops for a GPU (kept_ops_cuda, KEPT_OPS_CUDA;
+// every one of its sources is compiled by nvcc, so all see the same OpCase).
+#if defined(KEPT_CUDA_EMULATION) || defined(KEPT_OPS_CUDA)
+#define KEPT_OPS_WITH_CUDA 1
+#include "kept/backend/cuda/backend.cuh"
+#endif
+
 namespace kept::ops {
 
 using Buffers = std::vector<std::vector<double>>;
@@ -66,6 +74,11 @@ struct Slot {
 };
 using RunnerBf16 =
     std::function<void(CpuBf16&, const std::vector<Slot<true>>&, const std::vector<Slot<false>>&)>;
+#if defined(KEPT_OPS_WITH_CUDA)
+// The same slots, pointing into device memory.
+using RunnerCuda = std::function<void(cuda::CudaBackend&, const std::vector<Slot<true>>&,
+                                      const std::vector<Slot<false>>&)>;
+#endif
 
 enum class Role { Activation, Param, Grad, Stat };
 // The role of a buffer, from its name (the registry's names follow the contract's parameters).
@@ -94,10 +107,15 @@ struct OpCase {
   Runner<float> run32;
   Runner<double> run64;
   RunnerBf16 run_bf16{};
+#if defined(KEPT_OPS_WITH_CUDA)
+  RunnerCuda run_cuda{};
+#endif
   // Per output, per element: the allowed |fp32 - float64| given the float64 run.
   std::function<Buffers(const Buffers& inputs, const Buffers& initial, const Buffers& reference)>
       bound{};
-  std::string name() const { return op + "[" + params + "]"; }
+  std::string name() const {
+    return op + "[" + params + "]";
+  }
 };
 
 // A differentiable op for --grad: y = f(x) in float64, and its backward: given dy, the

@@ -945,7 +945,7 @@ int usage(const char* argv0) {
 namespace kept::ops {
 // argv[0] is the program; the arguments after --bench follow.
 int run_bench(int argc, char** argv);
-}
+}  // namespace kept::ops
 
 int kept::ops::run_bench(int argc, char** argv) {
   Bench bench;

@@ -1,17 +1,15 @@
-// kept/backend/cuda.cuh: the CUDA backend, everything (compile with nvcc, link kept::cuda).
+// kept/backend/cuda.cuh: the CUDA backend, everything (nvcc, or g++ with KEPT_CUDA_EMULATION).
 //
-//   kept::cuda::Cuda backend;                       // device 0: stream, cuBLASLt, workspace
-//   kept::Tensor x = backend.upload(host_x);        // MemorySpace::Cuda tensors
-//   backend.matmul(as_matrix<bf16>(x), false, as_matrix<bf16>(w), true, as_matrix<bf16>(y));
-//   backend.layernorm_forward(x.data<bf16>(), weight, bias, y.data<bf16>(), mean, rstd, rows,
-//                             cols, eps);
+//   kept::cuda::Cuda context;                        // device 0: stream, cuBLASLt, workspace
+//   kept::cuda::CudaBackend backend(context);        // the kept::Backend contract on it
+//   kept::Decoder<kept::RMSNorm, kept::cuda::CudaBackend> model(config, backend);
 //
-// runtime.cuh: errors (KEPT_CUDA_CHECK), cuda_device_count(), device tensors, the Cuda context.
-// gemm.cuh:    row-major GEMM on cuBLASLt (bf16/fp32 inputs, fp32 accumulation).
-// layernorm.cuh, rmsnorm.cuh: norm forward/backward kernels (fp32 math, bf16 or fp32 storage).
+// platform.cuh:  the CUDA runtime or its host emulation, kept::cuda::launch, block reductions
+// runtime.cuh:   errors (KEPT_CUDA_CHECK), device discovery, device tensors, the Cuda context
+// gemm.cuh:      row-major GEMM on cuBLASLt (emulated on the CPU in the emulation build)
+// elementwise.cuh, norm.cuh, rope.cuh, swiglu.cuh, embedding.cuh, attention.cuh,
+// optimizer.cuh, softmax_losses.cuh: kept's own kernels, one family per header
+// backend.cuh:   CudaBackend and LossKernels<CudaBackend>
 #pragma once
 
-#include "kept/backend/cuda/gemm.cuh"
-#include "kept/backend/cuda/layernorm.cuh"
-#include "kept/backend/cuda/rmsnorm.cuh"
-#include "kept/backend/cuda/runtime.cuh"
+#include "kept/backend/cuda/backend.cuh"

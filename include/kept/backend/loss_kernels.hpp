@@ -20,6 +20,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 
 namespace kept {
 
@@ -51,5 +52,60 @@ struct ChunkSums {
 // Specialised per backend; the primary template is deliberately undefined.
 template <class Backend>
 struct LossKernels;
+
+// What one row has seen of the vocabulary so far. Teacher fields are unused when there is no
+// teacher (cross-entropy alone), target fields when there are no targets.
+template <class T>
+struct SoftmaxRowState {
+  T teacher_max, student_max;        // running max of the scaled logits
+  double teacher_sum, student_sum;   // sum exp(scaled - running max)
+  double cross;                      // sum exp(b - teacher_max) (b - a): the KL cross term
+  double squared_error;              // sum (s - t)^2 over the slices seen (logit MSE)
+  T teacher_target, student_target;  // scaled logit at the row's target id
+  std::int64_t teacher_argmax, student_argmax;
+  double teacher_lse, student_lse;  // set by softmax_rows_finish
+};
+
+// Reduces finished row states on the host, in row order (so deterministic); every backend's
+// reduce() ends here (a device backend downloads its states first). `with_teacher` says whether
+// the states saw teacher logits (the KL, teacher CE and agreement need them), `with_sums`
+// whether the updates accumulated the exponential sums (the KL and the CEs need them). `weights`
+// and `targets` may be null; `student_ce_rows` / `teacher_ce_rows` (may be null) receive each row's
+// CE (0 for rows not counted), for per-position reports.
+template <class T>
+inline ChunkSums softmax_rows_reduce(const SoftmaxRowState<T>* states, std::int64_t rows,
+                                     bool with_teacher, bool with_sums, const float* weights,
+                                     const std::int32_t* targets, double* student_ce_rows,
+                                     double* teacher_ce_rows) {
+  ChunkSums sums;
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const SoftmaxRowState<T>& state = states[r];
+    const double w = weights ? weights[r] : 1.0;
+    const bool counted = w != 0 && (!targets || targets[r] >= 0);
+    if (student_ce_rows) student_ce_rows[r] = 0;
+    if (teacher_ce_rows) teacher_ce_rows[r] = 0;
+    if (!counted) continue;
+    sums.weight += w;
+    ++sums.rows;
+    sums.squared_error += w * state.squared_error;
+    if (with_teacher && with_sums) {
+      sums.kl += w * (state.cross / state.teacher_sum - state.teacher_lse + state.student_lse);
+    }
+    if (with_teacher && state.teacher_argmax == state.student_argmax) ++sums.agree;
+    if (targets && with_sums) {
+      const double student_ce = state.student_lse - static_cast<double>(state.student_target);
+      sums.student_ce += w * student_ce;
+      if (student_ce_rows) student_ce_rows[r] = student_ce;
+      if (state.student_argmax == targets[r]) ++sums.student_correct;
+      if (with_teacher) {
+        const double teacher_ce = state.teacher_lse - static_cast<double>(state.teacher_target);
+        sums.teacher_ce += w * teacher_ce;
+        if (teacher_ce_rows) teacher_ce_rows[r] = teacher_ce;
+        if (state.teacher_argmax == targets[r]) ++sums.teacher_correct;
+      }
+    }
+  }
+  return sums;
+}
 
 }  // namespace kept

@@ -12,6 +12,8 @@
 //                        stochastic_rounding)
 //   silu, sigmoid        in fp32 (double for the float64 reference)
 //   rope_inv_freq/angle  the angle p * theta^(-2i/D) formed in fp32 as transformers does
+//   adamw_element        one torch-exact AdamW update of one element (kept/train/adamw.hpp
+//                        derives the form; the CPU and CUDA optimizers both call it)
 #pragma once
 
 #include <cmath>
@@ -76,6 +78,22 @@ KEPT_HOST_DEVICE inline float rope_inv_freq(std::int64_t i, std::int64_t head_di
 }
 KEPT_HOST_DEVICE inline float rope_angle(std::int64_t position, float inv_freq) {
   return static_cast<float>(position) * inv_freq;
+}
+
+// One element of the AdamW update on the Master type M (float; double for the float64
+// reference, whose scalars are still the fp32 ones torch would use); `s` is a kept::AdamWScalars
+// (kept/backend/backend.hpp). In element order, with torch's fused multiply-adds:
+//   p = p * keep (when decaying);  m = fma(w1, g - m, m) (or fma(w1 - 1, g - m, g), |w1| >= 0.5)
+//   v = fma(w2 g, g, v b2);        p = p + (neg_step m) / (sqrt(v) / bc2_sqrt + eps)
+template <class M, class Scalars>
+KEPT_HOST_DEVICE inline M adamw_element(M value, M g, M& m, M& v, const Scalars& s) {
+  const M w1 = s.one_minus_beta1;
+  if (s.decay) value = value * static_cast<M>(s.decay_keep);
+  m = s.small_weight ? std::fma(w1, g - m, m) : std::fma(w1 - M(1), g - m, g);
+  const M decayed = v * static_cast<M>(s.beta2);
+  v = std::fma(static_cast<M>(s.one_minus_beta2) * g, g, decayed);
+  const M denom = std::sqrt(v) / static_cast<M>(s.bias_correction2_sqrt) + static_cast<M>(s.eps);
+  return value + (static_cast<M>(s.neg_step) * m) / denom;
 }
 
 }  // namespace kept

@@ -16,6 +16,7 @@
 
 #include "kept/backend/backend.hpp"
 #include "kept/core/dtype.hpp"
+#include "kept/core/element_math.hpp"
 
 namespace kept::cpu {
 
@@ -40,24 +41,11 @@ inline bool all_finite(const T* values, std::int64_t count) {
   return true;
 }
 
-// One element of the update, on the Master type M (float; double for the float64 reference,
-// whose scalars are still the fp32 ones torch would use).
-template <class M>
-inline M adamw_element(M value, M g, M& m, M& v, const AdamWScalars& s) {
-  const M w1 = s.one_minus_beta1;
-  if (s.decay) value = value * static_cast<M>(s.decay_keep);
-  m = s.small_weight ? std::fma(w1, g - m, m) : std::fma(w1 - M(1), g - m, g);
-  const M decayed = v * static_cast<M>(s.beta2);
-  v = std::fma(static_cast<M>(s.one_minus_beta2) * g, g, decayed);
-  const M denom = std::sqrt(v) / static_cast<M>(s.bias_correction2_sqrt) + static_cast<M>(s.eps);
-  return value + (static_cast<M>(s.neg_step) * m) / denom;
-}
-
 template <class T>
 inline void adamw_update(T* value, const T* grad, T* exp_avg, T* exp_avg_sq, std::int64_t count,
                          const AdamWScalars& scalars) {
   for (std::int64_t i = 0; i < count; ++i)
-    value[i] = adamw_element<T>(value[i], grad[i], exp_avg[i], exp_avg_sq[i], scalars);
+    value[i] = kept::adamw_element<T>(value[i], grad[i], exp_avg[i], exp_avg_sq[i], scalars);
 }
 
 // bf16 values with fp32 master weights: the master is updated, the value is round(master).
@@ -65,7 +53,7 @@ inline void adamw_update_master(bf16* value, float* master, const float* grad, f
                                 float* exp_avg_sq, std::int64_t count,
                                 const AdamWScalars& scalars) {
   for (std::int64_t i = 0; i < count; ++i) {
-    master[i] = adamw_element<float>(master[i], grad[i], exp_avg[i], exp_avg_sq[i], scalars);
+    master[i] = kept::adamw_element<float>(master[i], grad[i], exp_avg[i], exp_avg_sq[i], scalars);
     value[i] = to_bf16(master[i]);
   }
 }

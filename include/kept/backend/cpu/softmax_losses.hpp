@@ -35,18 +35,7 @@
 
 namespace kept::cpu {
 
-// What one row has seen of the vocabulary so far. Teacher fields are unused when there is no
-// teacher (cross-entropy alone), target fields when there are no targets.
-template <class T>
-struct SoftmaxRowState {
-  T teacher_max, student_max;        // running max of the scaled logits
-  double teacher_sum, student_sum;   // sum exp(scaled - running max)
-  double cross;                      // sum exp(b - teacher_max) (b - a): the KL cross term
-  double squared_error;              // sum (s - t)^2 over the slices seen (logit MSE)
-  T teacher_target, student_target;  // scaled logit at the row's target id
-  std::int64_t teacher_argmax, student_argmax;
-  double teacher_lse, student_lse;  // set by softmax_rows_finish
-};
+using kept::SoftmaxRowState;
 
 template <class T>
 inline void softmax_rows_reset(SoftmaxRowState<T>* states, std::int64_t rows) {
@@ -149,49 +138,8 @@ inline void softmax_rows_finish(SoftmaxRowState<T>* states, std::int64_t rows) {
   }
 }
 
-// The chunk sums (kept/backend/loss_kernels.hpp, part of the contract).
 using SoftmaxChunkSums = kept::ChunkSums;
-
-// Reduces finished row states (in row order, so deterministic). `with_teacher` says whether
-// the states saw teacher logits (the KL, teacher CE and agreement need them), `with_sums`
-// whether the updates accumulated the exponential sums (the KL and the CEs need them). `weights`
-// and `targets` may be null; `student_ce_rows` / `teacher_ce_rows` (may be null) receive each row's
-// CE (0 for rows not counted), for per-position reports.
-template <class T>
-inline SoftmaxChunkSums softmax_rows_reduce(const SoftmaxRowState<T>* states, std::int64_t rows,
-                                            bool with_teacher, bool with_sums, const float* weights,
-                                            const std::int32_t* targets, double* student_ce_rows,
-                                            double* teacher_ce_rows) {
-  SoftmaxChunkSums sums;
-  for (std::int64_t r = 0; r < rows; ++r) {
-    const SoftmaxRowState<T>& state = states[r];
-    const double w = weights ? weights[r] : 1.0;
-    const bool counted = w != 0 && (!targets || targets[r] >= 0);
-    if (student_ce_rows) student_ce_rows[r] = 0;
-    if (teacher_ce_rows) teacher_ce_rows[r] = 0;
-    if (!counted) continue;
-    sums.weight += w;
-    ++sums.rows;
-    sums.squared_error += w * state.squared_error;
-    if (with_teacher && with_sums) {
-      sums.kl += w * (state.cross / state.teacher_sum - state.teacher_lse + state.student_lse);
-    }
-    if (with_teacher && state.teacher_argmax == state.student_argmax) ++sums.agree;
-    if (targets && with_sums) {
-      const double student_ce = state.student_lse - static_cast<double>(state.student_target);
-      sums.student_ce += w * student_ce;
-      if (student_ce_rows) student_ce_rows[r] = student_ce;
-      if (state.student_argmax == targets[r]) ++sums.student_correct;
-      if (with_teacher) {
-        const double teacher_ce = state.teacher_lse - static_cast<double>(state.teacher_target);
-        sums.teacher_ce += w * teacher_ce;
-        if (teacher_ce_rows) teacher_ce_rows[r] = teacher_ce;
-        if (state.teacher_argmax == targets[r]) ++sums.teacher_correct;
-      }
-    }
-  }
-  return sums;
-}
+using kept::softmax_rows_reduce;
 
 // Overwrites the student slice with d(scale * w_r * T^2 KL_r) / d s = scale w_r T (q - p).
 // Needs finished states. `weights` may be null (all 1).

@@ -1,34 +1,44 @@
-// kept/backend/cuda/backend.cuh: the CUDA backend as kept::Backend sees it (compile with nvcc).
+// kept/backend/cuda/backend.cuh: the CUDA backend as kept::Backend sees it.
 //
 // CudaBackend puts the backend contract (kept/backend/backend.hpp) on a Cuda context
 // (runtime.cuh): bf16 activations and parameters, fp32 gradients, master weights and statistics,
 // everything in device memory; tokens, RoPE tables, weights and results cross through
-// upload_tokens, rope_table, upload and download. This stage wires what the CUDA slice has
-// (memory, transfers, the cuBLASLt GEMM for bf16 operands); every other op throws
-// "not implemented on cuda: <op>" until its kernel lands, so the types line up and the whole
-// model, every objective and the optimizer instantiate under nvcc today
-// (tests/cuda/cuda_contract.cu), and a model run on it names the first missing op.
+// upload_tokens, rope_table, upload and download. Each op checks its arguments, launches kept's
+// kernel (or the cuBLASLt GEMM) on the context's stream and throws kept::Error naming the op and
+// the CUDA status when a launch fails. The rounding points are those of CpuBf16
+// (kept/backend/cpu_bf16.hpp), so the op registry (tests/ops) checks CUDA tightly against it.
+// Compiled by nvcc for a GPU, or by g++ against the host emulation (KEPT_CUDA_EMULATION), where
+// the same kernels run on the CPU under the emulator's checks.
 #pragma once
 
-#include <cuda_runtime.h>
-
+#include <cmath>
 #include <cstdint>
 #include <span>
 #include <type_traits>
+#include <vector>
 
 #include "kept/backend/backend.hpp"
+#include "kept/backend/cuda/attention.cuh"
+#include "kept/backend/cuda/elementwise.cuh"
+#include "kept/backend/cuda/embedding.cuh"
 #include "kept/backend/cuda/gemm.cuh"
+#include "kept/backend/cuda/norm.cuh"
+#include "kept/backend/cuda/optimizer.cuh"
+#include "kept/backend/cuda/rope.cuh"
 #include "kept/backend/cuda/runtime.cuh"
+#include "kept/backend/cuda/softmax_losses.cuh"
+#include "kept/backend/cuda/swiglu.cuh"
 #include "kept/backend/loss_kernels.hpp"
 #include "kept/core/rope_table.hpp"
 #include "kept/core/tensor.hpp"
 
 namespace kept::cuda {
 
-// Not declared [[noreturn]] on purpose: callers' code after the call must stay reachable for
-// nvcc's front end (it rejects the unreachable loops a noreturn stub would leave in the layers).
-inline void not_implemented(const char* op) {
-  fail("not implemented on cuda: ", op);
+// Throws "<op>: CUDA launch failed: <name> (<code>): <description>" for a failed launcher.
+inline void check_launch(cudaError_t status, const char* op) {
+  if (status != cudaSuccess)
+    fail(op, ": CUDA launch failed: ", cudaGetErrorName(status), " (", static_cast<int>(status),
+         "): ", cudaGetErrorString(status));
 }
 
 class CudaBackend : public UsesPrecision<Precision<bf16, bf16, float, float, float>> {
@@ -54,6 +64,7 @@ class CudaBackend : public UsesPrecision<Precision<bf16, bf16, float, float, flo
 
   explicit CudaBackend(Cuda& context) : context_(&context) {}
 
+  // ---- memory and transfers -------------------------------------------------------------------
   Tensor zeros(DType dtype, const Shape& shape) { return context_->zeros(dtype, shape); }
   void ensure(Tensor& tensor, DType dtype, const Shape& shape) {
     if (!tensor.defined() || !(tensor.shape() == shape) || tensor.dtype() != dtype ||
@@ -92,91 +103,213 @@ class CudaBackend : public UsesPrecision<Precision<bf16, bf16, float, float, flo
     return RopeTable(std::move(cos), std::move(sin), head_dim, positions);
   }
 
+  // ---- elementwise ----------------------------------------------------------------------------
   void copy(const bf16* source, bf16* destination, std::int64_t count) {
+    check_count("copy", count);
     if (count)
       KEPT_CUDA_CHECK(cudaMemcpyAsync(destination, source,
                                       sizeof(bf16) * static_cast<std::size_t>(count),
                                       cudaMemcpyDeviceToDevice, context_->stream()));
   }
-  void add(const bf16*, const bf16*, bf16*, std::int64_t) { not_implemented("add"); }
-  void accumulate(const bf16*, bf16*, std::int64_t) { not_implemented("accumulate"); }
-  template <class T>
-  void add_bias(MatrixView<T>, const bf16*) {
-    not_implemented("add_bias");
+  void add(const bf16* a, const bf16* b, bf16* out, std::int64_t count) {
+    check_count("add", count);
+    check_launch(launch_add(device_ptr(a), device_ptr(b), device_ptr(out), count, stream()), "add");
+  }
+  void accumulate(const bf16* a, bf16* out, std::int64_t count) {
+    check_count("accumulate", count);
+    check_launch(launch_accumulate(device_ptr(a), device_ptr(out), count, stream()), "accumulate");
   }
   template <class T>
-  void bias_backward(MatrixView<const T>, float*) {
-    not_implemented("bias_backward");
+  void add_bias(MatrixView<T> out, const bf16* bias) {
+    check_matrix("add_bias", out.rows, out.cols, out.stride);
+    check_launch(launch_add_bias(device_ptr(out.data), out.rows, out.cols, out.stride,
+                                 device_ptr(bias), stream()),
+                 "add_bias");
+  }
+  template <class T>
+  void bias_backward(MatrixView<const T> d_out, float* d_bias) {
+    check_matrix("bias_backward", d_out.rows, d_out.cols, d_out.stride);
+    check_launch(detail::launch_column_sum(device_ptr(d_out.data), d_out.rows, d_out.cols,
+                                           d_out.stride, d_bias, stream()),
+                 "bias_backward");
   }
 
-  // cuBLASLt with bf16 operands (fp32 accumulation, bf16 or fp32 C); fp32 operands (the LM
-  // head's fp32 logit chunks) wait for the chunked-loss kernels.
+  // ---- GEMM: cuBLASLt, fp32 accumulation; a mixed fp32/bf16 pair is widened to fp32 first ------
   template <class TA, class TB, class TC>
   void gemm(MatrixView<const TA> a, Transpose transpose_a, MatrixView<const TB> b,
             Transpose transpose_b, MatrixView<TC> c, float alpha = 1.0f, float beta = 0.0f) {
-    if constexpr (std::is_same_v<TA, bf16> && std::is_same_v<TB, bf16>)
-      context_->matmul(a, transpose_a == Transpose::Yes, b, transpose_b == Transpose::Yes, c, alpha,
-                       beta);
-    else
-      not_implemented("gemm with an fp32 operand");
+    context_->matmul(a, transpose_a == Transpose::Yes, b, transpose_b == Transpose::Yes, c, alpha,
+                     beta);
   }
 
-  void layernorm_forward(const bf16*, const bf16*, const bf16*, bf16*, float*, float*, std::int64_t,
-                         std::int64_t, float) {
-    not_implemented("layernorm_forward with bf16 parameters");
+  // ---- norms ----------------------------------------------------------------------------------
+  void layernorm_forward(const bf16* x, const bf16* weight, const bf16* bias, bf16* y, float* mean,
+                         float* rstd, std::int64_t rows, std::int64_t cols, float eps) {
+    check_rows("layernorm_forward", rows, cols);
+    check_launch(launch_norm_forward<true>(device_ptr(x), device_ptr(weight), device_ptr(bias),
+                                           device_ptr(y), mean, rstd, rows, cols, eps, stream()),
+                 "layernorm_forward");
   }
-  void layernorm_backward(const bf16*, const bf16*, const bf16*, const float*, const float*, bf16*,
-                          float*, float*, std::int64_t, std::int64_t) {
-    not_implemented("layernorm_backward with bf16 parameters");
+  void layernorm_backward(const bf16* dy, const bf16* x, const bf16* weight, const float* mean,
+                          const float* rstd, bf16* dx, float* dweight, float* dbias,
+                          std::int64_t rows, std::int64_t cols) {
+    check_rows("layernorm_backward", rows, cols);
+    const int parts = norm_backward_parts(rows, context_->sm_count());
+    float* partials = (dweight || dbias) ? norm_scratch(parts, cols) : nullptr;
+    check_launch(launch_norm_backward<true>(device_ptr(dy), device_ptr(x), device_ptr(weight), mean,
+                                            rstd, device_ptr(dx), dweight, dbias, partials, parts,
+                                            rows, cols, stream()),
+                 "layernorm_backward");
   }
-  void rmsnorm_forward(const bf16*, const bf16*, bf16*, float*, std::int64_t, std::int64_t, float) {
-    not_implemented("rmsnorm_forward with bf16 parameters");
+  void rmsnorm_forward(const bf16* x, const bf16* weight, bf16* y, float* rstd, std::int64_t rows,
+                       std::int64_t cols, float eps) {
+    check_rows("rmsnorm_forward", rows, cols);
+    check_launch(launch_norm_forward<false>(
+                     device_ptr(x), device_ptr(weight), static_cast<const __nv_bfloat16*>(nullptr),
+                     device_ptr(y), static_cast<float*>(nullptr), rstd, rows, cols, eps, stream()),
+                 "rmsnorm_forward");
   }
-  void rmsnorm_backward(const bf16*, const bf16*, const bf16*, const float*, bf16*, float*,
-                        std::int64_t, std::int64_t) {
-    not_implemented("rmsnorm_backward with bf16 parameters");
+  void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* weight, const float* rstd,
+                        bf16* dx, float* dweight, std::int64_t rows, std::int64_t cols) {
+    check_rows("rmsnorm_backward", rows, cols);
+    const int parts = norm_backward_parts(rows, context_->sm_count());
+    float* partials = dweight ? norm_scratch(parts, cols) : nullptr;
+    check_launch(launch_norm_backward<false>(device_ptr(dy), device_ptr(x), device_ptr(weight),
+                                             static_cast<const float*>(nullptr), rstd,
+                                             device_ptr(dx), dweight, static_cast<float*>(nullptr),
+                                             partials, parts, rows, cols, stream()),
+                 "rmsnorm_backward");
   }
-  void rope(bf16*, std::int64_t, std::int64_t, std::int64_t, const RopeTable&, int) {
-    not_implemented("rope");
+
+  // ---- RoPE, attention, SwiGLU, embedding ------------------------------------------------------
+  void rope(bf16* x, std::int64_t batch, std::int64_t seq, std::int64_t heads,
+            const RopeTable& table, int direction) {
+    KEPT_CHECK(seq <= table.positions(), "rope: sequence of ", seq,
+               " tokens exceeds the RoPE table of ", table.positions(), " positions");
+    KEPT_CHECK(batch >= 0 && seq >= 0 && heads >= 0, "rope: bad shape batch ", batch, ", seq ", seq,
+               ", heads ", heads);
+    check_launch(launch_rope(device_ptr(x), batch, seq, heads, table.head_dim(), table.cos(),
+                             table.sin(), direction, stream()),
+                 "rope");
   }
-  void attention_forward(const bf16*, const bf16*, const bf16*, bf16*, float*,
-                         const AttentionShape&) {
-    not_implemented("attention_forward");
+  void attention_forward(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse,
+                         const AttentionShape& shape) {
+    check_attention("attention_forward", shape);
+    check_launch(launch_attention_forward(device_ptr(q), device_ptr(k), device_ptr(v),
+                                          device_ptr(o), lse, shape.batch, shape.seq, shape.heads,
+                                          shape.head_dim, shape.scale<float>(), stream()),
+                 "attention_forward");
   }
-  void attention_backward(const bf16*, const bf16*, const bf16*, const bf16*, const bf16*,
-                          const float*, bf16*, bf16*, bf16*, const AttentionShape&) {
-    not_implemented("attention_backward");
+  void attention_backward(const bf16* d_o, const bf16* q, const bf16* k, const bf16* v,
+                          const bf16* o, const float* lse, bf16* dq, bf16* dk, bf16* dv,
+                          const AttentionShape& shape) {
+    check_attention("attention_backward", shape);
+    float* delta = static_cast<float*>(context_->scratch(
+        sizeof(float) * static_cast<std::size_t>(shape.batch * shape.heads * shape.seq)));
+    check_launch(launch_attention_backward(
+                     device_ptr(d_o), device_ptr(q), device_ptr(k), device_ptr(v), device_ptr(o),
+                     lse, device_ptr(dq), device_ptr(dk), device_ptr(dv), delta, shape.batch,
+                     shape.seq, shape.heads, shape.head_dim, shape.scale<float>(), stream()),
+                 "attention_backward");
   }
-  void swiglu_forward(const bf16*, const bf16*, bf16*, std::int64_t) {
-    not_implemented("swiglu_forward");
+  void swiglu_forward(const bf16* gate, const bf16* up, bf16* out, std::int64_t count) {
+    check_count("swiglu_forward", count);
+    check_launch(
+        launch_swiglu_forward(device_ptr(gate), device_ptr(up), device_ptr(out), count, stream()),
+        "swiglu_forward");
   }
-  void swiglu_backward(const bf16*, const bf16*, const bf16*, bf16*, bf16*, std::int64_t) {
-    not_implemented("swiglu_backward");
+  void swiglu_backward(const bf16* d_out, const bf16* gate, const bf16* up, bf16* d_gate,
+                       bf16* d_up, std::int64_t count) {
+    check_count("swiglu_backward", count);
+    check_launch(launch_swiglu_backward(device_ptr(d_out), device_ptr(gate), device_ptr(up),
+                                        device_ptr(d_gate), device_ptr(d_up), count, stream()),
+                 "swiglu_backward");
   }
-  void embedding_forward(const std::int32_t*, std::int64_t, const bf16*, std::int64_t, std::int64_t,
-                         bf16*) {
-    not_implemented("embedding_forward");
+  // Token ids are checked on the host first (a kernel cannot name the bad one).
+  void embedding_forward(const std::int32_t* tokens, std::int64_t count, const bf16* table,
+                         std::int64_t vocab, std::int64_t dim, bf16* out) {
+    check_count("embedding_forward", count);
+    std::vector<std::int32_t> ids(static_cast<std::size_t>(count));
+    if (count)
+      KEPT_CUDA_CHECK(cudaMemcpy(ids.data(), tokens, ids.size() * sizeof(std::int32_t),
+                                 cudaMemcpyDeviceToHost));
+    for (std::int64_t t = 0; t < count; ++t)
+      KEPT_CHECK(ids[static_cast<std::size_t>(t)] >= 0 && ids[static_cast<std::size_t>(t)] < vocab,
+                 "token id ", ids[static_cast<std::size_t>(t)], " at position ", t,
+                 " is outside the vocabulary of ", vocab);
+    check_launch(
+        launch_embedding_forward(tokens, count, device_ptr(table), dim, device_ptr(out), stream()),
+        "embedding_forward");
   }
-  void embedding_backward(const std::int32_t*, std::int64_t, const bf16*, std::int64_t, float*) {
-    not_implemented("embedding_backward");
+  void embedding_backward(const std::int32_t* tokens, std::int64_t count, const bf16* d_out,
+                          std::int64_t dim, float* d_table) {
+    check_count("embedding_backward", count);
+    check_launch(
+        launch_embedding_backward(tokens, count, device_ptr(d_out), dim, d_table, stream()),
+        "embedding_backward");
   }
-  double grad_sum_squares(const float*, std::int64_t) {
-    not_implemented("grad_sum_squares");
-    return 0;
+
+  // ---- optimizer ------------------------------------------------------------------------------
+  double grad_sum_squares(const float* grad, std::int64_t count) {
+    check_count("grad_sum_squares", count);
+    if (count == 0) return 0.0;
+    auto* parts = static_cast<double*>(context_->scratch(sizeof(double) * detail::kSumParts));
+    check_launch(launch_sum_squares(grad, count, parts, stream()), "grad_sum_squares");
+    double host[detail::kSumParts];
+    KEPT_CUDA_CHECK(cudaMemcpy(host, parts, sizeof host, cudaMemcpyDeviceToHost));
+    double sum = 0.0;
+    for (double part : host)
+      sum += part;
+    return sum;
   }
-  void scale_grad(float*, std::int64_t, float) { not_implemented("scale_grad"); }
-  bool grad_finite(const float*, std::int64_t) {
-    not_implemented("grad_finite");
-    return false;
+  void scale_grad(float* grad, std::int64_t count, float factor) {
+    check_count("scale_grad", count);
+    check_launch(launch_scale(grad, count, factor, stream()), "scale_grad");
   }
-  void adamw_update(bf16*, float*, const float*, float*, float*, std::int64_t,
-                    const AdamWScalars&) {
-    not_implemented("adamw_update");
+  // An fp32 square cannot overflow a double: the sum is finite iff every element is.
+  bool grad_finite(const float* grad, std::int64_t count) {
+    return std::isfinite(grad_sum_squares(grad, count));
+  }
+  void adamw_update(bf16* value, float* master, const float* grad, float* exp_avg,
+                    float* exp_avg_sq, std::int64_t count, const AdamWScalars& scalars) {
+    KEPT_CHECK(master != nullptr, "adamw_update on ", name(),
+               ": bf16 parameters need fp32 master weights");
+    check_count("adamw_update", count);
+    check_launch(launch_adamw(device_ptr(value), master, grad, exp_avg, exp_avg_sq, count, scalars,
+                              stream()),
+                 "adamw_update");
   }
 
   Cuda& context() const { return *context_; }
+  cudaStream_t stream() const { return context_->stream(); }
 
  private:
+  static void check_count(const char* op, std::int64_t count) {
+    KEPT_CHECK(count >= 0, op, ": negative element count ", count);
+  }
+  static void check_rows(const char* op, std::int64_t rows, std::int64_t cols) {
+    KEPT_CHECK(rows >= 0 && cols > 0 && rows <= INT_MAX, op, ": bad shape [", rows, ", ", cols,
+               "] (need 0 <= rows <= 2^31-1, cols > 0)");
+  }
+  static void check_matrix(const char* op, std::int64_t rows, std::int64_t cols,
+                           std::int64_t stride) {
+    KEPT_CHECK(rows >= 0 && cols >= 0 && stride >= cols, op, ": bad matrix [", rows, ", ", cols,
+               "] with row stride ", stride);
+  }
+  static void check_attention(const char* op, const AttentionShape& shape) {
+    KEPT_CHECK(
+        shape.batch >= 0 && shape.heads >= 0 && shape.head_dim > 0 && shape.head_dim % 2 == 0, op,
+        ": bad shape batch ", shape.batch, ", heads ", shape.heads, ", head_dim ", shape.head_dim);
+    KEPT_CHECK(shape.batch * shape.heads == 0 ||
+                   attention_shape_supported(shape.batch, shape.seq, shape.heads),
+               op, ": sequence length ", shape.seq, " with ", shape.heads, " heads and batch ",
+               shape.batch, " is outside what kept's attention kernels handle (seq 1..6144)");
+  }
+  float* norm_scratch(int parts, std::int64_t cols) {
+    return static_cast<float*>(
+        context_->scratch(2 * sizeof(float) * static_cast<std::size_t>(parts * cols)));
+  }
+
   Cuda* context_;
 };
 
@@ -186,44 +319,145 @@ static_assert(Backend<CudaBackend>, "CudaBackend must satisfy kept::Backend");
 
 namespace kept {
 
-// The chunked softmax-family losses and the hidden-state MSE on the GPU are the next stage's
-// kernels; until then each entry throws "not implemented on cuda: <kernel>", so every objective
-// instantiates for CudaBackend and a job run on it fails at the first loss naming the kernel.
+// The chunked softmax-family losses and the hidden-state MSE on the GPU. Row states live in
+// device memory; per-token weights and targets (host pointers, per the contract) are uploaded per
+// call; reduce() downloads the states and sums them on the host with the shared
+// kept::softmax_rows_reduce.
 template <>
 struct LossKernels<cuda::CudaBackend> {
   using Backend = cuda::CudaBackend;
-  struct RowBuffers {};
+  using State = cuda::LossRowState;
+  static_assert(sizeof(State) % sizeof(double) == 0);
 
-  static void reset(Backend&, RowBuffers&, std::int64_t) {
-    cuda::not_implemented("softmax_rows_reset");
+  struct RowBuffers {
+    Tensor states, targets, weights, row_sums;
+    std::int64_t rows = 0;
+    State* state_data() const { return static_cast<State*>(const_cast<void*>(states.raw())); }
+  };
+
+  static void reset(Backend& b, RowBuffers& buffers, std::int64_t rows) {
+    b.ensure(buffers.states, DType::F64,
+             {std::max<std::int64_t>(1, rows) * static_cast<std::int64_t>(sizeof(State) / 8)});
+    buffers.rows = rows;
+    cuda::check_launch(cuda::launch_rows_reset(buffers.state_data(), rows, b.stream()),
+                       "softmax_rows_reset");
   }
-  static void update(Backend&, RowBuffers&, MatrixView<const float>, MatrixView<const float>,
-                     std::int64_t, float, const std::int32_t*, bool) {
-    cuda::not_implemented("softmax_rows_update");
+  static void update(Backend& b, RowBuffers& buffers, MatrixView<const float> teacher,
+                     MatrixView<const float> student, std::int64_t offset, float inv_temperature,
+                     const std::int32_t* targets, bool with_sums) {
+    check_contiguous(teacher, "teacher logits");
+    check_contiguous(student, "student logits");
+    const std::int64_t rows = student.data ? student.rows : teacher.rows;
+    const std::int64_t cols = student.data ? student.cols : teacher.cols;
+    check_rows(buffers, rows);
+    const std::int32_t* device_targets = upload(b, buffers.targets, DType::I32, targets, rows);
+    cuda::check_launch(
+        cuda::launch_rows_update(teacher.data, student.data, rows, cols, offset, inv_temperature,
+                                 device_targets, with_sums, buffers.state_data(), b.stream()),
+        "softmax_rows_update");
   }
-  static void finish(Backend&, RowBuffers&) { cuda::not_implemented("softmax_rows_finish"); }
-  static ChunkSums reduce(Backend&, const RowBuffers&, bool, bool, const float*,
-                          const std::int32_t*, double*, double*) {
-    cuda::not_implemented("softmax_rows_reduce");
-    return {};
+  static void finish(Backend& b, RowBuffers& buffers) {
+    cuda::check_launch(cuda::launch_rows_finish(buffers.state_data(), buffers.rows, b.stream()),
+                       "softmax_rows_finish");
   }
-  static void kl_gradient(Backend&, const RowBuffers&, MatrixView<const float>, MatrixView<float>,
-                          float, const float*, float) {
-    cuda::not_implemented("kl_logits_gradient");
+  static ChunkSums reduce(Backend& b, const RowBuffers& buffers, bool with_teacher, bool with_sums,
+                          const float* weights, const std::int32_t* targets,
+                          double* student_ce_rows, double* teacher_ce_rows) {
+    std::vector<State> host(static_cast<std::size_t>(buffers.rows));
+    if (!host.empty())
+      KEPT_CUDA_CHECK(cudaMemcpy(host.data(), buffers.states.raw(), host.size() * sizeof(State),
+                                 cudaMemcpyDeviceToHost));
+    (void)b;
+    return softmax_rows_reduce(host.data(), buffers.rows, with_teacher, with_sums, weights, targets,
+                               student_ce_rows, teacher_ce_rows);
   }
-  static void cross_entropy_gradient(Backend&, const RowBuffers&, MatrixView<float>, std::int64_t,
-                                     const std::int32_t*, float) {
-    cuda::not_implemented("cross_entropy_logits_gradient");
+  static void kl_gradient(Backend& b, RowBuffers& buffers, MatrixView<const float> teacher,
+                          MatrixView<float> student, float temperature, const float* weights,
+                          float scale) {
+    check_contiguous(teacher, "teacher logits");
+    check_contiguous(MatrixView<const float>(student), "student logits");
+    check_rows(buffers, student.rows);
+    const float* device_weights = upload(b, buffers.weights, DType::F32, weights, student.rows);
+    cuda::check_launch(cuda::launch_kl_gradient(teacher.data, student.data, student.rows,
+                                                student.cols, temperature, device_weights, scale,
+                                                buffers.state_data(), b.stream()),
+                       "kl_logits_gradient");
   }
-  static void squared_error(Backend&, RowBuffers&, MatrixView<const float>, MatrixView<float>,
-                            const float*, float, bool) {
-    cuda::not_implemented("squared_error_logits");
+  static void kl_gradient(Backend& b, const RowBuffers& buffers, MatrixView<const float> teacher,
+                          MatrixView<float> student, float temperature, const float* weights,
+                          float scale) {
+    kl_gradient(b, const_cast<RowBuffers&>(buffers), teacher, student, temperature, weights, scale);
   }
-  static double hidden_squared_error(Backend&, RowBuffers&, MatrixView<const bf16>,
-                                     MatrixView<const bf16>, MatrixView<bf16>, bool, const float*,
-                                     float) {
-    cuda::not_implemented("hidden_squared_error");
-    return 0;
+  static void cross_entropy_gradient(Backend& b, const RowBuffers& buffers,
+                                     MatrixView<float> student, std::int64_t offset,
+                                     const std::int32_t* targets, float scale) {
+    auto& mutable_buffers = const_cast<RowBuffers&>(buffers);
+    check_contiguous(MatrixView<const float>(student), "student logits");
+    check_rows(buffers, student.rows);
+    KEPT_CHECK(targets != nullptr, "cross_entropy_logits_gradient needs targets");
+    const std::int32_t* device_targets =
+        upload(b, mutable_buffers.targets, DType::I32, targets, student.rows);
+    cuda::check_launch(cuda::launch_cross_entropy_gradient(student.data, student.rows, student.cols,
+                                                           offset, device_targets, scale,
+                                                           buffers.state_data(), b.stream()),
+                       "cross_entropy_logits_gradient");
+  }
+  static void squared_error(Backend& b, RowBuffers& buffers, MatrixView<const float> teacher,
+                            MatrixView<float> student, const float* weights, float scale,
+                            bool write_gradient) {
+    check_contiguous(teacher, "teacher logits");
+    check_contiguous(MatrixView<const float>(student), "student logits");
+    check_rows(buffers, student.rows);
+    const float* device_weights = upload(b, buffers.weights, DType::F32, weights, student.rows);
+    cuda::check_launch(cuda::launch_squared_error(teacher.data, student.data, student.rows,
+                                                  student.cols, device_weights, scale,
+                                                  write_gradient, buffers.state_data(), b.stream()),
+                       "squared_error_logits");
+  }
+  static double hidden_squared_error(Backend& b, RowBuffers& buffers,
+                                     MatrixView<const bf16> teacher, MatrixView<const bf16> student,
+                                     MatrixView<bf16> grad, bool centre_teacher,
+                                     const float* weights, float scale) {
+    KEPT_CHECK(teacher.contiguous() && student.contiguous() && (!grad.data || grad.contiguous()),
+               "loss kernels need contiguous hidden states");
+    const std::int64_t rows = student.rows;
+    const float* device_weights = upload(b, buffers.weights, DType::F32, weights, rows);
+    b.ensure(buffers.row_sums, DType::F64, {std::max<std::int64_t>(1, rows)});
+    cuda::check_launch(cuda::launch_hidden_squared_error(
+                           cuda::device_ptr(teacher.data), cuda::device_ptr(student.data),
+                           cuda::device_ptr(grad.data), rows, student.cols, centre_teacher,
+                           device_weights, scale, buffers.row_sums.data<double>(), b.stream()),
+                       "hidden_squared_error");
+    std::vector<double> sums(static_cast<std::size_t>(rows));
+    if (rows)
+      KEPT_CUDA_CHECK(cudaMemcpy(sums.data(), buffers.row_sums.raw(), sums.size() * sizeof(double),
+                                 cudaMemcpyDeviceToHost));
+    double total = 0;
+    for (std::int64_t r = 0; r < rows; ++r)
+      total +=
+          (weights ? static_cast<double>(weights[r]) : 1.0) * sums[static_cast<std::size_t>(r)];
+    return total;
+  }
+
+ private:
+  static void check_contiguous(MatrixView<const float> view, const char* what) {
+    KEPT_CHECK(!view.data || view.contiguous(), "loss kernels need contiguous ", what,
+               ", got a view with row stride ", view.stride, " for ", view.cols, " columns");
+  }
+  static void check_rows(const RowBuffers& buffers, std::int64_t rows) {
+    KEPT_CHECK(rows == buffers.rows, "loss kernels: a chunk of ", rows,
+               " rows for row states reset for ", buffers.rows);
+  }
+  // Copies `count` host values into `tensor` (device), or returns null for a null source.
+  template <class T>
+  static const T* upload(Backend& b, Tensor& tensor, DType dtype, const T* host,
+                         std::int64_t count) {
+    if (!host) return nullptr;
+    b.ensure(tensor, dtype, {std::max<std::int64_t>(1, count)});
+    if (count)
+      KEPT_CUDA_CHECK(cudaMemcpy(tensor.raw(), host, sizeof(T) * static_cast<std::size_t>(count),
+                                 cudaMemcpyHostToDevice));
+    return tensor.data<T>();
   }
 };
 

@@ -23,11 +23,6 @@
 // (BLAS semantics) with a small kernel, since cuBLASLt rejects k = 0.
 #pragma once
 
-#include <cublasLt.h>
-#include <cublas_v2.h>
-#include <cuda_bf16.h>
-#include <cuda_runtime.h>
-
 #include <algorithm>
 #include <climits>
 #include <compare>
@@ -36,14 +31,22 @@
 #include <map>
 #include <memory>
 
+#include "kept/backend/cuda/elementwise.cuh"
+#include "kept/backend/cuda/platform.cuh"
 #include "kept/backend/cuda/runtime.cuh"
+#if defined(KEPT_CUDA_EMULATION)
+#include "kept/backend/cpu/gemm.hpp"
+#endif
 #include "kept/core/tensor.hpp"
 
 namespace kept::cuda {
 
-// One row-major GEMM, type-erased: a, b are ab_type (CUDA_R_16BF or CUDA_R_32F), c is c_type.
+// One row-major GEMM, type-erased: each operand CUDA_R_16BF or CUDA_R_32F. cuBLASLt needs A and B
+// of one type; Cuda::run_gemm stages a mixed pair (an fp32 logit chunk with bf16 weights or
+// activations) by widening the bf16 operand to fp32 first, which is exact.
 struct GemmProblem {
-  cudaDataType_t ab_type = CUDA_R_16BF;
+  cudaDataType_t a_type = CUDA_R_16BF;
+  cudaDataType_t b_type = CUDA_R_16BF;
   cudaDataType_t c_type = CUDA_R_16BF;
   std::int64_t m = 0, n = 0, k = 0;
   const void* a = nullptr;
@@ -59,10 +62,76 @@ struct GemmProblem {
 };
 
 namespace detail {
-
 constexpr std::size_t cuda_type_size(cudaDataType_t type) {
   return type == CUDA_R_32F ? 4 : type == CUDA_R_16BF ? 2 : 0;
 }
+}  // namespace detail
+}  // namespace kept::cuda
+
+#if defined(KEPT_CUDA_EMULATION)
+namespace kept::cuda {
+namespace detail {
+
+// The emulated cuBLASLt: the same row-major contract (types, transposes, leading dimensions,
+// alpha, beta, C unread when beta == 0, K == 0 is C = beta C) computed on the CPU: operands widened
+// to fp32, one fp32 GEMM (OpenBLAS, fp32 accumulation), a bf16 C rounded once. The operands must
+// be device memory.
+template <class T>
+void widen_matrix(const void* data, cudaDataType_t type, std::int64_t rows, std::int64_t cols,
+                  std::int64_t ld, std::vector<float>& out) {
+  out.resize(static_cast<std::size_t>(rows * cols));
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (std::int64_t c = 0; c < cols; ++c)
+      out[static_cast<std::size_t>(r * cols + c)] =
+          type == CUDA_R_32F
+              ? static_cast<const float*>(data)[r * ld + c]
+              : __bfloat162float(static_cast<const __nv_bfloat16*>(data)[r * ld + c]);
+}
+
+inline cublasStatus_t emulated_gemm(const GemmProblem& p) {
+  const auto size = [](cudaDataType_t type) { return type == CUDA_R_32F ? 4 : 2; };
+  const std::int64_t a_rows = p.transpose_a ? p.k : p.m, a_cols = p.transpose_a ? p.m : p.k;
+  const std::int64_t b_rows = p.transpose_b ? p.n : p.k, b_cols = p.transpose_b ? p.k : p.n;
+  const auto on_device = [&](const void* data, std::int64_t rows, std::int64_t cols,
+                             std::int64_t ld, cudaDataType_t type) {
+    if (rows * cols == 0) return true;
+    return emulation::is_device(data,
+                                static_cast<std::size_t>(((rows - 1) * ld + cols) * size(type)));
+  };
+  if (!on_device(p.c, p.m, p.n, p.ldc, p.c_type) ||
+      (p.k > 0 && (!on_device(p.a, a_rows, a_cols, p.lda, p.a_type) ||
+                   !on_device(p.b, b_rows, b_cols, p.ldb, p.b_type))))
+    return CUBLAS_STATUS_INVALID_VALUE;
+  std::vector<float> a, b, c(static_cast<std::size_t>(p.m * p.n), 0.0f);
+  if (p.beta != 0.0f) widen_matrix<float>(p.c, p.c_type, p.m, p.n, p.ldc, c);
+  MatrixView<float> cv(c.data(), p.m, p.n);
+  if (p.k == 0) {
+    for (float& value : c)
+      value = p.beta == 0.0f ? 0.0f : p.beta * value;
+  } else {
+    widen_matrix<float>(p.a, p.a_type, a_rows, a_cols, p.lda, a);
+    widen_matrix<float>(p.b, p.b_type, b_rows, b_cols, p.ldb, b);
+    cpu::gemm(MatrixView<const float>(a.data(), a_rows, a_cols),
+              p.transpose_a ? Transpose::Yes : Transpose::No,
+              MatrixView<const float>(b.data(), b_rows, b_cols),
+              p.transpose_b ? Transpose::Yes : Transpose::No, cv, p.alpha, p.beta);
+  }
+  for (std::int64_t r = 0; r < p.m; ++r)
+    for (std::int64_t col = 0; col < p.n; ++col) {
+      const float value = c[static_cast<std::size_t>(r * p.n + col)];
+      if (p.c_type == CUDA_R_32F)
+        static_cast<float*>(p.c)[r * p.ldc + col] = value;
+      else
+        static_cast<__nv_bfloat16*>(p.c)[r * p.ldc + col] = __float2bfloat16_rn(value);
+    }
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+}  // namespace detail
+}  // namespace kept::cuda
+#else
+namespace kept::cuda {
+namespace detail {
 
 // Largest power of two (<= 256) dividing both the address and the row pitch in bytes: what the
 // cuBLASLt heuristic may assume about every row start of the operand.
@@ -187,26 +256,9 @@ inline cublasStatus_t gemm_fallback(GemmPlanCache& cache, void* workspace,
   KEPT_CUBLAS_RETURN_IF_ERROR(cublasSetWorkspace(cache.fallback, workspace, workspace_bytes));
   return cublasGemmEx(cache.fallback, p.transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N,
                       p.transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N, static_cast<int>(p.n),
-                      static_cast<int>(p.m), static_cast<int>(p.k), &p.alpha, p.b, p.ab_type,
-                      static_cast<int>(p.ldb), p.a, p.ab_type, static_cast<int>(p.lda), &p.beta,
-                      p.c, p.c_type, static_cast<int>(p.ldc), CUBLAS_COMPUTE_32F,
-                      CUBLAS_GEMM_DEFAULT);
-}
-
-// C = beta * C for the K == 0 case (beta == 0 writes zeros, even over NaNs).
-template <class TC>
-__global__ void scale_matrix_kernel(TC* c, std::int64_t rows, std::int64_t cols, std::int64_t ldc,
-                                    float beta) {
-  const std::int64_t count = rows * cols;
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < count;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    TC& value = c[(i / cols) * ldc + i % cols];
-    if constexpr (std::is_same_v<TC, float>) {
-      value = beta == 0.0f ? 0.0f : beta * value;
-    } else {
-      value = __float2bfloat16_rn(beta == 0.0f ? 0.0f : beta * __bfloat162float(value));
-    }
-  }
+                      static_cast<int>(p.m), static_cast<int>(p.k), &p.alpha, p.b, p.a_type,
+                      static_cast<int>(p.ldb), p.a, p.a_type, static_cast<int>(p.lda), &p.beta, p.c,
+                      p.c_type, static_cast<int>(p.ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
 }
 
 }  // namespace detail
@@ -218,21 +270,14 @@ inline cublasStatus_t gemm_rowmajor(detail::GemmPlanCache& cache, cublasLtHandle
                                     cudaStream_t stream, const GemmProblem& p) {
   if (p.m == 0 || p.n == 0) return CUBLAS_STATUS_SUCCESS;
   if (p.k == 0) {
-    const std::int64_t count = p.m * p.n;
-    const int threads = 256;
-    const auto blocks =
-        static_cast<unsigned>(std::min<std::int64_t>((count + threads - 1) / threads, 65536));
-    if (p.c_type == CUDA_R_32F) {
-      detail::scale_matrix_kernel<<<blocks, threads, 0, stream>>>(static_cast<float*>(p.c), p.m,
-                                                                  p.n, p.ldc, p.beta);
-    } else {
-      detail::scale_matrix_kernel<<<blocks, threads, 0, stream>>>(static_cast<__nv_bfloat16*>(p.c),
-                                                                  p.m, p.n, p.ldc, p.beta);
-    }
-    return cudaGetLastError() == cudaSuccess ? CUBLAS_STATUS_SUCCESS
-                                             : CUBLAS_STATUS_EXECUTION_FAILED;
+    const cudaError_t status =
+        p.c_type == CUDA_R_32F
+            ? launch_fill_matrix(static_cast<float*>(p.c), p.m, p.n, p.ldc, p.beta, stream)
+            : launch_fill_matrix(static_cast<__nv_bfloat16*>(p.c), p.m, p.n, p.ldc, p.beta, stream);
+    return status == cudaSuccess ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_EXECUTION_FAILED;
   }
-  const std::size_t ab_size = detail::cuda_type_size(p.ab_type);
+  if (p.a_type != p.b_type) return CUBLAS_STATUS_NOT_SUPPORTED;  // run_gemm stages mixed types
+  const std::size_t ab_size = detail::cuda_type_size(p.a_type);
   const std::size_t c_size = detail::cuda_type_size(p.c_type);
   if (ab_size == 0 || c_size == 0) return CUBLAS_STATUS_NOT_SUPPORTED;
   const detail::GemmKey key{p.m,
@@ -241,7 +286,7 @@ inline cublasStatus_t gemm_rowmajor(detail::GemmPlanCache& cache, cublasLtHandle
                             p.lda,
                             p.ldb,
                             p.ldc,
-                            static_cast<int>(p.ab_type),
+                            static_cast<int>(p.a_type),
                             static_cast<int>(p.c_type),
                             p.transpose_a,
                             p.transpose_b,
@@ -266,24 +311,34 @@ inline cublasStatus_t gemm_rowmajor(detail::GemmPlanCache& cache, cublasLtHandle
   return detail::gemm_fallback(cache, workspace, workspace_bytes, stream, p);
 }
 
+}  // namespace kept::cuda
+#endif
+
+namespace kept::cuda {
 namespace detail {
 
-template <class TAB, class TC>
-GemmProblem make_gemm_problem(MatrixView<const TAB> a, bool transpose_a, MatrixView<const TAB> b,
+template <class T>
+constexpr cudaDataType_t cuda_type_of() {
+  return std::is_same_v<T, float> ? CUDA_R_32F : CUDA_R_16BF;
+}
+
+template <class TA, class TB, class TC>
+GemmProblem make_gemm_problem(MatrixView<const TA> a, bool transpose_a, MatrixView<const TB> b,
                               bool transpose_b, MatrixView<TC> c, float alpha, float beta) {
   GemmProblem p;
-  p.ab_type = std::is_same_v<TAB, float> ? CUDA_R_32F : CUDA_R_16BF;
-  p.c_type = std::is_same_v<TC, float> ? CUDA_R_32F : CUDA_R_16BF;
+  p.a_type = cuda_type_of<TA>();
+  p.b_type = cuda_type_of<TB>();
+  p.c_type = cuda_type_of<TC>();
   p.m = transpose_a ? a.cols : a.rows;
   p.k = transpose_a ? a.rows : a.cols;
   const std::int64_t k_b = transpose_b ? b.cols : b.rows;
   p.n = transpose_b ? b.rows : b.cols;
-  KEPT_CHECK(k_b == p.k, "matmul: op(A) is [", p.m, ", ", p.k, "] but op(B) is [", k_b, ", ", p.n,
+  KEPT_CHECK(k_b == p.k, "gemm: op(A) is [", p.m, ", ", p.k, "] but op(B) is [", k_b, ", ", p.n,
              "] (inner dimensions differ)");
-  KEPT_CHECK(c.rows == p.m && c.cols == p.n, "matmul: C is [", c.rows, ", ", c.cols,
-             "], expected [", p.m, ", ", p.n, "]");
+  KEPT_CHECK(c.rows == p.m && c.cols == p.n, "gemm: C is [", c.rows, ", ", c.cols, "], expected [",
+             p.m, ", ", p.n, "]");
   const auto check_ld = [](const char* name, std::int64_t stride, std::int64_t cols) {
-    KEPT_CHECK(stride >= std::max<std::int64_t>(1, cols), "matmul: ", name, " has stride ", stride,
+    KEPT_CHECK(stride >= std::max<std::int64_t>(1, cols), "gemm: ", name, " has stride ", stride,
                " < max(1, cols = ", cols, ")");
   };
   check_ld("C", c.stride, c.cols);
@@ -307,15 +362,23 @@ GemmProblem make_gemm_problem(MatrixView<const TAB> a, bool transpose_a, MatrixV
 inline void check_gemm(cublasStatus_t status, const GemmProblem& p, const char* file, int line) {
   if (status == CUBLAS_STATUS_SUCCESS) return;
   const auto type = [](cudaDataType_t t) { return t == CUDA_R_32F ? "f32" : "bf16"; };
-  fail(file, ":", line, ": cuBLAS(Lt) matmul ", type(p.ab_type), " -> ", type(p.c_type), " op(A)[",
-       p.m, ", ", p.k, "]", p.transpose_a ? "^T" : "", " x op(B)[", p.k, ", ", p.n, "]",
-       p.transpose_b ? "^T" : "", " (lda ", p.lda, ", ldb ", p.ldb, ", ldc ", p.ldc,
+  fail(file, ":", line, ": ", kEmulated ? "emulated " : "", "cuBLAS(Lt) gemm ", type(p.a_type),
+       " x ", type(p.b_type), " -> ", type(p.c_type), " op(A)[", p.m, ", ", p.k, "]",
+       p.transpose_a ? "^T" : "", " x op(B)[", p.k, ", ", p.n, "]", p.transpose_b ? "^T" : "",
+       " (lda ", p.lda, ", ldb ", p.ldb, ", ldc ", p.ldc,
        ") failed: ", cublasLtGetStatusName(status), " (", static_cast<int>(status),
-       "): ", cublasLtGetStatusString(status));
+       "): ", cublasLtGetStatusString(status),
+       status == CUBLAS_STATUS_INVALID_VALUE && kEmulated ? " (an operand is not device memory)"
+                                                          : "");
 }
 
 }  // namespace detail
 
+#if defined(KEPT_CUDA_EMULATION)
+inline void Cuda::run_gemm(const GemmProblem& p) {
+  detail::check_gemm(detail::emulated_gemm(p), p, __FILE__, __LINE__);
+}
+#else
 inline detail::GemmPlanCache& Cuda::gemm_plans() {
   if (!gemm_plans_) {
     gemm_plans_ = std::unique_ptr<detail::GemmPlanCache, void (*)(detail::GemmPlanCache*)>(
@@ -324,24 +387,33 @@ inline detail::GemmPlanCache& Cuda::gemm_plans() {
   return *gemm_plans_;
 }
 
-inline void Cuda::run_gemm(const GemmProblem& p) {
+// A mixed pair (fp32 with bf16) is staged: the bf16 operand widened to fp32 in scratch (exact),
+// then one fp32 GEMM with fp32 accumulation.
+inline void Cuda::run_gemm(const GemmProblem& problem) {
+  GemmProblem p = problem;
+  if (p.k > 0 && p.m > 0 && p.n > 0 && p.a_type != p.b_type) {
+    const bool widen_a = p.a_type == CUDA_R_16BF;
+    const std::int64_t rows = widen_a ? (p.transpose_a ? p.k : p.m) : (p.transpose_b ? p.n : p.k);
+    const std::int64_t cols = widen_a ? (p.transpose_a ? p.m : p.k) : (p.transpose_b ? p.k : p.n);
+    float* staged =
+        static_cast<float*>(scratch(sizeof(float) * static_cast<std::size_t>(rows * cols)));
+    const void* source = widen_a ? p.a : p.b;
+    const std::int64_t ld = widen_a ? p.lda : p.ldb;
+    KEPT_CUDA_CHECK(launch_convert(static_cast<const __nv_bfloat16*>(source), rows, cols, ld,
+                                   staged, stream()));
+    (widen_a ? p.a : p.b) = staged;
+    (widen_a ? p.lda : p.ldb) = cols;
+    (widen_a ? p.a_type : p.b_type) = CUDA_R_32F;
+  }
   detail::check_gemm(
       gemm_rowmajor(gemm_plans(), lt_handle(), workspace(), workspace_bytes(), stream(), p), p,
       __FILE__, __LINE__);
 }
+#endif
 
-inline void Cuda::matmul(MatrixView<const bf16> a, bool transpose_a, MatrixView<const bf16> b,
-                         bool transpose_b, MatrixView<bf16> c, float alpha, float beta) {
-  run_gemm(detail::make_gemm_problem(a, transpose_a, b, transpose_b, c, alpha, beta));
-}
-
-inline void Cuda::matmul(MatrixView<const bf16> a, bool transpose_a, MatrixView<const bf16> b,
-                         bool transpose_b, MatrixView<float> c, float alpha, float beta) {
-  run_gemm(detail::make_gemm_problem(a, transpose_a, b, transpose_b, c, alpha, beta));
-}
-
-inline void Cuda::matmul(MatrixView<const float> a, bool transpose_a, MatrixView<const float> b,
-                         bool transpose_b, MatrixView<float> c, float alpha, float beta) {
+template <class TA, class TB, class TC>
+void Cuda::matmul(MatrixView<const TA> a, bool transpose_a, MatrixView<const TB> b,
+                  bool transpose_b, MatrixView<TC> c, float alpha, float beta) {
   run_gemm(detail::make_gemm_problem(a, transpose_a, b, transpose_b, c, alpha, beta));
 }
 

@@ -13,18 +13,14 @@
 //   is released with cudaFree (which waits for the device, so freeing a tensor that a queued
 //   kernel still reads is safe).
 //
-// This header declares the op members of `Cuda`; their definitions live next to their kernels
-// (gemm.cuh, layernorm.cuh, rmsnorm.cuh). Include kept/backend/cuda.cuh to get all of them.
+// In the host-emulation build (KEPT_CUDA_EMULATION, kept/backend/cuda/emulation/) the same
+// code runs against the emulated runtime: one device, no cuBLASLt handle (the GEMM wrapper
+// computes on the CPU), every check of the emulator on.
 //
 // Environment note: without a GPU (or without a driver), cudaGetDeviceCount returns
 // cudaErrorInsufficientDriver (35) or cudaErrorNoDevice (100) and leaves the count unchanged;
 // cuda_device_count() maps both to 0 devices, so callers can skip instead of failing.
 #pragma once
-
-#include <cublasLt.h>
-#include <cublas_v2.h>
-#include <cuda_bf16.h>
-#include <cuda_runtime.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -33,6 +29,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "kept/backend/cuda/platform.cuh"
 #include "kept/core/dtype.hpp"
 #include "kept/core/error.hpp"
 #include "kept/core/shape.hpp"
@@ -67,13 +64,6 @@ inline void check(cublasStatus_t status, const char* call, const char* file, int
 // KEPT_CUDA_CHECK(call): throws kept::Error "file:line: call failed: NAME (code): description"
 // when `call` returns anything but cudaSuccess / CUBLAS_STATUS_SUCCESS.
 #define KEPT_CUDA_CHECK(call) ::kept::cuda::check((call), #call, __FILE__, __LINE__)
-
-// KEPT_CUDA_RETURN_IF_ERROR(call): for launchers that return cudaError_t instead of throwing.
-#define KEPT_CUDA_RETURN_IF_ERROR(call)                             \
-  do {                                                              \
-    const cudaError_t kept_cuda_status_ = (call);                   \
-    if (kept_cuda_status_ != cudaSuccess) return kept_cuda_status_; \
-  } while (0)
 
 namespace kept::cuda {
 
@@ -244,6 +234,7 @@ namespace detail {
 struct StreamDeleter {
   void operator()(CUstream_st* stream) const noexcept { (void)cudaStreamDestroy(stream); }
 };
+#if !defined(KEPT_CUDA_EMULATION)
 struct LtHandleDeleter {
   void operator()(cublasLtContext* handle) const noexcept { (void)cublasLtDestroy(handle); }
 };
@@ -252,6 +243,7 @@ struct CublasHandleDeleter {
 };
 // The cuBLASLt matmul plans (descriptors + chosen algorithm) per GEMM shape; defined in gemm.cuh.
 struct GemmPlanCache;
+#endif
 }  // namespace detail
 struct GemmProblem;  // one GEMM, type-erased; defined in gemm.cuh
 
@@ -276,10 +268,14 @@ class Cuda {
     cudaStream_t stream = nullptr;
     KEPT_CUDA_CHECK(cudaStreamCreate(&stream));  // blocking: cudaMemcpy on stream 0 waits for it
     stream_.reset(stream);
+#if !defined(KEPT_CUDA_EMULATION)
     cublasLtHandle_t lt = nullptr;
     KEPT_CUDA_CHECK(cublasLtCreate(&lt));
     lt_.reset(lt);
     workspace_.reserve(gemm_workspace_bytes);
+#else
+    (void)gemm_workspace_bytes;
+#endif
   }
   Cuda(const Cuda&) = delete;
   Cuda& operator=(const Cuda&) = delete;
@@ -287,21 +283,43 @@ class Cuda {
   Cuda& operator=(Cuda&&) = delete;
   ~Cuda() {
     (void)cudaStreamSynchronize(stream_.get());
+#if !defined(KEPT_CUDA_EMULATION)
     gemm_plans_.reset();  // descriptors first, then the handles they were used with
+#endif
   }
 
-  static constexpr const char* name() { return "cuda"; }
-  int device() const { return device_; }
-  int sm_count() const { return sm_count_; }
-  cudaStream_t stream() const { return stream_.get(); }
-  cublasLtHandle_t lt_handle() const { return lt_.get(); }
-  void* workspace() const { return workspace_.data(); }
-  std::size_t workspace_bytes() const { return workspace_.bytes(); }
+  static constexpr const char* name() {
+    return "cuda";
+  }
+  int device() const {
+    return device_;
+  }
+  int sm_count() const {
+    return sm_count_;
+  }
+  cudaStream_t stream() const {
+    return stream_.get();
+  }
+#if !defined(KEPT_CUDA_EMULATION)
+  cublasLtHandle_t lt_handle() const {
+    return lt_.get();
+  }
+#endif
+  void* workspace() const {
+    return workspace_.data();
+  }
+  std::size_t workspace_bytes() const {
+    return workspace_.bytes();
+  }
 
-  void synchronize() const { KEPT_CUDA_CHECK(cudaStreamSynchronize(stream_.get())); }
+  void synchronize() const {
+    KEPT_CUDA_CHECK(cudaStreamSynchronize(stream_.get()));
+  }
 
   // Throws if a kernel queued earlier failed asynchronously (a sticky error) or a launch failed.
-  void check_last_error() const { KEPT_CUDA_CHECK(cudaGetLastError()); }
+  void check_last_error() const {
+    KEPT_CUDA_CHECK(cudaGetLastError());
+  }
 
   // Device scratch of at least `bytes`, valid until the next call (stream-ordered reuse).
   void* scratch(std::size_t bytes) {
@@ -313,59 +331,50 @@ class Cuda {
   }
 
   // Tensors on this context's device.
-  Tensor empty(DType dtype, Shape shape) const { return device_empty(dtype, shape); }
-  Tensor zeros(DType dtype, Shape shape) const { return device_zeros(dtype, shape); }
-  Tensor upload(const Tensor& host) const { return to_device(host); }
-  Tensor download(const Tensor& device_tensor) const { return to_host(device_tensor); }
+  Tensor empty(DType dtype, Shape shape) const {
+    return device_empty(dtype, shape);
+  }
+  Tensor zeros(DType dtype, Shape shape) const {
+    return device_zeros(dtype, shape);
+  }
+  Tensor upload(const Tensor& host) const {
+    return to_device(host);
+  }
+  Tensor download(const Tensor& device_tensor) const {
+    return to_host(device_tensor);
+  }
 
   // ---- GEMM (defined in gemm.cuh) -------------------------------------------------------------
   // Row-major C[M,N] = alpha * op(A) op(B) + beta * C, fp32 accumulation (CUBLAS_COMPUTE_32F).
   // A view's rows/cols are the stored matrix; op(X) = X^T when transpose_x. op(A) is [M,K],
   // op(B) is [K,N], C is [M,N]; strides are the leading dimensions (any value >= cols). C must
-  // not overlap A or B. With beta == 0, C is not read (it may hold NaNs).
-  void matmul(MatrixView<const bf16> a, bool transpose_a, MatrixView<const bf16> b,
-              bool transpose_b, MatrixView<bf16> c, float alpha = 1.0f, float beta = 0.0f);
-  void matmul(MatrixView<const bf16> a, bool transpose_a, MatrixView<const bf16> b,
-              bool transpose_b, MatrixView<float> c, float alpha = 1.0f, float beta = 0.0f);
-  // fp32 inputs and output, true fp32 math (no TF32): for tests and for small exact work.
-  void matmul(MatrixView<const float> a, bool transpose_a, MatrixView<const float> b,
-              bool transpose_b, MatrixView<float> c, float alpha = 1.0f, float beta = 0.0f);
-
-  // ---- norms (defined in layernorm.cuh, rmsnorm.cuh) -------------------------------------------
-  // T is the activation storage type: float, kept::bf16 or __nv_bfloat16. Weights, biases,
-  // parameter gradients and the per-row mean/rstd are fp32. Pointers are device pointers to
-  // contiguous [rows, cols] (activations) and [cols] (parameters) arrays. Same semantics as
-  // kept::cpu: mean/rstd may be null in the forward; backward ACCUMULATES into dx, dweight and
-  // dbias (dweight/dbias may be null).
-  template <class T>
-  void layernorm_forward(const T* x, const float* weight, const float* bias, T* y, float* mean,
-                         float* rstd, std::int64_t rows, std::int64_t cols, float eps);
-  template <class T>
-  void layernorm_backward(const T* dy, const T* x, const float* weight, const float* mean,
-                          const float* rstd, T* dx, float* dweight, float* dbias, std::int64_t rows,
-                          std::int64_t cols);
-  template <class T>
-  void rmsnorm_forward(const T* x, const float* weight, T* y, float* rstd, std::int64_t rows,
-                       std::int64_t cols, float eps);
-  template <class T>
-  void rmsnorm_backward(const T* dy, const T* x, const float* weight, const float* rstd, T* dx,
-                        float* dweight, std::int64_t rows, std::int64_t cols);
+  // not overlap A or B. With beta == 0, C is not read (it may hold NaNs). Each of A, B, C is
+  // bf16 (kept::bf16 or __nv_bfloat16 bits) or float; a mixed A/B pair is widened to fp32 first.
+  template <class TA, class TB, class TC>
+  void matmul(MatrixView<const TA> a, bool transpose_a, MatrixView<const TB> b, bool transpose_b,
+              MatrixView<TC> c, float alpha = 1.0f, float beta = 0.0f);
 
  private:
+#if !defined(KEPT_CUDA_EMULATION)
   detail::GemmPlanCache& gemm_plans();
+#endif
   // Runs one GEMM on the backend stream (every matmul overload ends here); defined in gemm.cuh.
   void run_gemm(const GemmProblem& problem);
 
   int device_ = 0;
   int sm_count_ = 0;
   std::unique_ptr<CUstream_st, detail::StreamDeleter> stream_;
+#if !defined(KEPT_CUDA_EMULATION)
   std::unique_ptr<cublasLtContext, detail::LtHandleDeleter> lt_;
+#endif
   DeviceBuffer workspace_;
   DeviceBuffer scratch_;
+#if !defined(KEPT_CUDA_EMULATION)
   // Created on the first matmul; a function-pointer deleter so GemmPlanCache may be incomplete
   // here.
   std::unique_ptr<detail::GemmPlanCache, void (*)(detail::GemmPlanCache*)> gemm_plans_{nullptr,
                                                                                        nullptr};
+#endif
 };
 
 }  // namespace kept::cuda

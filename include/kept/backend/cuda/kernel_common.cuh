@@ -1,0 +1,84 @@
+// kept/backend/cuda/kernel_common.cuh: what kept's own kernels share: fp32 <-> storage
+// conversion, grid sizing, and the deterministic column sum used by every parameter gradient
+// that is a sum over rows (bias, norm weights, embedding rows).
+//
+// Storage types are float and __nv_bfloat16 (kept::bf16 has the same bits; device_ptr in
+// runtime.cuh converts); kernels compute in fp32 and round a bf16 result once, to nearest even.
+#pragma once
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <type_traits>
+
+#include "kept/backend/cuda/platform.cuh"
+
+namespace kept::cuda::detail {
+
+__device__ __forceinline__ float to_f32(float value) {
+  return value;
+}
+__device__ __forceinline__ float to_f32(__nv_bfloat16 value) {
+  return __bfloat162float(value);
+}
+template <class T>
+__device__ __forceinline__ T from_f32(float value) {
+  if constexpr (std::is_same_v<T, float>)
+    return value;
+  else
+    return __float2bfloat16_rn(value);
+}
+
+inline constexpr int kElementwiseThreads = 256;
+
+// Blocks for a grid-stride loop over `count` elements: enough to fill the device, never more
+// than the work needs.
+inline unsigned blocks_for(std::int64_t count, int threads = kElementwiseThreads) {
+  const std::int64_t needed = (count + threads - 1) / threads;
+  return static_cast<unsigned>(std::clamp<std::int64_t>(needed, 1, 65535));
+}
+
+// The grid-stride index loop of a 1-D launch.
+template <class F>
+__device__ __forceinline__ void grid_stride(std::int64_t count, F&& f) {
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
+       i += stride)
+    f(i);
+}
+
+// ---- deterministic column sums: dst[c] += sum_r src[r * ld + c] ----------------------------
+// Block (32, 8): column c = 32 blockIdx.x + threadIdx.x; thread y sums rows y, y + 8, ... in
+// order, then thread y = 0 adds the 8 partials in order. Same bits on every run and device.
+inline constexpr int kColumnTile = 32;
+inline constexpr int kColumnRows = 8;
+
+template <class T>
+__global__ void column_sum_kernel(const T* src, std::int64_t rows, std::int64_t cols,
+                                  std::int64_t ld, float* dst) {
+  __shared__ float sums[kColumnRows][kColumnTile + 1];
+  const std::int64_t c = static_cast<std::int64_t>(blockIdx.x) * kColumnTile + threadIdx.x;
+  float sum = 0.0f;
+  if (c < cols)
+    for (std::int64_t r = threadIdx.y; r < rows; r += kColumnRows)
+      sum += to_f32(src[r * ld + c]);
+  sums[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < cols) {
+    float total = 0.0f;
+    for (int y = 0; y < kColumnRows; ++y)
+      total += sums[y][threadIdx.x];
+    dst[c] += total;
+  }
+}
+
+template <class T>
+cudaError_t launch_column_sum(const T* src, std::int64_t rows, std::int64_t cols, std::int64_t ld,
+                              float* dst, cudaStream_t stream) {
+  if (rows == 0 || cols == 0) return cudaSuccess;
+  const auto tiles = static_cast<unsigned>((cols + kColumnTile - 1) / kColumnTile);
+  return launch("column_sum", column_sum_kernel<T>, dim3(tiles), dim3(kColumnTile, kColumnRows), 0,
+                stream, src, rows, cols, ld, dst);
+}
+
+}  // namespace kept::cuda::detail
