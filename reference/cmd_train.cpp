@@ -1,4 +1,5 @@
 // kept train JOB.json [--resume] [--force] [--set field=value ...] [--steps N] [--output DIR]
+//                     [--device cpu|cuda]
 //
 // Runs a training job (reference/job.hpp documents the file). Flags override the job's fields;
 // --set reaches any field by its dotted path ("optimizer.lr=1e-4", "data.seq_len=512").
@@ -41,6 +42,7 @@ struct Options {
   std::vector<std::string> overrides;
   std::int64_t steps = 0;
   std::string output;
+  std::string device;
   TrainOptions train;
 };
 
@@ -58,6 +60,8 @@ void register_train(CLI::App& app) {
                       "Override a job field: field.path=value (repeatable)");
   command->add_option("--steps", options->steps, "Override \"steps\"")->check(CLI::PositiveNumber);
   command->add_option("--output", options->output, "Override \"output\"");
+  command->add_option("--device", options->device, "Override \"device\": cpu or cuda")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
   command->callback([options] {
     const std::string text = detail::read_text_file(options->job, 16ull << 20);
     nlohmann::json json = detail::parse_json_strict(text, options->job, 16);
@@ -65,6 +69,7 @@ void register_train(CLI::App& app) {
       apply_override(json, assignment);
     if (options->steps) json["steps"] = options->steps;
     if (!options->output.empty()) json["output"] = options->output;
+    if (!options->device.empty()) json["device"] = options->device;
     const TrainJob job = parse_job(json, options->job);
     const TrainResult result = run_training(job, options->train);
     std::printf("trained %lld steps, %lld tokens in %.1f s (%.0f tokens/s); final loss %.5f\n",

@@ -27,9 +27,10 @@ struct EvalReport {
 EvalReport summarize(const xkd::EvalSums& sums, std::int64_t seq, bool has_teacher);
 
 // Evaluates `student` (and `teacher`, which may be null) on at most `max_batches` batches.
-template <class Student, class Teacher>
-EvalReport evaluate(Cpu& cpu, Student& student, Teacher* teacher, const std::vector<Batch>& batches,
-                    std::int64_t max_batches) {
+template <class B, class Student, class Teacher>
+EvalReport evaluate(B& backend, Student& student, Teacher* teacher,
+                    const std::vector<Batch>& batches, std::int64_t max_batches) {
+  using Act = typename B::Activation;
   xkd::EvalSums sums;
   std::int64_t seq = 0;
   typename Student::Activations student_acts;
@@ -37,16 +38,16 @@ EvalReport evaluate(Cpu& cpu, Student& student, Teacher* teacher, const std::vec
   for (std::size_t i = 0; i < batches.size() && static_cast<std::int64_t>(i) < max_batches; ++i) {
     const Batch& batch = batches[i];
     seq = batch.seq;
-    student.forward(cpu, batch.inputs, batch.batch, batch.seq, student_acts,
+    student.forward(backend, batch.inputs, batch.batch, batch.seq, student_acts,
                     ForwardMode::Inference);
-    const auto student_hidden = as_matrix<const float>(student_acts.hidden);
+    const auto student_hidden = as_matrix<const Act>(student_acts.hidden);
     if (teacher) {
-      teacher->forward(cpu, batch.inputs, batch.batch, batch.seq, teacher_acts,
+      teacher->forward(backend, batch.inputs, batch.batch, batch.seq, teacher_acts,
                        ForwardMode::Inference);
-      xkd::accumulate_eval(cpu, &teacher->lm_head, as_matrix<const float>(teacher_acts.hidden),
+      xkd::accumulate_eval(backend, &teacher->lm_head, as_matrix<const Act>(teacher_acts.hidden),
                            student.lm_head, student_hidden, batch.targets, batch.seq, sums);
     } else {
-      xkd::accumulate_eval(cpu, static_cast<const Linear<Cpu>*>(nullptr), student_hidden,
+      xkd::accumulate_eval(backend, static_cast<const Linear<B>*>(nullptr), student_hidden,
                            student.lm_head, student_hidden, batch.targets, batch.seq, sums);
     }
   }

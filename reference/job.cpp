@@ -97,6 +97,9 @@ TrainJob parse_job(const nlohmann::json& json, const std::string& where) {
   KEPT_CHECK(parsed, where, ": field \"objective\": unknown objective \"", objective, "\" (",
              enum_name_list(kObjectiveNames), ")");
   job.objective = *parsed;
+  fields.get("device", job.device);
+  KEPT_CHECK(job.device == "cpu" || job.device == "cuda", where, ": field \"device\": unknown device \"",
+             job.device, "\" (cpu, cuda)");
   fields.get("student", job.student);
   fields.object("init", [&](Fields& init) {
     init.get("config", job.init_config);
@@ -201,6 +204,7 @@ void validate_job(const TrainJob& job) {
 nlohmann::json TrainJob::to_json() const {
   return {
       {"objective", objective_name(objective)},
+      {"device", device},
       {"student", student},
       {"init", {{"config", init_config}, {"seed", init_seed}, {"std", init_std}}},
       {"teacher", teacher},

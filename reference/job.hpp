@@ -3,6 +3,9 @@
 // clang-format off
 //   {
 //     "objective": "xkd-logit",              // xkd-logit | xkd-logit-mse | xkd-hidden | ce | norm-only
+//     "device": "cpu",                       // cpu (fp32) | cuda (bf16 weights and activations,
+//                                            //   fp32 master weights; the GPU, or its host emulation
+//                                            //   in a KEPT_CUDA_EMULATION build)
 //     "student": "runs/converted",           // checkpoint to train, or "init" to start from scratch:
 //     "init": {"config": "config.json", "seed": 0, "std": 0.02},
 //     "teacher": "models/orion",             // frozen; needed by the xkd objectives and norm-only
@@ -45,6 +48,7 @@ bool needs_teacher(Objective objective);
 struct TrainJob {
   std::filesystem::path file;  // where the job came from (errors name it)
   Objective objective = Objective::XkdLogit;
+  std::string device = "cpu";  // "cpu" or "cuda"
   std::string student;      // checkpoint directory; empty when init_config is set
   std::string init_config;  // "init": {"config": ...}
   std::uint64_t init_seed = 0;

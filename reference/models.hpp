@@ -1,4 +1,4 @@
-// reference/models.hpp: loading checkpoints into the CPU backend for the commands.
+// reference/models.hpp: loading checkpoints into a backend for the commands.
 #pragma once
 
 #include <filesystem>
@@ -14,18 +14,22 @@
 
 namespace kept::cli {
 
-struct LoadedModel {
+template <class B>
+struct LoadedModelOn {
   std::filesystem::path directory;
   ModelConfig config;
-  AnyDecoder<Cpu> model;
+  AnyDecoder<B> model;
 };
+using LoadedModel = LoadedModelOn<Cpu>;
 
-// config.json + weights (safetensors or .bin) into an fp32 CPU decoder.
-inline LoadedModel load_model(Cpu& cpu, const std::filesystem::path& directory) {
+// config.json + weights (safetensors or .bin) into a decoder on `backend` (converted to its
+// parameter dtype: fp32 on Cpu, bf16 on CUDA).
+template <class B>
+LoadedModelOn<B> load_model(B& backend, const std::filesystem::path& directory) {
   const ModelConfig config = read_hf_config(directory / "config.json");
-  LoadedModel loaded{directory, config, make_decoder(cpu, config)};
+  LoadedModelOn<B> loaded{directory, config, make_decoder(backend, config)};
   const CheckpointReader reader = CheckpointReader::open(directory);
-  with_decoder(loaded.model, [&](auto& decoder) { load_weights(cpu, decoder, reader); });
+  with_decoder(loaded.model, [&](auto& decoder) { load_weights(backend, decoder, reader); });
   return loaded;
 }
 

@@ -11,7 +11,7 @@
 //   norm-only      every parameter frozen but the norm weights (the Appendix-A pilot); its loss
 //                  is "opm-l2", OPM's own objective sum_sites ||LN_teacher(x) - RMS_w(x)||^2 on the
 //                  teacher's pre-norm activations, or "xkd-logit"
-// Runs are resumable bit for bit on the CPU: checkpoints hold the fp32 parameters, AdamW's
+// Runs are resumable bit for bit (on the CPU, and on one GPU): checkpoints hold the fp32 parameters, AdamW's
 // moments, the data loader's position and the step; every reduction in kept is ordered, so a
 // run killed at any moment and resumed from its last checkpoint repeats the same losses.
 #pragma once
@@ -41,6 +41,11 @@ struct TrainResult {
   std::filesystem::path final_model;  // HF checkpoint
 };
 
+// Runs the job on its "device": the CPU (fp32), or the CUDA backend (bf16; a GPU, or its host
+// emulation in a KEPT_CUDA_EMULATION build, which says so on its first line).
 TrainResult run_training(const TrainJob& job, const TrainOptions& options = {});
+
+// The "cuda" device (trainer_cuda.cpp; without a CUDA build, a clear error).
+TrainResult run_training_cuda(const TrainJob& job, const TrainOptions& options);
 
 }  // namespace kept::cli

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The test command (README, .ci/run): installs what is missing, builds kept with every part
-# (CUDA translation units included when nvcc is present), and runs
-#   1. ctest on the Release build: Catch2 unit tests, the HF transformers parity and CLI tests,
-#      the Coq proof check, the install-and-build-the-examples test, the CUDA tests (skipped
-#      with a message when no GPU is present);
-#   2. the unit tests and the op registry (kept_ops, kept_ops --grad) again under
-#      AddressSanitizer + UndefinedBehaviorSanitizer;
+# (CUDA translation units compiled by nvcc when it is present, and the CUDA backend's host
+# emulation, include/kept/backend/cuda/emulation), and runs
+#   1. ctest on the Release build: Catch2 unit tests, the op registry on Cpu, Cpu64, CpuBf16 and
+#      emulated CUDA, the emulator's own tests and the emulated-CUDA training comparison, the HF
+#      transformers parity and CLI tests, the Coq proof check, the install-and-build-the-examples
+#      test, the CUDA tests (skipped with a message when no GPU is present);
+#   2. the unit tests, the op registry (every op on emulated CUDA too; kept_ops --grad) and the
+#      emulation tests again under AddressSanitizer + UndefinedBehaviorSanitizer;
 #   3. the libFuzzer targets for a short budget (clang).
 # Exits non-zero if anything fails.
 set -euo pipefail
@@ -24,7 +26,7 @@ bash scripts/python_env.sh > build/python_env.log 2>&1 &
 venv_pid=$!
 
 stage "Release build"
-cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DKEPT_CUDA=AUTO >/dev/null
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DKEPT_CUDA=AUTO -DKEPT_CUDA_EMULATION=ON >/dev/null
 cmake --build build -j "$jobs"
 
 stage "Python venv"
@@ -40,12 +42,14 @@ ctest --test-dir build --output-on-failure -j "$jobs"
 
 stage "unit tests under AddressSanitizer + UBSan"
 cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=None -DCMAKE_CXX_FLAGS="-O1 -g" -DKEPT_CUDA=OFF \
-  -DKEPT_SANITIZE=address,undefined -DKEPT_BUILD_REFERENCE=OFF -DKEPT_BUILD_BENCH=OFF >/dev/null
-cmake --build build-asan -j "$jobs" --target kept_tests kept_ops
+  -DKEPT_CUDA_EMULATION=ON -DKEPT_SANITIZE=address,undefined -DKEPT_BUILD_REFERENCE=OFF \
+  -DKEPT_BUILD_BENCH=OFF >/dev/null
+cmake --build build-asan -j "$jobs" --target kept_tests kept_ops kept_emulation_tests
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1
 ./build-asan/tests/kept_tests
 ./build-asan/tests/kept_ops
 ./build-asan/tests/kept_ops --grad
+./build-asan/tests/emulation/kept_emulation_tests
 
 stage "fuzz targets (short budget)"
 CC=clang CXX=clang++ cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKEPT_CUDA=OFF \

@@ -23,6 +23,9 @@ tokenizer is trained with `kept tokenizer` on generated text (no demo corpus nee
    directory that already holds a run.
 6. `kept eval` perplexity, KL, top-1 agreement and perplexity by context length agree with the
    same figures computed here with HF on the same packed tokens.
+7. `"device": "cuda"` (the CUDA backend; emulated on the CPU in a KEPT_CUDA_EMULATION build) trains
+   the same job, says on its first line which device it runs on, and resumes bit-exactly after a
+   SIGKILL.
 
 The kept binary: env KEPT_BIN (ctest sets it), else build/reference/kept under the repository.
 kept runs single-threaded here (OMP_NUM_THREADS=OPENBLAS_NUM_THREADS=1): the models are tiny,
@@ -891,3 +894,51 @@ def test_eval_matches_hf(world, kept_bin, tmp_path):
     print(f"[eval] {n} tokens: perplexity {got['perplexity']:.4f} (HF {want['perplexity']:.4f}), "
           f"KL {got['kl']:.5f} (HF {want['kl']:.5f}), top-1 {got['top1_agreement']:.4f} "
           f"(HF {agree.double().mean().item():.4f})")
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. --device cuda: the CUDA backend (emulated on the CPU in a KEPT_CUDA_EMULATION build) trains
+#    the same job, says which device it is on, and resumes bit-exactly after a SIGKILL
+# ---------------------------------------------------------------------------------------------
+
+CUDA_CHANGES = {**RESUME_CHANGES, "device": "cuda", "steps": 8,
+                "eval": {"every": 4, "max_batches": 1}, "checkpoint": {"every": 3, "keep": 2}}
+
+
+def cuda_job(world: World, name: str) -> tuple[Path, Path]:
+    output = world.root / name
+    job = write_job(world.root / f"{name}.json", merged(base_job(world, output), CUDA_CHANGES))
+    return job, output
+
+
+def test_device_cuda_trains_and_resumes_bit_exactly(world, kept_bin, reference_run):
+    job, output = cuda_job(world, "cuda-reference")
+    proc = run_kept(kept_bin, "train", job, check=False, threads=KEPT_THREADS)
+    if proc.returncode != 0 and "built without the CUDA backend" in proc.stderr:
+        pytest.skip("this kept has no CUDA backend (no nvcc, KEPT_CUDA_EMULATION off)")
+    if proc.returncode != 0 and "no usable CUDA device" in proc.stderr:
+        pytest.skip("a GPU build of kept on a machine without a GPU: " + proc.stderr.strip())
+    assert proc.returncode == 0, proc.stderr
+    first = proc.stderr.splitlines()[0]
+    assert first.startswith("device cuda: "), first
+    reference = train_trace(output)
+    assert [s for s, _ in reference] == list(range(1, 9))
+    losses = [float(x) for _, x in reference]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
+    # The same job on the CPU (fp32) starts from the same weights and batches: the bf16 run's
+    # first loss is within the bf16 bound of tests/emulation/test_training_comparison.cpp.
+    cpu_first = float(train_trace(reference_run)[0][1])
+    assert abs(losses[0] - cpu_first) <= 32 * 2.0 ** -8 * abs(cpu_first), (losses[0], cpu_first)
+    final = snapshot(output / "final")
+
+    # Killed between checkpoints (after step 4; the newest checkpoint is step 3), then resumed.
+    killed_job, killed = cuda_job(world, "cuda-killed")
+    run = Watched(kept_bin, killed_job, log=world.root / "cuda-killed-0.log")
+    assert run.kill_when(lambda: max(logged_train_steps(killed), default=0) >= 4), \
+        run.output_text()
+    assert complete_checkpoints(killed), run.output_text()
+    run = Watched(kept_bin, killed_job, "--resume", log=world.root / "cuda-killed-1.log")
+    assert run.wait() == 0, run.output_text()
+    assert resumed_from(run.output_text()) == max(s for s in complete_checkpoints(killed) if s <= 4)
+    assert train_trace(killed) == reference
+    assert snapshot(killed / "final") == final

@@ -1,0 +1,458 @@
+// reference/trainer_run.hpp: the training run as a template over the backend: Run (the loop:
+// micro-steps, clipping, AdamW, evaluation, checkpoints, the final HF checkpoint) and train_on
+// (loading the models onto the backend). trainer.cpp instantiates it for the CPU,
+// trainer_cuda.cpp for the CUDA backend (nvcc, or g++ against the host emulation).
+#pragma once
+
+#include "trainer.hpp"
+#include <type_traits>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <map>
+
+#include "corpus.hpp"
+#include "kept/io/atomic_file.hpp"
+#include "kept/io/hf_tokenizer.hpp"
+#include "kept/model/init.hpp"
+#include "kept/train/adamw.hpp"
+#include "kept/train/checkpoint_state.hpp"
+#include "kept/train/data.hpp"
+#include "kept/train/schedule.hpp"
+#include "kept/xkd/xkd.hpp"
+#include "models.hpp"
+#include "plot.hpp"
+#include "progress.hpp"
+#include "train_metrics.hpp"
+#include "train_setup.hpp"
+
+namespace kept::cli {
+namespace training {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+// The run itself, once the models are loaded: the backend, student and teacher types are
+// concrete.
+template <class Backend, class Student, class Teacher>
+class Run {
+  using Act = typename Backend::Activation;
+
+ public:
+  Run(const TrainJob& job, const TrainOptions& options, Backend& backend, Student& student,
+      Teacher* teacher, const ModelConfig& student_config, DataLoader& loader,
+      const Tokenizer& tokenizer)
+      : job_(job),
+        options_(options),
+        backend_(backend),
+        student_(student),
+        teacher_(teacher),
+        student_config_(student_config),
+        loader_(loader),
+        tokenizer_(tokenizer),
+        output_(job.output) {}
+
+  TrainResult run() {
+    configure_trainable();
+    // Values, gradients and optimizer state in one flat buffer each
+    // (kept/model/parameter_arena.hpp).
+    ParameterArena arena(backend_, student_);
+    const std::vector<Parameter*> params = parameters_of(student_);
+    AdamWConfig adam;
+    adam.beta1 = job_.beta1;
+    adam.beta2 = job_.beta2;
+    adam.eps = job_.adam_eps;
+    adam.weight_decay = job_.weight_decay;
+    adam.decay.norm_weight = adam.decay.norm_bias = job_.decay_norms;
+    adam.decay.bias = job_.decay_biases;
+    AdamW optimizer(adam);
+    optimizer.use_arena(&arena);
+    CosineSchedule schedule{job_.lr, job_.warmup_steps, job_.steps, job_.min_lr, 0.0};
+    schedule.validate();
+
+    const std::string hash = config_hash(resume_identity(job_).dump());
+    TrainerState state;
+    state.config_hash = hash;
+    state.seeds["data"] = job_.data_seed;
+    const fs::path checkpoints = output_ / "checkpoints";
+    std::optional<std::int64_t> resumed_step;
+    if (options_.resume) {
+      if (auto latest = latest_checkpoint(checkpoints)) {
+        state = load_checkpoint(backend_, *latest, params, optimizer, hash);
+        loader_.restore(state.loader, (*latest / "trainer.json").string());
+        resumed_step = state.step;
+        std::fprintf(stderr, "resuming %s from %s (step %lld)\n", output_.c_str(), latest->c_str(),
+                     static_cast<long long>(state.step));
+      } else {
+        std::fprintf(stderr, "no checkpoint in %s: starting from step 0\n", checkpoints.c_str());
+        resumed_step = 0;
+      }
+    }
+    write_file_atomically(output_ / "job.json", job_.to_json().dump(2) + "\n");
+    MetricsLog metrics(output_ / "metrics.jsonl", resumed_step, job_.steps);
+    const std::vector<Batch> held_out = loader_.held_out_batches();
+
+    ProgressLine progress(objective_name(job_.objective));
+    const auto start = Clock::now();
+    std::int64_t tokens_this_session = 0;
+    double loss = 0;
+    std::optional<fs::path> last_checkpoint =
+        options_.resume ? latest_checkpoint(checkpoints) : std::nullopt;
+    while (state.step < job_.steps) {
+      arena.zero_grad(backend_, student_);
+      loss = 0;
+      std::int64_t tokens = 0;
+      for (std::int64_t micro = 0; micro < job_.grad_accum; ++micro) {
+        const Batch batch = loader_.next_batch();
+        loss += micro_step(batch);
+        tokens += batch.target_count();
+      }
+      const double clip =
+          job_.clip_grad_norm > 0 ? job_.clip_grad_norm : std::numeric_limits<double>::infinity();
+      const double grad_norm = clip_grad_norm(backend_, params, clip);
+      if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
+        progress.finish();
+        fail("step ", state.step + 1, ": the ", std::isfinite(loss) ? "gradient norm" : "loss",
+             " is ", std::isfinite(loss) ? grad_norm : loss, " (objective ",
+             objective_name(job_.objective), "); training stopped without saving this step. ",
+             last_checkpoint ? "The last good checkpoint is " + last_checkpoint->string() +
+                                   "; resume from it (--resume) "
+                                   "with a lower learning rate"
+             : state.step == 0
+                 ? std::string("No update was made before it, so the learning rate is not the "
+                               "cause: look for non-finite weights in the student and the teacher")
+                 : std::string("No checkpoint was saved before it; lower the learning "
+                               "rate and start again"));
+      }
+      const double lr = schedule.lr(state.step);
+      optimizer.set_lr(lr);
+      optimizer.step(backend_, params);
+      ++state.step;
+      state.tokens_seen += tokens;
+      tokens_this_session += tokens;
+
+      const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+      const double tokens_per_second =
+          static_cast<double>(tokens_this_session) / std::max(elapsed, 1e-9);
+      nlohmann::json record{{"type", "train"},
+                            {"step", state.step},
+                            {"loss", loss},
+                            {"loss_exact", format_double(loss)},
+                            {"lr", lr},
+                            {"grad_norm", grad_norm},
+                            {"tokens", state.tokens_seen},
+                            {"tokens_per_second", tokens_per_second}};
+      metrics.write(record);
+      train_steps_.push_back(static_cast<double>(state.step));
+      train_losses_.push_back(loss);
+      if (!options_.quiet && (state.step % job_.log_every == 0 || state.step == job_.steps)) {
+        char detail[160];
+        std::snprintf(detail, sizeof detail, "step %lld/%lld  loss %.4f  lr %.2e  %.0f tok/s",
+                      static_cast<long long>(state.step), static_cast<long long>(job_.steps), loss,
+                      lr, tokens_per_second);
+        progress.update(static_cast<double>(state.step) / static_cast<double>(job_.steps), detail);
+      }
+      if (job_.eval_every > 0 && state.step % job_.eval_every == 0 && state.step < job_.steps &&
+          !held_out.empty())
+        log_eval(metrics, state.step, evaluate_now(held_out), /*print=*/!options_.quiet);
+      if (job_.checkpoint_every > 0 && state.step % job_.checkpoint_every == 0) {
+        state.loader = loader_.state();
+        try {
+          last_checkpoint = save_checkpoint(backend_, checkpoints, state, params, optimizer,
+                                            static_cast<std::size_t>(job_.checkpoint_keep));
+        } catch (const Error& error) {
+          progress.finish();
+          const auto newest = latest_checkpoint(checkpoints);
+          fail("step ", state.step, ": saving the checkpoint failed: ", error.what(), ". ",
+               newest ? "The newest complete checkpoint is " + newest->string() +
+                            "; make room and resume from it (--resume)"
+                      : std::string("No complete checkpoint exists yet"));
+        }
+      }
+    }
+    progress.finish();
+
+    TrainResult result;
+    result.steps = state.step;
+    result.tokens = state.tokens_seen;
+    result.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    result.final_loss = loss;
+    result.tokens_per_second =
+        static_cast<double>(tokens_this_session) / std::max(result.seconds, 1e-9);
+    if (!held_out.empty()) {
+      result.eval = evaluate_now(held_out);
+      log_eval(metrics, state.step, result.eval, !options_.quiet);
+    }
+    result.final_model = output_ / "final";
+    const ModelConfig final_config = output_config(student_config_, job_.output_dtype);
+    save_pretrained(backend_, student_, final_config, result.final_model, /*force=*/true,
+                    [&](const fs::path& directory) {
+                      write_hf_tokenizer(read_tokenizer_source(tokenizer_.path()), directory,
+                                         tokenizer_options_for(final_config));
+                    });
+    write_plot();
+    return result;
+  }
+
+ private:
+  // Which parameters an objective trains (the rest keep no gradient and are not decayed).
+  void configure_trainable() {
+    const bool hidden = job_.objective == Objective::XkdHidden;
+    const bool norm_only = job_.objective == Objective::NormOnly;
+    Random random(Random::derive(job_.norm_only_seed, "norm_only/init"));
+    student_.visit_parameters([&](Parameter& p) {
+      const bool norm = p.role == ParamRole::NormWeight || p.role == ParamRole::NormBias;
+      p.trainable = true;
+      if (norm_only) p.trainable = norm;
+      // Eq. 1 never reaches the final norm or the LM head.
+      if (hidden && (p.name.starts_with("lm_head.") || p.name.starts_with("model.norm.")))
+        p.trainable = false;
+      if (norm_only && norm && p.role == ParamRole::NormWeight && job_.norm_only_init == "random") {
+        Tensor values = Tensor::empty(DType::F32, p.value.shape());
+        for (float& value : values.span<float>())
+          value = static_cast<float>(0.5 + random.uniform());
+        backend_.upload(values, p.value);
+      }
+    });
+    if (teacher_)
+      teacher_->visit_parameters([](Parameter& p) {
+        p.trainable = false;
+        p.grad = Tensor();
+      });
+  }
+
+  double micro_step(const Batch& batch) {
+    const std::int64_t count = batch.batch * batch.seq;
+    const double normalizer = static_cast<double>(batch.target_count() * job_.grad_accum);
+    const auto hidden_shape = Shape{count, student_config_.hidden_size};
+    const bool opm_l2 = job_.objective == Objective::NormOnly && job_.norm_only_loss == "opm-l2";
+    if (opm_l2) {
+      // OPM's own objective reads the teacher's norm parameters on the host (validated in
+      // train_on: only with device cpu).
+      if constexpr (std::is_same_v<Backend, Cpu>) return norm_only_opm_step(batch, normalizer);
+    }
+
+    student_.forward(backend_, batch.inputs, batch.batch, batch.seq, student_acts_,
+                     ForwardMode::Training);
+    backend_.ensure(d_hidden_, Backend::Precision::activation, hidden_shape);
+    backend_.fill_zero(d_hidden_);
+    MatrixView<Act> d_hidden = as_matrix<Act>(d_hidden_);
+    const auto student_hidden = as_matrix<const Act>(student_acts_.hidden);
+    double loss = 0;
+    switch (job_.objective) {
+      case Objective::CrossEntropy: {
+        xkd::CrossEntropyOptions options;
+        options.normalizer = normalizer;
+        loss = xkd::cross_entropy(backend_, student_.lm_head, student_hidden, batch.targets, &d_hidden,
+                                  options)
+                   .loss;
+        student_.backward(backend_, student_acts_, d_hidden_);
+        break;
+      }
+      case Objective::XkdLogit:
+      case Objective::NormOnly:
+      case Objective::XkdLogitMse: {
+        teacher_->forward(backend_, batch.inputs, batch.batch, batch.seq, teacher_acts_,
+                          ForwardMode::Inference);
+        const auto teacher_hidden = as_matrix<const Act>(teacher_acts_.hidden);
+        if (job_.objective == Objective::XkdLogitMse) {
+          xkd::LogitMseOptions options;
+          options.normalizer = static_cast<double>(count * job_.grad_accum);
+          loss = xkd::logit_mse(backend_, teacher_->lm_head, teacher_hidden, student_.lm_head,
+                                student_hidden, &d_hidden, options)
+                     .loss;
+        } else {
+          xkd::LogitKlOptions options;
+          options.temperature = job_.temperature;
+          options.normalizer = static_cast<double>(count * job_.grad_accum);
+          loss = xkd::logit_kl(backend_, teacher_->lm_head, teacher_hidden, student_.lm_head,
+                               student_hidden, &d_hidden, options)
+                     .loss;
+        }
+        student_.backward(backend_, student_acts_, d_hidden_);
+        break;
+      }
+      case Objective::XkdHidden: {
+        teacher_->forward(backend_, batch.inputs, batch.batch, batch.seq, teacher_acts_,
+                          ForwardMode::Inference,
+                          /*keep_states=*/true);
+        xkd::HiddenMseOptions options;
+        options.centre_teacher = job_.centre_teacher;
+        options.normalizer = static_cast<double>(count * job_.grad_accum);
+        loss =
+            xkd::hidden_mse(backend_, teacher_acts_.states, student_acts_.states, &d_states_, options)
+                .loss;
+        student_.backward(backend_, student_acts_, Tensor(), &d_states_);
+        break;
+      }
+    }
+    return loss;
+  }
+
+  // OPM's objective on the teacher's own pre-norm activations: per site,
+  // sum_t ||LN_teacher(x_t) - RMS_w(x_t)||^2 / normalizer, and its gradient w.r.t. w.
+  double norm_only_opm_step(const Batch& batch, double normalizer) {
+    std::map<std::string, Parameter*> weights;
+    student_.visit_parameters([&](Parameter& p) {
+      if (p.role == ParamRole::NormWeight) weights.emplace(p.name, &p);
+    });
+    std::map<std::string, std::pair<const Parameter*, const Parameter*>> teacher_norms;
+    teacher_->visit_parameters([&](Parameter& p) {
+      if (p.role == ParamRole::NormWeight)
+        teacher_norms[p.name.substr(0, p.name.size() - 7)].first = &p;
+      if (p.role == ParamRole::NormBias)
+        teacher_norms[p.name.substr(0, p.name.size() - 5)].second = &p;
+    });
+    const double teacher_eps = teacher_->config().norm_eps, student_eps = student_config_.norm_eps;
+    double loss = 0;
+    const NormInputObserver<float> observer = [&](const std::string& site,
+                                                  MatrixView<const float> x) {
+      Parameter* w = weights.at(site + ".weight");
+      const auto& [g, b] = teacher_norms.at(site);
+      loss += xkd::opm_l2(backend_, x, g->value.data<float>(), b->value.data<float>(),
+                          static_cast<float>(teacher_eps), w->value.data<float>(),
+                          static_cast<float>(student_eps), w->template grad_data<float>(),
+                          normalizer, opm_workspace_);
+    };
+    teacher_->forward(backend_, batch.inputs, batch.batch, batch.seq, teacher_acts_,
+                      ForwardMode::Inference, false, &observer);
+    return loss;
+  }
+
+  EvalReport evaluate_now(const std::vector<Batch>& held_out) {
+    return evaluate(backend_, student_, teacher_, held_out, job_.eval_max_batches);
+  }
+
+  void log_eval(MetricsLog& metrics, std::int64_t step, const EvalReport& report, bool print) {
+    nlohmann::json record{{"type", "eval"},
+                          {"step", step},
+                          {"tokens", report.tokens},
+                          {"perplexity", report.student_perplexity}};
+    if (report.has_teacher) {
+      record["teacher_perplexity"] = report.teacher_perplexity;
+      record["kl"] = report.kl;
+      record["top1_agreement"] = report.agreement;
+    }
+    metrics.write(record);
+    eval_steps_.push_back(static_cast<double>(step));
+    eval_perplexity_.push_back(report.student_perplexity);
+    eval_kl_.push_back(report.kl);
+    if (print) {
+      if (report.has_teacher)
+        std::fprintf(stderr,
+                     "\n  eval at step %lld: perplexity %.3f (teacher %.3f), KL %.4f, top-1 "
+                     "agreement %.2f%%\n",
+                     static_cast<long long>(step), report.student_perplexity,
+                     report.teacher_perplexity, report.kl, 100 * report.agreement);
+      else
+        std::fprintf(stderr, "\n  eval at step %lld: perplexity %.3f\n",
+                     static_cast<long long>(step), report.student_perplexity);
+    }
+  }
+
+  void write_plot() {
+    Chart loss{std::string("training loss (") + objective_name(job_.objective) + ")",
+               "step",
+               "loss",
+               true,
+               {{"train", train_steps_, train_losses_, false}}};
+    // Both panels span the whole run, so an evaluation lines up with the loss above it.
+    loss.x_low = 0;
+    loss.x_high = static_cast<double>(job_.steps);
+    std::vector<Chart> panels{loss};
+    if (!eval_steps_.empty()) {
+      Chart eval{"held-out evaluation",
+                 "step",
+                 teacher_ ? "KL(teacher || student)" : "perplexity",
+                 true,
+                 {},
+                 loss.x_low,
+                 loss.x_high};
+      if (teacher_)
+        eval.series.push_back({"KL to the teacher", eval_steps_, eval_kl_, true});
+      else
+        eval.series.push_back({"perplexity", eval_steps_, eval_perplexity_, true});
+      panels.push_back(eval);
+    }
+    write_png(output_ / "loss.png", panels);
+  }
+
+  const TrainJob& job_;
+  const TrainOptions& options_;
+  Backend& backend_;
+  Student& student_;
+  Teacher* teacher_;
+  ModelConfig student_config_;
+  DataLoader& loader_;
+  const Tokenizer& tokenizer_;
+  fs::path output_;
+  typename Student::Activations student_acts_;
+  typename Teacher::Activations teacher_acts_;
+  Tensor d_hidden_;
+  std::vector<Tensor> d_states_;
+  xkd::OpmL2Workspace<Backend> opm_workspace_;
+  std::vector<double> train_steps_, train_losses_, eval_steps_, eval_perplexity_, eval_kl_;
+};
+
+
+// Loads (or initialises) the models on `backend` and runs the job; run_training has validated it.
+template <class B>
+TrainResult train_on(B& backend, const TrainJob& job, const TrainOptions& options) {
+  constexpr bool on_cpu = std::is_same_v<B, Cpu>;
+  KEPT_CHECK(!(job.objective == Objective::NormOnly && job.norm_only_loss == "opm-l2") || on_cpu,
+             job.file.string(), ": norm_only.loss \"opm-l2\" runs on the CPU only; use device \"cpu\" "
+             "or norm_only.loss \"xkd-logit\"");
+  std::optional<LoadedModelOn<B>> teacher;
+  if (!job.teacher.empty()) teacher.emplace(load_model(backend, job.teacher));
+  ModelConfig student_config;
+  std::optional<LoadedModelOn<B>> student;
+  if (!job.student.empty()) {
+    student.emplace(load_model(backend, job.student));
+    student_config = student->config;
+  } else {
+    student_config = read_hf_config(job.init_config);
+    student.emplace(LoadedModelOn<B>{"", student_config, make_decoder(backend, student_config)});
+    with_decoder(student->model, [&](auto& model) {
+      init_parameters(backend, model, {.seed = job.init_seed, .std = job.init_std});
+    });
+  }
+  if (teacher) check_compatible(job, student_config, teacher->config);
+
+  const Tokenizer tokenizer = find_tokenizer(job.tokenizer, {job.student, job.teacher});
+  tokenizer.check_fits(student_config.vocab_size,
+                       job.student.empty() ? job.init_config : job.student + "/config.json");
+  std::vector<TokenDocument> documents;
+  for (const std::string& text : read_documents(job.train_data)) {
+    TokenDocument ids = tokenizer.encode(text);
+    if (!ids.empty()) documents.push_back(std::move(ids));
+  }
+  KEPT_CHECK(!documents.empty(), job.train_data, ": no document gives any token");
+  DataConfig data;
+  data.seq_len = job.seq_len;
+  data.batch_size = job.batch_size;
+  data.eos_id = tokenizer.eos_id();
+  data.seed = job.data_seed;
+  data.held_out_fraction = job.held_out_fraction;
+  data.vocab_size = static_cast<std::int32_t>(student_config.vocab_size);
+  DataLoader loader(std::move(documents), data);
+  prepare_output(job.output, options);
+
+  return with_decoder(student->model, [&](auto& student_model) {
+    if (teacher) {
+      return with_decoder(teacher->model, [&](auto& teacher_model) {
+        Run run(job, options, backend, student_model, &teacher_model, student_config, loader,
+                tokenizer);
+        return run.run();
+      });
+    }
+    using StudentType = std::remove_reference_t<decltype(student_model)>;
+    Run<B, StudentType, StudentType> run(job, options, backend, student_model, nullptr,
+                                         student_config, loader, tokenizer);
+    return run.run();
+  });
+}
+
+}  // namespace training
+}  // namespace kept::cli
