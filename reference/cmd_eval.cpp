@@ -1,4 +1,5 @@
 // kept eval MODEL --data FILE [--teacher T] [--seq-len N] [--json out.json] [--plot out.png]
+//           [--device cpu|cuda]
 //
 // Scores a model on text: perplexity, and against a teacher KL(teacher || model) and top-1
 // agreement, plus perplexity as a function of context length (positions 0, 1, 2-3, 4-7, ...),
@@ -10,52 +11,18 @@
 #include <nlohmann/json.hpp>
 
 #include "commands.hpp"
-#include "corpus.hpp"
-#include "evaluate.hpp"
+#include "eval_run.hpp"
 #include "kept/io/atomic_file.hpp"
-#include "models.hpp"
 #include "plot.hpp"
 
 namespace kept::cli {
 namespace {
 
-struct Options {
-  std::string model, teacher, data, tokenizer, json, plot;
-  std::int64_t seq_len = 256, batch_size = 4, max_batches = 1 << 30;
-};
+using Options = EvalOptions;
 
 void run(const Options& options) {
   Cpu cpu;
-  LoadedModel model = load_model(cpu, options.model);
-  std::optional<LoadedModel> teacher;
-  if (!options.teacher.empty()) {
-    teacher.emplace(load_model(cpu, options.teacher));
-    KEPT_CHECK(teacher->config.vocab_size == model.config.vocab_size, options.teacher,
-               ": the teacher's vocabulary has ", teacher->config.vocab_size,
-               " entries, the model's (", options.model, ") ", model.config.vocab_size);
-  }
-  const Tokenizer tokenizer = find_tokenizer(options.tokenizer, {options.model, options.teacher});
-  tokenizer.check_fits(model.config.vocab_size, options.model + "/config.json");
-  auto documents = std::make_shared<std::vector<TokenDocument>>();
-  for (const std::string& text : read_documents(options.data)) {
-    TokenDocument ids = tokenizer.encode(text);
-    if (!ids.empty()) documents->push_back(std::move(ids));
-  }
-  KEPT_CHECK(!documents->empty(), options.data, ": no document gives any token");
-  std::vector<std::size_t> all(documents->size());
-  for (std::size_t i = 0; i < all.size(); ++i)
-    all[i] = i;
-  const std::vector<Batch> batches =
-      evaluation_batches(documents, all, tokenizer.eos_id(), options.seq_len, options.batch_size);
-
-  const EvalReport report = with_decoder(model.model, [&](auto& student) {
-    using Student = std::remove_reference_t<decltype(student)>;
-    if (!teacher)
-      return evaluate(cpu, student, static_cast<Student*>(nullptr), batches, options.max_batches);
-    return with_decoder(teacher->model, [&](auto& t) {
-      return evaluate(cpu, student, &t, batches, options.max_batches);
-    });
-  });
+  const EvalReport report = options.device == "cuda" ? score_on_cuda(options) : score(cpu, options);
 
   std::printf("%s on %s: %lld tokens\n", options.model.c_str(), options.data.c_str(),
               static_cast<long long>(report.tokens));
@@ -129,6 +96,9 @@ void register_eval(CLI::App& app) {
       ->check(CLI::PositiveNumber);
   command->add_option("--json", options->json, "Write the results as JSON");
   command->add_option("--plot", options->plot, "Write perplexity by context length as a PNG");
+  command->add_option("--device", options->device, "cpu (fp32) or cuda (bf16)")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
   command->callback([options] { run(*options); });
 }
 

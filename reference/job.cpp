@@ -98,8 +98,8 @@ TrainJob parse_job(const nlohmann::json& json, const std::string& where) {
              enum_name_list(kObjectiveNames), ")");
   job.objective = *parsed;
   fields.get("device", job.device);
-  KEPT_CHECK(job.device == "cpu" || job.device == "cuda", where, ": field \"device\": unknown device \"",
-             job.device, "\" (cpu, cuda)");
+  KEPT_CHECK(job.device == "cpu" || job.device == "cuda", where,
+             ": field \"device\": unknown device \"", job.device, "\" (cpu, cuda)");
   fields.get("student", job.student);
   fields.object("init", [&](Fields& init) {
     init.get("config", job.init_config);

@@ -49,8 +49,8 @@ struct TrainJob {
   std::filesystem::path file;  // where the job came from (errors name it)
   Objective objective = Objective::XkdLogit;
   std::string device = "cpu";  // "cpu" or "cuda"
-  std::string student;      // checkpoint directory; empty when init_config is set
-  std::string init_config;  // "init": {"config": ...}
+  std::string student;         // checkpoint directory; empty when init_config is set
+  std::string init_config;     // "init": {"config": ...}
   std::uint64_t init_seed = 0;
   double init_std = 0.02;
   std::string teacher;

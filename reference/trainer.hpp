@@ -11,9 +11,10 @@
 //   norm-only      every parameter frozen but the norm weights (the Appendix-A pilot); its loss
 //                  is "opm-l2", OPM's own objective sum_sites ||LN_teacher(x) - RMS_w(x)||^2 on the
 //                  teacher's pre-norm activations, or "xkd-logit"
-// Runs are resumable bit for bit (on the CPU, and on one GPU): checkpoints hold the fp32 parameters, AdamW's
-// moments, the data loader's position and the step; every reduction in kept is ordered, so a
-// run killed at any moment and resumed from its last checkpoint repeats the same losses.
+// Runs are resumable bit for bit (on the CPU, and on one GPU): checkpoints hold the fp32
+// parameters, AdamW's moments, the data loader's position and the step; every reduction in kept is
+// ordered, so a run killed at any moment and resumed from its last checkpoint repeats the same
+// losses.
 #pragma once
 
 #include <cstdint>

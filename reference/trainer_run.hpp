@@ -4,8 +4,8 @@
 // trainer_cuda.cpp for the CUDA backend (nvcc, or g++ against the host emulation).
 #pragma once
 
-#include "trainer.hpp"
 #include <type_traits>
+#include "trainer.hpp"
 
 #include <chrono>
 #include <cmath>
@@ -245,8 +245,8 @@ class Run {
       case Objective::CrossEntropy: {
         xkd::CrossEntropyOptions options;
         options.normalizer = normalizer;
-        loss = xkd::cross_entropy(backend_, student_.lm_head, student_hidden, batch.targets, &d_hidden,
-                                  options)
+        loss = xkd::cross_entropy(backend_, student_.lm_head, student_hidden, batch.targets,
+                                  &d_hidden, options)
                    .loss;
         student_.backward(backend_, student_acts_, d_hidden_);
         break;
@@ -281,9 +281,9 @@ class Run {
         xkd::HiddenMseOptions options;
         options.centre_teacher = job_.centre_teacher;
         options.normalizer = static_cast<double>(count * job_.grad_accum);
-        loss =
-            xkd::hidden_mse(backend_, teacher_acts_.states, student_acts_.states, &d_states_, options)
-                .loss;
+        loss = xkd::hidden_mse(backend_, teacher_acts_.states, student_acts_.states, &d_states_,
+                               options)
+                   .loss;
         student_.backward(backend_, student_acts_, Tensor(), &d_states_);
         break;
       }
@@ -396,13 +396,13 @@ class Run {
   std::vector<double> train_steps_, train_losses_, eval_steps_, eval_perplexity_, eval_kl_;
 };
 
-
 // Loads (or initialises) the models on `backend` and runs the job; run_training has validated it.
 template <class B>
 TrainResult train_on(B& backend, const TrainJob& job, const TrainOptions& options) {
   constexpr bool on_cpu = std::is_same_v<B, Cpu>;
   KEPT_CHECK(!(job.objective == Objective::NormOnly && job.norm_only_loss == "opm-l2") || on_cpu,
-             job.file.string(), ": norm_only.loss \"opm-l2\" runs on the CPU only; use device \"cpu\" "
+             job.file.string(),
+             ": norm_only.loss \"opm-l2\" runs on the CPU only; use device \"cpu\" "
              "or norm_only.loss \"xkd-logit\"");
   std::optional<LoadedModelOn<B>> teacher;
   if (!job.teacher.empty()) teacher.emplace(load_model(backend, job.teacher));

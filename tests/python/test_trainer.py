@@ -68,6 +68,7 @@ from kept_testing import (
     relative_error,
     split_documents,
     write_corpus,
+    write_ids,
 )
 
 KEPT_TIMEOUT_S = 120
@@ -942,3 +943,38 @@ def test_device_cuda_trains_and_resumes_bit_exactly(world, kept_bin, reference_r
     assert resumed_from(run.output_text()) == max(s for s in complete_checkpoints(killed) if s <= 4)
     assert train_trace(killed) == reference
     assert snapshot(killed / "final") == final
+
+
+def test_device_cuda_forward_and_eval_agree_with_cpu(world, kept_bin, tmp_path):
+    """kept forward / eval --device cuda against HF (float64) and the CPU run: bf16 weights and
+    activations cost a few bf16 roundings (u = 2^-8) per layer op, so with 2 layers the logits
+    are within 8 u of the float64 ones (relative to the largest logit) and the perplexity within
+    8 u of the fp32 CPU figure."""
+    ids = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(5))
+    ids_path, out_path = write_ids(tmp_path / "ids.safetensors", ids), tmp_path / "out.safetensors"
+    proc = run_kept(kept_bin, "forward", world.paper, "--input", ids_path, "--out", out_path,
+                    "--device", "cuda", check=False, threads=KEPT_THREADS)
+    if proc.returncode != 0 and ("built without the CUDA backend" in proc.stderr
+                                 or "no usable CUDA device" in proc.stderr):
+        pytest.skip(proc.stderr.strip())
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith("device cuda: "), proc.stderr
+    got = load_file(str(out_path))["logits"].double()
+    want = hf_logits(load_llama(world.paper), ids)
+    error = relative_error(got, want)
+    print(f"[cuda] forward: max |logit - HF float64| / max |logit| = {error:.2e}")
+    assert error <= 8 * 2.0 ** -8, error
+
+    data = write_corpus(tmp_path / "held-out.txt", generated_documents(9, 12, WORDS))
+    figures = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / f"eval-{device}.json"
+        run_kept(kept_bin, "eval", world.paper, "--teacher", world.teacher, "--data", data,
+                 "--seq-len", 24, "--batch-size", 3, "--json", out, "--device", device,
+                 threads=KEPT_THREADS)
+        figures[device] = json.loads(out.read_text())
+    print(f"[cuda] eval: perplexity cpu {figures['cpu']['perplexity']:.5f}, "
+          f"cuda {figures['cuda']['perplexity']:.5f}")
+    assert figures["cuda"]["tokens"] == figures["cpu"]["tokens"]
+    for key in ("perplexity", "teacher_perplexity"):
+        assert math.isclose(figures["cuda"][key], figures["cpu"][key], rel_tol=8 * 2.0 ** -8), key

@@ -612,9 +612,11 @@ class Emulator {
   Extent3 block_dim_, grid_dim_;
 };
 
-// One emulated device per host thread.
+// The emulated device: one per process, driven by one host thread at a time (as kept's backends
+// are). A static, not a thread_local, so it outlives every static object that allocated device
+// memory after it (destruction runs in reverse order of construction).
 inline Emulator& emulator() {
-  thread_local Emulator instance;
+  static Emulator instance;
   return instance;
 }
 

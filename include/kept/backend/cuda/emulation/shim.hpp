@@ -157,7 +157,7 @@ struct RuntimeState {
   std::string detail;  // what the last failure found
 };
 inline RuntimeState& runtime_state() {
-  thread_local RuntimeState state;
+  static RuntimeState state;
   return state;
 }
 inline cudaError_t record(cudaError_t status, std::string detail) {

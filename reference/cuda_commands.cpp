@@ -1,0 +1,54 @@
+// reference/cuda_commands.cpp: the commands' runs on the CUDA backend (`--device cuda`: train,
+// eval, forward). Compiled by nvcc for a GPU (cuda_commands.cu includes this file), or by g++
+// against the host emulation in a KEPT_CUDA_EMULATION build, where kept's kernels run on the CPU
+// under the emulator's checks. Without either, cuda_unavailable.cpp gives a clear error instead.
+#include <cstdio>
+#include <string>
+
+#include "eval_run.hpp"
+#include "forward_run.hpp"
+#include "kept/backend/cuda/backend.cuh"
+#include "trainer.hpp"
+#include "trainer_run.hpp"
+
+namespace kept::cli {
+namespace {
+
+// Checks for a device and says which one this is (the first line of a run's output).
+void announce_device(const std::string& what) {
+  const cuda::DeviceProbe probe = cuda::probe_devices();
+  KEPT_CHECK(probe.count > 0, what, ": device \"cuda\": no usable CUDA device (", probe.describe(),
+             ")");
+  if (cuda::kEmulated)
+    std::fprintf(stderr,
+                 "device cuda: emulated on the CPU (a KEPT_CUDA_EMULATION build: kept's kernels "
+                 "run under the emulator's checks, far slower than a GPU)\n");
+  else
+    std::fprintf(stderr, "device cuda: GPU 0 of %d\n", probe.count);
+}
+
+}  // namespace
+
+TrainResult run_training_cuda(const TrainJob& job, const TrainOptions& options) {
+  announce_device(job.file.string());
+  cuda::Cuda context;
+  cuda::CudaBackend backend(context);
+  return training::train_on(backend, job, options);
+}
+
+EvalReport score_on_cuda(const EvalOptions& options) {
+  announce_device("kept eval");
+  cuda::Cuda context;
+  cuda::CudaBackend backend(context);
+  return score(backend, options);
+}
+
+void run_forward_cuda(const std::string& model_dir, const std::string& input,
+                      const std::string& output, bool hidden_states) {
+  announce_device("kept forward");
+  cuda::Cuda context;
+  cuda::CudaBackend backend(context);
+  run_forward(backend, model_dir, input, output, hidden_states);
+}
+
+}  // namespace kept::cli
