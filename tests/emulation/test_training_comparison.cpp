@@ -1,5 +1,6 @@
 // The same tiny XKD job (KL on logits against a frozen teacher) and a cross-entropy job, trained
-// step by step on CpuBf16, on the emulated CUDA backend and on fp32 Cpu, from the same initial
+// step by step on CpuBf16, on the CUDA backend (emulated here; on a GPU in kept_cuda_tests, which
+// compiles this file with nvcc) and on fp32 Cpu, from the same initial
 // weights and batches: the loss sequences must agree within the bounds derived below.
 //
 // Bounds. CUDA and CpuBf16 round to bf16 at the same points (kept/backend/backend.hpp) and both
@@ -97,6 +98,11 @@ std::vector<double> train(B& backend, bool distil) {
 }
 
 void compare(bool distil) {
+  if (kept::cuda::cuda_device_count() ==
+      0) {  // the nvcc build (tests/cuda) on a machine without a GPU
+    SUCCEED("SKIPPED: no CUDA device (" << kept::cuda::probe_devices().describe() << ")");
+    return;
+  }
   kept::Cpu cpu;
   kept::CpuBf16 cpu_bf16;
   kept::cuda::Cuda context;

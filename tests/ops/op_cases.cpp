@@ -190,7 +190,9 @@ void gemm_cases(std::vector<OpCase>& cases) {
 struct Rows {
   std::int64_t rows, cols;
 };
-const Rows kNormShapes[] = {{1, 1}, {3, 7}, {9, 33}, {5, 1027}};
+// {40, 64} and {21, 256}: columns a multiple of 8 (the CUDA kernels' 16-byte packs), more rows than
+// the backward's blocks (each block then sums several rows' parameter-gradient partials).
+const Rows kNormShapes[] = {{1, 1}, {3, 7}, {9, 33}, {5, 1027}, {40, 64}, {21, 256}};
 
 void norm_forward_reference(const Buffers& in, std::int64_t rows, std::int64_t cols, bool layer,
                             std::vector<double>& mean, std::vector<double>& rstd) {
@@ -400,7 +402,7 @@ double sigmoid(double x) {
 }
 
 void swiglu_cases(std::vector<OpCase>& cases) {
-  for (std::int64_t n : {1, 37, 4099}) {
+  for (std::int64_t n : {1, 37, 1024, 4099}) {  // 1024: whole 16-byte packs on CUDA
     OpCase f{"swiglu_forward", shape_text({{"n", n}}), {"gate", "up"}, {"out"}, {}, {}, {}, {}};
     f.generate = [n](Random& r, Buffers& in, Buffers& out) {
       in = {draw(r, n, 3.0), draw(r, n, 1.0)};

@@ -10,7 +10,7 @@
 // Precision policy. One `Scalar` cannot serve bf16 training, so a backend names five types:
 //
 // clang-format off
-//   type        what it stores                                 Cpu64   Cpu    CpuBf16  Cuda (next)
+//   type        what it stores                                 Cpu64   Cpu    CpuBf16  Cuda
 //   Activation  layer inputs/outputs, residual stream, their   double  float  bf16     bf16
 //               gradients, attention q/k/v/o
 //   Param       parameter values the kernels read              double  float  bf16     bf16
@@ -41,8 +41,8 @@
 //  - Backward ops of the norms, attention, embedding and bias accumulate (+=) into every gradient
 //    they produce; swiglu_backward overwrites (=) d_gate and d_up.
 //  - Shapes are passed explicitly; `count` is an element count, `rows x cols` a row layout.
-//  - A bad argument throws kept::Error naming the op; an op a backend does not have yet throws
-//    "not implemented on <backend>: <op>".
+//  - A bad argument throws kept::Error naming the op (on CUDA also a failed launch, with the
+//    CUDA status and, in the host emulation, what the emulator found).
 //
 // clang-format off
 // Op                         | what it computes
@@ -71,7 +71,7 @@
 // The CPU backends (kept/backend/cpu.hpp: Cpu, Cpu64; kept/backend/cpu_bf16.hpp: CpuBf16)
 // satisfy it; tests/unit/test_backend_contract.cpp instantiates the whole model, every objective,
 // the optimizer step and evaluation for each, and tests/cuda/cuda_contract.cu does the same for
-// the CUDA backend under nvcc.
+// the CUDA backend (kept/backend/cuda/backend.cuh) under nvcc and under the host emulation.
 #pragma once
 
 #include <concepts>

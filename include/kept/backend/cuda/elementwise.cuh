@@ -16,14 +16,27 @@
 
 namespace kept::cuda::detail {
 
-template <class T>
-__global__ void add_kernel(const T* a, const T* b, T* out, std::int64_t count) {
-  grid_stride(count, [&](std::int64_t i) { out[i] = from_f32<T>(to_f32(a[i]) + to_f32(b[i])); });
+// Elementwise over `count / N` packs of N (one 16-byte access per operand when N > 1).
+template <int N, class T>
+__global__ void add_kernel(const T* a, const T* b, T* out, std::int64_t packs) {
+  grid_stride(packs, [&](std::int64_t p) {
+    const Pack<T, N> x = load_pack<N>(a, p), y = load_pack<N>(b, p);
+    Pack<T, N> r;
+    for (int k = 0; k < N; ++k)
+      r.v[k] = from_f32<T>(to_f32(x.v[k]) + to_f32(y.v[k]));
+    store_pack<N>(out, p, r);
+  });
 }
 // out += a; separate from add so `out` is one (written) pointer, not an input aliasing it.
-template <class T>
-__global__ void accumulate_kernel(const T* a, T* out, std::int64_t count) {
-  grid_stride(count, [&](std::int64_t i) { out[i] = from_f32<T>(to_f32(out[i]) + to_f32(a[i])); });
+template <int N, class T>
+__global__ void accumulate_kernel(const T* a, T* out, std::int64_t packs) {
+  grid_stride(packs, [&](std::int64_t p) {
+    const Pack<T, N> x = load_pack<N>(a, p);
+    Pack<T, N> r = load_pack<N>(out, p);
+    for (int k = 0; k < N; ++k)
+      r.v[k] = from_f32<T>(to_f32(r.v[k]) + to_f32(x.v[k]));
+    store_pack<N>(out, p, r);
+  });
 }
 template <class T, class B>
 __global__ void add_bias_kernel(T* out, std::int64_t rows, std::int64_t cols, std::int64_t ld,
@@ -33,9 +46,14 @@ __global__ void add_bias_kernel(T* out, std::int64_t rows, std::int64_t cols, st
     value = from_f32<T>(to_f32(value) + to_f32(bias[i % cols]));
   });
 }
-template <class T>
-__global__ void scale_kernel(T* x, std::int64_t count, float factor) {
-  grid_stride(count, [&](std::int64_t i) { x[i] *= factor; });
+template <int N, class T>
+__global__ void scale_kernel(T* x, std::int64_t packs, float factor) {
+  grid_stride(packs, [&](std::int64_t p) {
+    Pack<T, N> r = load_pack<N>(x, p);
+    for (int k = 0; k < N; ++k)
+      r.v[k] *= factor;
+    store_pack<N>(x, p, r);
+  });
 }
 template <class From, class To>
 __global__ void convert_kernel(const From* src, std::int64_t rows, std::int64_t cols,
@@ -61,14 +79,22 @@ template <class T>
 cudaError_t launch_add(const T* a, const T* b, T* out, std::int64_t count, cudaStream_t stream) {
   if (count == 0) return cudaSuccess;
   using namespace detail;
-  return launch("add", add_kernel<T>, dim3(blocks_for(count)), dim3(kElementwiseThreads), 0, stream,
-                a, b, out, count);
+  constexpr int N = kPackOf<T>;
+  if (packable(count, N, {a, b, out}))
+    return launch("add", add_kernel<N, T>, dim3(blocks_for(count / N)), dim3(kElementwiseThreads),
+                  0, stream, a, b, out, count / N);
+  return launch("add", add_kernel<1, T>, dim3(blocks_for(count)), dim3(kElementwiseThreads), 0,
+                stream, a, b, out, count);
 }
 template <class T>
 cudaError_t launch_accumulate(const T* a, T* out, std::int64_t count, cudaStream_t stream) {
   if (count == 0) return cudaSuccess;
   using namespace detail;
-  return launch("accumulate", accumulate_kernel<T>, dim3(blocks_for(count)),
+  constexpr int N = kPackOf<T>;
+  if (packable(count, N, {a, out}))
+    return launch("accumulate", accumulate_kernel<N, T>, dim3(blocks_for(count / N)),
+                  dim3(kElementwiseThreads), 0, stream, a, out, count / N);
+  return launch("accumulate", accumulate_kernel<1, T>, dim3(blocks_for(count)),
                 dim3(kElementwiseThreads), 0, stream, a, out, count);
 }
 template <class T, class B>
@@ -82,8 +108,12 @@ cudaError_t launch_add_bias(T* out, std::int64_t rows, std::int64_t cols, std::i
 inline cudaError_t launch_scale(float* x, std::int64_t count, float factor, cudaStream_t stream) {
   if (count == 0) return cudaSuccess;
   using namespace detail;
-  return launch("scale", scale_kernel<float>, dim3(blocks_for(count)), dim3(kElementwiseThreads), 0,
-                stream, x, count, factor);
+  constexpr int N = kPackOf<float>;
+  if (packable(count, N, {x}))
+    return launch("scale", scale_kernel<N, float>, dim3(blocks_for(count / N)),
+                  dim3(kElementwiseThreads), 0, stream, x, count / N, factor);
+  return launch("scale", scale_kernel<1, float>, dim3(blocks_for(count)), dim3(kElementwiseThreads),
+                0, stream, x, count, factor);
 }
 template <class From, class To>
 cudaError_t launch_convert(const From* src, std::int64_t rows, std::int64_t cols,

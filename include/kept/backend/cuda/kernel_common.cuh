@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 
 #include "kept/backend/cuda/platform.cuh"
@@ -30,6 +31,34 @@ __device__ __forceinline__ T from_f32(float value) {
 }
 
 inline constexpr int kElementwiseThreads = 256;
+
+// ---- 16-byte vectors -------------------------------------------------------------------------
+// Pack<T, N>: N consecutive elements moved with one 16-byte load or store (N = kPackOf<T>: 8 bf16
+// or 4 floats) when every pointer is 16-byte aligned and the element count a multiple of N;
+// N = 1 otherwise. Launchers pick N at run time (vector_width) and instantiate both.
+template <class T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+template <class T>
+inline constexpr int kPackOf = 16 / static_cast<int>(sizeof(T));
+
+template <int N, class T>
+__device__ __forceinline__ Pack<std::remove_const_t<T>, N> load_pack(T* base, std::int64_t pack) {
+  return reinterpret_cast<const Pack<std::remove_const_t<T>, N>*>(base)[pack];
+}
+template <int N, class T>
+__device__ __forceinline__ void store_pack(T* base, std::int64_t pack, const Pack<T, N>& value) {
+  reinterpret_cast<Pack<T, N>*>(base)[pack] = value;
+}
+
+// True when `count` elements of every (non-null) pointer can move as 16-byte packs of N.
+inline bool packable(std::int64_t count, int n, std::initializer_list<const void*> pointers) {
+  if (count % n != 0) return false;
+  for (const void* pointer : pointers)
+    if (reinterpret_cast<std::uintptr_t>(pointer) % 16 != 0) return false;
+  return true;
+}
 
 // Blocks for a grid-stride loop over `count` elements: enough to fill the device, never more
 // than the work needs.

@@ -262,7 +262,7 @@ class Cuda {
       : device_(device) {
     const int count = cuda_device_count();
     KEPT_CHECK(device >= 0 && device < count, "CUDA device ", device, " requested, but ", count,
-               " device(s) are present");
+               " device(s) are present (", probe_devices().describe(), ")");
     KEPT_CUDA_CHECK(cudaSetDevice(device));
     KEPT_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device));
     cudaStream_t stream = nullptr;
