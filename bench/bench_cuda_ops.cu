@@ -1,17 +1,16 @@
-// bench/bench_cuda_ops.cu: the CUDA slice's speed, measured with CUDA events on the backend stream.
+// bench/bench_cuda_ops.cu: the CUDA backend's speed (kept/backend/cuda/backend.cuh), measured with
+// CUDA events on the backend stream.
 //
-// - Norms (LayerNorm, RMSNorm; forward and backward) with bf16 storage at rows x cols =
-//   16384 x {1024, 4096, 5120, 8192}: achieved GB/s counting the bytes the op must move
-//   (forward: read x, write y; backward: read dy, x, dx and write dx; plus the fp32 parameters,
-//   gradients and per-row statistics), beside a device copy-bandwidth probe (cudaMemcpy
-//   device-to-device, read + write) measured in the same run, and the ratio of the two.
+// - Memory-bound ops at rows x cols = 16384 x {1024, 4096, 5120, 8192}, bf16 storage: the norms
+//   (LayerNorm, RMSNorm; forward and backward), SwiGLU forward and backward, the residual add:
+//   achieved GB/s counting the bytes the op must move (activations; bf16 parameters, fp32
+//   parameter gradients and per-row statistics), beside a device copy-bandwidth probe
+//   (cudaMemcpy device-to-device, read + write) measured in the same run, and the ratio.
 // - bf16 GEMM with fp32 accumulation, y = x w^T (the nn.Linear layout), at 4096^3 and at
 //   M x N x K = 5120 x 15360 x 5120 (a 14B MLP up-projection over 5120 tokens): TFLOP/s.
 //
 // Usage: bench_cuda_ops [--iters N] [--quick]   (--quick: 3 iterations, for smoke tests)
 // Without a GPU it prints "no CUDA device: skipped" and exits 0.
-#include <cuda_bf16.h>
-#include <cuda_runtime.h>
 
 #include <cstdint>
 #include <cstdio>
@@ -55,8 +54,9 @@ __global__ void fill_kernel(T* data, std::int64_t count, std::uint32_t seed, flo
 template <class T>
 void fill(kept::cuda::Cuda& cuda, void* data, std::int64_t count, std::uint32_t seed,
           float scale = 1.0f, float offset = 0.0f) {
-  fill_kernel<<<1024, 256, 0, cuda.stream()>>>(static_cast<T*>(data), count, seed, scale, offset);
-  KEPT_CUDA_CHECK(cudaGetLastError());
+  KEPT_CUDA_CHECK(kept::cuda::launch("fill", fill_kernel<T>, dim3(1024), dim3(256), 0,
+                                     cuda.stream(), static_cast<T*>(data), count, seed, scale,
+                                     offset));
 }
 
 // Mean milliseconds per call of `op` over `iters` calls, after 2 warm-up calls.
@@ -82,6 +82,7 @@ double time_ms(kept::cuda::Cuda& cuda, int iters, Op&& op) {
 
 int run(int iters) {
   kept::cuda::Cuda cuda(0);
+  kept::cuda::CudaBackend backend(cuda);
   cudaDeviceProp prop{};
   KEPT_CUDA_CHECK(cudaGetDeviceProperties(&prop, cuda.device()));
   int runtime = 0, driver = 0;
@@ -115,8 +116,8 @@ int run(int iters) {
     Tensor y = cuda.empty(DType::BF16, Shape{rows, cols});
     Tensor dy = cuda.empty(DType::BF16, Shape{rows, cols});
     Tensor dx = cuda.empty(DType::BF16, Shape{rows, cols});
-    Tensor weight = cuda.empty(DType::F32, Shape{cols});
-    Tensor bias = cuda.empty(DType::F32, Shape{cols});
+    Tensor weight = cuda.empty(DType::BF16, Shape{cols});
+    Tensor bias = cuda.empty(DType::BF16, Shape{cols});
     Tensor dweight = cuda.zeros(DType::F32, Shape{cols});
     Tensor dbias = cuda.zeros(DType::F32, Shape{cols});
     Tensor mean = cuda.empty(DType::F32, Shape{rows});
@@ -124,22 +125,23 @@ int run(int iters) {
     fill<__nv_bfloat16>(cuda, x.raw(), count, 1, 2.0f, 0.1f);
     fill<__nv_bfloat16>(cuda, dy.raw(), count, 2);
     fill<__nv_bfloat16>(cuda, dx.raw(), count, 3, 0.01f);
-    fill<float>(cuda, weight.raw(), cols, 4, 0.5f, 1.0f);
-    fill<float>(cuda, bias.raw(), cols, 5, 0.1f);
+    fill<__nv_bfloat16>(cuda, weight.raw(), cols, 4, 0.5f, 1.0f);
+    fill<__nv_bfloat16>(cuda, bias.raw(), cols, 5, 0.1f);
 
     const bf16* xp = x.data<bf16>();
     const bf16* dyp = dy.data<bf16>();
     bf16* yp = y.data<bf16>();
     bf16* dxp = dx.data<bf16>();
-    const float* wp = weight.data<float>();
-    const float* bp = bias.data<float>();
+    const bf16* wp = weight.data<bf16>();
+    const bf16* bp = bias.data<bf16>();
     float* mp = mean.data<float>();
     float* rp = rstd.data<float>();
     float* dwp = dweight.data<float>();
     float* dbp = dbias.data<float>();
     const double act = static_cast<double>(count) * sizeof(bf16);
     const double stats = static_cast<double>(rows) * sizeof(float);
-    const double param = static_cast<double>(cols) * sizeof(float);
+    const double param = static_cast<double>(cols) * sizeof(bf16);
+    const double grad = static_cast<double>(cols) * sizeof(float);
 
     const auto report = [&](const char* name, double ms, double bytes) {
       const double gbs = bytes / (ms * 1e-3) / 1e9;
@@ -148,20 +150,27 @@ int run(int iters) {
     };
     report("layernorm_fwd",
            time_ms(cuda, iters,
-                   [&] { cuda.layernorm_forward(xp, wp, bp, yp, mp, rp, rows, cols, 1e-5f); }),
+                   [&] { backend.layernorm_forward(xp, wp, bp, yp, mp, rp, rows, cols, 1e-5f); }),
            2 * act + 2 * param + 2 * stats);
+    report("layernorm_bwd",
+           time_ms(
+               cuda, iters,
+               [&] { backend.layernorm_backward(dyp, xp, wp, mp, rp, dxp, dwp, dbp, rows, cols); }),
+           4 * act + 2 * stats + param + 4 * grad);
     report(
-        "layernorm_bwd",
-        time_ms(cuda, iters,
-                [&] { cuda.layernorm_backward(dyp, xp, wp, mp, rp, dxp, dwp, dbp, rows, cols); }),
-        4 * act + 2 * stats + 5 * param);
-    report("rmsnorm_fwd",
-           time_ms(cuda, iters, [&] { cuda.rmsnorm_forward(xp, wp, yp, rp, rows, cols, 1e-5f); }),
-           2 * act + param + stats);
-    report(
-        "rmsnorm_bwd",
-        time_ms(cuda, iters, [&] { cuda.rmsnorm_backward(dyp, xp, wp, rp, dxp, dwp, rows, cols); }),
-        4 * act + stats + 3 * param);
+        "rmsnorm_fwd",
+        time_ms(cuda, iters, [&] { backend.rmsnorm_forward(xp, wp, yp, rp, rows, cols, 1e-5f); }),
+        2 * act + param + stats);
+    report("rmsnorm_bwd",
+           time_ms(cuda, iters,
+                   [&] { backend.rmsnorm_backward(dyp, xp, wp, rp, dxp, dwp, rows, cols); }),
+           4 * act + stats + param + 2 * grad);
+    report("swiglu_fwd", time_ms(cuda, iters, [&] { backend.swiglu_forward(xp, dyp, yp, count); }),
+           3 * act);
+    report("swiglu_bwd",
+           time_ms(cuda, iters, [&] { backend.swiglu_backward(dyp, xp, xp, dxp, yp, count); }),
+           5 * act);
+    report("add", time_ms(cuda, iters, [&] { backend.add(xp, dyp, yp, count); }), 3 * act);
   }
 
   // ---- bf16 GEMM, fp32 accumulation: y[M,N] = x[M,K] w[N,K]^T.

@@ -8,6 +8,9 @@
 #                                                 #    CLI11, OpenBLAS headers + library)
 # and the run itself (the device tool carries build-device-deps/):
 #   bash scripts/device.sh [--deps DIR]           # -> $OUT (default /tmp/kept-device)
+# Not yet in it: kept_ops --bench at the 14B shapes against torch (the CUDA bench mode of the
+# registry is the next stage); bench/bench_cuda_ops (norms, SwiGLU, add, GEMM against the copy
+# bandwidth) is built by a full CMake build. The --no-run build takes ~6 min on 2 cores here.
 # Steps, each logged to its own file and summarised in summary.txt (ok/FAIL/SKIP, seconds):
 #   1. environment: nvidia-smi, nvcc, cmake, compilers, torch             -> environment.txt
 #   2. configure + build for sm_90 only: kept_ops_cuda (the op registry compiled by nvcc),
@@ -15,8 +18,9 @@
 #   3. static checks: no register spills, 128-bit loads in the memory-bound kernels
 #   4. kept_ops_cuda on the GPU: every op against Cpu64 and CpuBf16      -> kept_ops_cuda.txt
 #   5. compute-sanitizer memcheck and racecheck on a subset of the registry
-#   6. kept_cuda_tests: the training comparison (CUDA vs CpuBf16 vs Cpu)  -> kept_cuda_tests.txt
-#   7. a tiny `kept train --device cuda` run, resumed after a kill        -> train.txt
+#   6. kept_cuda_tests: the loss kernels against CpuBf16 and the training comparison (CUDA vs
+#      CpuBf16 vs Cpu)                                                      -> kept_cuda_tests.txt
+#   7. a tiny `kept train --device cuda` run (cross-entropy, from scratch)  -> train.txt
 # summary.txt can be pasted into bench/RESULTS.md. Exit status 1 if any step failed.
 #
 # Options:
@@ -108,6 +112,7 @@ step "environment" "$OUT/environment.txt" environment
 [[ -d /usr/local/cuda/bin ]] && export PATH="/usr/local/cuda/bin:$PATH"
 prefix=""
 if [[ -d "$DEPS" ]]; then
+  DEPS="$(cd "$DEPS" && pwd)"
   prefix="$DEPS"
   export LD_LIBRARY_PATH="$DEPS/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
@@ -132,7 +137,7 @@ step "static checks (spills, LDG.E.128)" "$OUT/static_checks.txt" \
 
 if [[ $RUN -eq 0 ]]; then
   say "--no-run: would now run kept_ops_cuda, compute-sanitizer memcheck/racecheck on it," \
-      "kept_cuda_tests (training comparison) and kept train --device cuda with a resume"
+      "kept_cuda_tests (loss kernels, training comparison) and a kept train --device cuda run"
   binaries=("$BUILD/tests/cuda/kept_ops_cuda" "$BUILD/tests/cuda/kept_cuda_tests")
   [[ $REFERENCE == ON ]] && binaries+=("$BUILD/reference/kept")
   for binary in "${binaries[@]}"; do
@@ -162,8 +167,8 @@ else
 fi
 
 # ---- 6. the training comparison ------------------------------------------------------------------
-step "kept_cuda_tests (contract, training comparison)" "$OUT/kept_cuda_tests.txt" \
-  "$BUILD/tests/cuda/kept_cuda_tests" -s "[train],[contract]"
+step "kept_cuda_tests (contract, loss kernels, training comparison)" "$OUT/kept_cuda_tests.txt" \
+  "$BUILD/tests/cuda/kept_cuda_tests" -s "[train],[contract],[loss]"
 grep -E "step [0-9]+:" "$OUT/kept_cuda_tests.txt" | sort -u | head -12 | tee -a "$SUMMARY" || true
 
 # ---- 7. kept train --device cuda -----------------------------------------------------------------
