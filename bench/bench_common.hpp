@@ -3,12 +3,29 @@
 #pragma once
 
 #include <chrono>
+#include <ctime>
+#include <cstdio>
 #include <fstream>
 #include <sstream>
 #include <string>
 #include <vector>
 
 namespace kept::bench {
+
+// Prints "usage: ARGV0 OPTIONS" to stderr and returns 2 (a benchmark's exit status for bad
+// arguments). `options` may span lines ("...\n          ...").
+inline int usage(const char* argv0, const char* options) {
+  std::fprintf(stderr, "usage: %s %s\n", argv0, options);
+  return 2;
+}
+
+// The current UTC time as 2026-12-03T15:04:05Z, for a benchmark's record.
+inline std::string date_utc() {
+  char buffer[32];
+  const std::time_t t = std::time(nullptr);
+  std::strftime(buffer, sizeof buffer, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&t));
+  return buffer;
+}
 
 inline double now_s() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();

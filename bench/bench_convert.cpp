@@ -367,11 +367,10 @@ ModeResult convert_once(const Options& options, const fs::path& source,
 // ---- main --------------------------------------------------------------------------------------
 
 int usage(const char* argv0) {
-  std::fprintf(stderr,
-               "usage: %s [--dir DIR] [--layers N] [--modes paper,exact] [--cold] [--keep]\n"
-               "          [--kept PATH | --in-process] [--shard-bytes N] [--json PATH]\n",
-               argv0);
-  return 2;
+  return kept::bench::usage(
+      argv0,
+      "[--dir DIR] [--layers N] [--modes paper,exact] [--cold] [--keep]\n"
+      "          [--kept PATH | --in-process] [--shard-bytes N] [--json PATH]");
 }
 
 double mb(std::uint64_t bytes) {
@@ -468,12 +467,7 @@ int main(int argc, char** argv) {
 
     json info;
     info["benchmark"] = "bench_convert";
-    info["date_utc"] = [] {
-      char buffer[32];
-      const std::time_t t = std::time(nullptr);
-      std::strftime(buffer, sizeof buffer, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&t));
-      return std::string(buffer);
-    }();
+    info["date_utc"] = kept::bench::date_utc();
     info["cpu"] = cpu_model();
     info["nproc"] = ::sysconf(_SC_NPROCESSORS_ONLN);
     info["compiler"] = "g++ " __VERSION__;

@@ -209,11 +209,9 @@ std::vector<std::int64_t> parse_dims(const std::string& text) {
 }
 
 int usage(const char* argv0) {
-  std::fprintf(stderr,
-               "usage: %s [--dims 1024,4096,5120] [--batch 512] [--pool N] [--seconds 2]\n"
-               "          [--threads N] [--json PATH]\n",
-               argv0);
-  return 2;
+  return kept::bench::usage(argv0,
+                            "[--dims 1024,4096,5120] [--batch 512] [--pool N] [--seconds 2]\n"
+                            "          [--threads N] [--json PATH]");
 }
 
 }  // namespace
@@ -248,12 +246,7 @@ int main(int argc, char** argv) {
   try {
     json info;
     info["benchmark"] = "bench_opm";
-    info["date_utc"] = [] {
-      char buffer[32];
-      const std::time_t t = std::time(nullptr);
-      std::strftime(buffer, sizeof buffer, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&t));
-      return std::string(buffer);
-    }();
+    info["date_utc"] = kept::bench::date_utc();
     info["cpu"] = cpu_model();
     info["threads"] = omp_get_max_threads();
     info["compiler"] = "g++ " __VERSION__;

@@ -2,8 +2,8 @@
 # tests/cuda/static_checks.sh REPO_ROOT WORK_DIR [CUOBJDUMP]: what can be checked about kept's
 # kernels without a GPU (a ctest when nvcc is present; scripts/device.sh runs it too).
 #   1. ptxas -v: no kernel spills registers to local memory;
-#   2. SASS: the memory-bound kernels in their 16-byte-pack instantiation (add, accumulate,
-#      swiglu forward/backward, the norms forward/backward) load with LDG.E.128.
+#   2. SASS: the memory-bound kernels in their 16-byte-pack instantiation (add and the SwiGLU
+#      gate, accumulate, swiglu backward, the norms forward/backward) load with LDG.E.128.
 # tests/cuda/kernel_static_checks.cu instantiates every kernel; sm_90. CUOBJDUMP defaults to the
 # one PyPI's nvidia-cuda-cuobjdump put in the test venv (scripts/python_env.sh).
 set -euo pipefail
@@ -36,8 +36,9 @@ fi
 awk '/Function : / { name = $3; print "FUNCTION " name; next } { print }' "$work/sass.txt" |
   c++filt >"$work/sass-demangled.txt"
 fail=0
-for kernel in "add_kernel<8," "accumulate_kernel<8," "swiglu_forward_kernel<8," \
-              "swiglu_backward_kernel<8," "norm_forward_kernel<true, 8," "norm_forward_kernel<false, 8," \
+for kernel in "binary_map_kernel<8, __nv_bfloat16, kept::cuda::detail::AddOp>" \
+              "binary_map_kernel<8, __nv_bfloat16, kept::cuda::detail::SiluGateOp>" \
+              "accumulate_kernel<8," "swiglu_backward_kernel<8," "norm_forward_kernel<true, 8," "norm_forward_kernel<false, 8," \
               "norm_backward_kernel<true, 8," "norm_backward_kernel<false, 8," "scale_kernel<4,"; do
   body=$(awk -v k="$kernel" '/^FUNCTION / { inside = index($0, k) > 0; next } inside' "$work/sass-demangled.txt")
   if [[ -z "$body" ]]; then

@@ -7,6 +7,7 @@
 #include <catch2/catch.hpp>
 
 #include <cstdint>
+#include <initializer_list>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -38,6 +39,14 @@ struct DeviceVector {
 
 std::string failure(cudaError_t status) {
   return std::string(cudaGetErrorName(status)) + ": " + cudaGetErrorString(status);
+}
+
+// A launch that failed as a kernel fault, with every one of `parts` in its message.
+void check_fault(cudaError_t status, std::initializer_list<const char*> parts) {
+  CHECK(status == cudaErrorLaunchFailure);
+  const std::string message = failure(status);
+  for (const char* part : parts)
+    CHECK_THAT(message, Catch::Contains(part));
 }
 
 // ---- correct kernels ------------------------------------------------------------------------
@@ -132,17 +141,11 @@ TEST_CASE("emulated kernels: block sums, shuffles and shared memory compute what
 
 TEST_CASE("the emulator catches threads that do not all reach one __syncthreads()", "[emulation]") {
   DeviceVector<float> out(std::vector<float>(64));
-  const cudaError_t status =
-      launch("divergent_barrier", divergent_barrier, dim3(1), dim3(64), 0, nullptr, out.data);
-  CHECK(status == cudaErrorLaunchFailure);
-  CHECK_THAT(failure(status), Catch::Contains("kernel divergent_barrier: barrier divergence") &&
-                                  Catch::Contains("exited") &&
-                                  Catch::Contains("test_emulator.cpp"));
-  const cudaError_t split =
-      launch("split_barrier", split_barrier, dim3(1), dim3(64), 0, nullptr, out.data);
-  CHECK(split == cudaErrorLaunchFailure);
-  CHECK_THAT(failure(split), Catch::Contains("barrier divergence") &&
-                                 Catch::Contains("waits at __syncthreads() at"));
+  check_fault(
+      launch("divergent_barrier", divergent_barrier, dim3(1), dim3(64), 0, nullptr, out.data),
+      {"kernel divergent_barrier: barrier divergence", "exited", "test_emulator.cpp"});
+  check_fault(launch("split_barrier", split_barrier, dim3(1), dim3(64), 0, nullptr, out.data),
+              {"barrier divergence", "waits at __syncthreads() at"});
   CHECK(cudaGetLastError() == cudaErrorLaunchFailure);  // sticky until read, as in CUDA
   CHECK(cudaGetLastError() == cudaSuccess);
 }
@@ -152,26 +155,19 @@ TEST_CASE("the emulator catches a missing __syncthreads() between a shared write
   std::vector<float> host(64);
   std::iota(host.begin(), host.end(), 1.0f);
   DeviceVector<float> in(host), out(std::vector<float>(64));
-  const cudaError_t status = launch("missing_barrier", missing_barrier, dim3(1), dim3(64),
-                                    64 * sizeof(float), nullptr, in.data, out.data);
-  CHECK(status == cudaErrorLaunchFailure);
-  CHECK_THAT(failure(status), Catch::Contains("kernel missing_barrier") &&
-                                  Catch::Contains("output depends on the order threads run") &&
-                                  Catch::Contains("missing __syncthreads()"));
+  check_fault(launch("missing_barrier", missing_barrier, dim3(1), dim3(64), 64 * sizeof(float),
+                     nullptr, in.data, out.data),
+              {"kernel missing_barrier", "output depends on the order threads run",
+               "missing __syncthreads()"});
   DeviceVector<int> target(std::vector<int>(1));
-  const cudaError_t race =
-      launch("racing_writes", racing_writes, dim3(1), dim3(32), 0, nullptr, target.data);
-  CHECK_THAT(failure(race), Catch::Contains("racing_writes: output depends on the order"));
+  check_fault(launch("racing_writes", racing_writes, dim3(1), dim3(32), 0, nullptr, target.data),
+              {"racing_writes: output depends on the order"});
 }
 
 TEST_CASE("the emulator catches an out-of-bounds global write and host pointers", "[emulation]") {
   DeviceVector<float> out(std::vector<float>(64));
-  const cudaError_t status =
-      launch("out_of_bounds", out_of_bounds, dim3(1), dim3(65), 0, nullptr, out.data);
-  CHECK(status == cudaErrorLaunchFailure);
-  CHECK_THAT(failure(status), Catch::Contains("kernel out_of_bounds") &&
-                                  Catch::Contains("byte 256 of device allocation") &&
-                                  Catch::Contains("out of bounds"));
+  check_fault(launch("out_of_bounds", out_of_bounds, dim3(1), dim3(65), 0, nullptr, out.data),
+              {"kernel out_of_bounds", "byte 256 of device allocation", "out of bounds"});
   std::vector<float> host(64);
   const cudaError_t host_pointer =
       launch("out_of_bounds", out_of_bounds, dim3(1), dim3(64), 0, nullptr, host.data());

@@ -158,15 +158,19 @@ Run run_case(Backend& backend, const Runner& runner, const OpCase& op, const Buf
   return inspect(op, in, out, inputs);
 }
 
+// The bf16 run's buffers: bf16 or fp32 by the role each name gives it.
+std::vector<RoleBuffer> role_buffers(const OpCase& op, const std::vector<std::string>& names,
+                                     const Buffers& values) {
+  std::vector<RoleBuffer> buffers;
+  for (std::size_t i = 0; i < values.size(); ++i)
+    buffers.emplace_back(values[i], kept::ops::stored_bf16(kept::ops::role_of(op.op, names[i])));
+  return buffers;
+}
+
 Run run_case_bf16(kept::CpuBf16& backend, const OpCase& op, const Buffers& inputs,
                   const Buffers& initial) {
-  using kept::ops::role_of;
-  using kept::ops::stored_bf16;
-  std::vector<RoleBuffer> in, out;
-  for (std::size_t i = 0; i < inputs.size(); ++i)
-    in.emplace_back(inputs[i], stored_bf16(role_of(op.op, op.input_names[i])));
-  for (std::size_t i = 0; i < initial.size(); ++i)
-    out.emplace_back(initial[i], stored_bf16(role_of(op.op, op.output_names[i])));
+  std::vector<RoleBuffer> in = role_buffers(op, op.input_names, inputs),
+                          out = role_buffers(op, op.output_names, initial);
   std::vector<kept::ops::Slot<true>> in_slots;
   std::vector<kept::ops::Slot<false>> out_slots;
   for (auto& b : in)
@@ -182,13 +186,8 @@ Run run_case_bf16(kept::CpuBf16& backend, const OpCase& op, const Buffers& input
 // copies, which come back before the same inspection (guards, inputs unchanged) as on the host.
 Run run_case_cuda(kept::cuda::CudaBackend& backend, const OpCase& op, const Buffers& inputs,
                   const Buffers& initial) {
-  using kept::ops::role_of;
-  using kept::ops::stored_bf16;
-  std::vector<RoleBuffer> in, out;
-  for (std::size_t i = 0; i < inputs.size(); ++i)
-    in.emplace_back(inputs[i], stored_bf16(role_of(op.op, op.input_names[i])));
-  for (std::size_t i = 0; i < initial.size(); ++i)
-    out.emplace_back(initial[i], stored_bf16(role_of(op.op, op.output_names[i])));
+  std::vector<RoleBuffer> in = role_buffers(op, op.input_names, inputs),
+                          out = role_buffers(op, op.output_names, initial);
   std::vector<kept::Tensor> device;
   const auto mirror = [&](RoleBuffer& buffer) {
     kept::Tensor copy =

@@ -933,11 +933,10 @@ json to_json(const Bench& bench, const json& info) {
 }
 
 int usage(const char* argv0) {
-  std::fprintf(stderr,
-               "usage: %s --bench [--json PATH] [--filter SUBSTRINGS] [--quick] [--no-torch]\n"
-               "          [--python PATH] [--torch-script PATH] [--torch-cold-malloc]\n",
-               argv0);
-  return 2;
+  return kept::bench::usage(
+      argv0,
+      "--bench [--json PATH] [--filter SUBSTRINGS] [--quick] [--no-torch]\n"
+      "          [--python PATH] [--torch-script PATH] [--torch-cold-malloc]");
 }
 
 }  // namespace
@@ -986,12 +985,7 @@ int kept::ops::run_bench(int argc, char** argv) {
   }
   try {
     json info;
-    info["date_utc"] = [] {
-      char buffer[32];
-      const std::time_t t = std::time(nullptr);
-      std::strftime(buffer, sizeof buffer, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&t));
-      return std::string(buffer);
-    }();
+    info["date_utc"] = kept::bench::date_utc();
     info["cpu"] = cpu_model();
     info["threads"] = omp_get_max_threads();
     info["memory"] = mem_total();

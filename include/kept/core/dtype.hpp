@@ -158,34 +158,18 @@ inline f16 to_f16(float value) {
 // Maps a C++ element type to its DType, for typed access to type-erased tensors.
 template <class T>
 struct dtype_of;
-template <>
-struct dtype_of<float> {
-  static constexpr DType value = DType::F32;
-};
-template <>
-struct dtype_of<double> {
-  static constexpr DType value = DType::F64;
-};
-template <>
-struct dtype_of<bf16> {
-  static constexpr DType value = DType::BF16;
-};
-template <>
-struct dtype_of<f16> {
-  static constexpr DType value = DType::F16;
-};
-template <>
-struct dtype_of<std::int64_t> {
-  static constexpr DType value = DType::I64;
-};
-template <>
-struct dtype_of<std::int32_t> {
-  static constexpr DType value = DType::I32;
-};
-template <>
-struct dtype_of<std::uint8_t> {
-  static constexpr DType value = DType::U8;
-};
+// clang-format off
+#define KEPT_DTYPE_OF(Type, Tag) \
+  template <> struct dtype_of<Type> { static constexpr DType value = DType::Tag; };
+KEPT_DTYPE_OF(float, F32)
+KEPT_DTYPE_OF(double, F64)
+KEPT_DTYPE_OF(bf16, BF16)
+KEPT_DTYPE_OF(f16, F16)
+KEPT_DTYPE_OF(std::int64_t, I64)
+KEPT_DTYPE_OF(std::int32_t, I32)
+KEPT_DTYPE_OF(std::uint8_t, U8)
+#undef KEPT_DTYPE_OF
+// clang-format on
 template <class T>
 inline constexpr DType dtype_of_v = dtype_of<T>::value;
 

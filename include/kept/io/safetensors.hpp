@@ -300,11 +300,11 @@ inline SafetensorsHeader parse_safetensors_header(std::span<const std::byte> fil
 }
 
 // A safetensors file, mmapped, validated, with its tensors as zero-copy views.
-class SafetensorsFile {
+class SafetensorsFile : public TensorFile {
  public:
   SafetensorsFile() = default;
 
-  explicit SafetensorsFile(const std::filesystem::path& path) : path_(path) {
+  explicit SafetensorsFile(const std::filesystem::path& path) : TensorFile(path) {
     const std::string where = path.string();
     const std::shared_ptr<Storage> mapping = map_file_private(path);
     // An empty file: the parser gives the proper "too short" message.
@@ -323,19 +323,11 @@ class SafetensorsFile {
     }
   }
 
-  const std::filesystem::path& path() const { return path_; }
   const SafetensorsHeader& header() const { return header_; }
   const SafetensorsMetadata& metadata() const { return header_.metadata; }
-  std::size_t size() const { return tensors_.size(); }
-  // Tensor names in data order.
-  const std::vector<std::string>& names() const { return tensors_.names(); }
-  bool contains(std::string_view name) const { return tensors_.contains(name); }
-  const Tensor& tensor(std::string_view name) const { return tensors_.get(name, path_); }
 
  private:
-  std::filesystem::path path_;
-  SafetensorsHeader header_;
-  TensorTable tensors_;  // in header_.tensors order
+  SafetensorsHeader header_;  // the tensors are in its order
 };
 
 namespace detail {

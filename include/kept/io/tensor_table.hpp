@@ -48,4 +48,23 @@ class TensorTable {
   std::map<std::string, std::size_t, std::less<>> index_;
 };
 
+// A file of named tensors read whole (safetensors, a torch checkpoint): its path, which errors
+// name, and its tensors in file order.
+class TensorFile {
+ public:
+  TensorFile() = default;
+  explicit TensorFile(std::filesystem::path path) : path_(std::move(path)) {}
+
+  const std::filesystem::path& path() const { return path_; }
+  std::size_t size() const { return tensors_.size(); }
+  // Tensor names in file order.
+  const std::vector<std::string>& names() const { return tensors_.names(); }
+  bool contains(std::string_view name) const { return tensors_.contains(name); }
+  const Tensor& tensor(std::string_view name) const { return tensors_.get(name, path_); }
+
+ protected:
+  std::filesystem::path path_;
+  TensorTable tensors_;
+};
+
 }  // namespace kept

@@ -128,28 +128,17 @@ inline TorchArchiveTensors read_torch_archive(std::span<const std::byte> file,
 }
 
 // One torch.save file, mmapped, with its tensors (see the top comment).
-class TorchCheckpointFile {
+class TorchCheckpointFile : public TensorFile {  // tensors in the state dict's order
  public:
   TorchCheckpointFile() = default;
 
-  explicit TorchCheckpointFile(const std::filesystem::path& path) : path_(path) {
+  explicit TorchCheckpointFile(const std::filesystem::path& path) : TensorFile(path) {
     const std::shared_ptr<Storage> mapping = map_file_private(path);
     TorchArchiveTensors contents =
         read_torch_archive(mapped_bytes(mapping), mapping, path.string());
     for (std::size_t i = 0; i < contents.names.size(); ++i)
       tensors_.add(std::move(contents.names[i]), std::move(contents.tensors[i]));
   }
-
-  const std::filesystem::path& path() const { return path_; }
-  std::size_t size() const { return tensors_.size(); }
-  // Tensor names in the state dict's order.
-  const std::vector<std::string>& names() const { return tensors_.names(); }
-  bool contains(std::string_view name) const { return tensors_.contains(name); }
-  const Tensor& tensor(std::string_view name) const { return tensors_.get(name, path_); }
-
- private:
-  std::filesystem::path path_;
-  TensorTable tensors_;  // in the state dict's order
 };
 
 }  // namespace kept

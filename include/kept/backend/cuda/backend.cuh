@@ -371,22 +371,14 @@ struct LossKernels<cuda::CudaBackend> {
     return softmax_rows_reduce(host.data(), buffers.rows, with_teacher, with_sums, weights, targets,
                                student_ce_rows, teacher_ce_rows);
   }
-  static void kl_gradient(Backend& b, RowBuffers& buffers, MatrixView<const float> teacher,
+  static void kl_gradient(Backend& b, const RowBuffers& buffers, MatrixView<const float> teacher,
                           MatrixView<float> student, float temperature, const float* weights,
                           float scale) {
-    check_contiguous(teacher, "teacher logits");
-    check_contiguous(MatrixView<const float>(student), "student logits");
-    check_rows(buffers, student.rows);
-    const float* device_weights = upload(b, buffers.weights, DType::F32, weights, student.rows);
+    const float* device_weights = chunk_weights(b, buffers, teacher, student, weights);
     cuda::check_launch(cuda::launch_kl_gradient(teacher.data, student.data, student.rows,
                                                 student.cols, temperature, device_weights, scale,
                                                 buffers.state_data(), b.stream()),
                        "kl_logits_gradient");
-  }
-  static void kl_gradient(Backend& b, const RowBuffers& buffers, MatrixView<const float> teacher,
-                          MatrixView<float> student, float temperature, const float* weights,
-                          float scale) {
-    kl_gradient(b, const_cast<RowBuffers&>(buffers), teacher, student, temperature, weights, scale);
   }
   static void cross_entropy_gradient(Backend& b, const RowBuffers& buffers,
                                      MatrixView<float> student, std::int64_t offset,
@@ -405,10 +397,7 @@ struct LossKernels<cuda::CudaBackend> {
   static void squared_error(Backend& b, RowBuffers& buffers, MatrixView<const float> teacher,
                             MatrixView<float> student, const float* weights, float scale,
                             bool write_gradient) {
-    check_contiguous(teacher, "teacher logits");
-    check_contiguous(MatrixView<const float>(student), "student logits");
-    check_rows(buffers, student.rows);
-    const float* device_weights = upload(b, buffers.weights, DType::F32, weights, student.rows);
+    const float* device_weights = chunk_weights(b, buffers, teacher, student, weights);
     cuda::check_launch(cuda::launch_squared_error(teacher.data, student.data, student.rows,
                                                   student.cols, device_weights, scale,
                                                   write_gradient, buffers.state_data(), b.stream()),
@@ -440,6 +429,16 @@ struct LossKernels<cuda::CudaBackend> {
   }
 
  private:
+  // The checks of a kernel over a teacher/student chunk, and the chunk's weights on the device
+  // (null when the host's are).
+  static const float* chunk_weights(Backend& b, const RowBuffers& buffers,
+                                    MatrixView<const float> teacher, MatrixView<float> student,
+                                    const float* weights) {
+    check_contiguous(teacher, "teacher logits");
+    check_contiguous(MatrixView<const float>(student), "student logits");
+    check_rows(buffers, student.rows);
+    return upload(b, const_cast<RowBuffers&>(buffers).weights, DType::F32, weights, student.rows);
+  }
   static void check_contiguous(MatrixView<const float> view, const char* what) {
     KEPT_CHECK(!view.data || view.contiguous(), "loss kernels need contiguous ", what,
                ", got a view with row stride ", view.stride, " for ", view.cols, " columns");

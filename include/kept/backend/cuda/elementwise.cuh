@@ -16,17 +16,10 @@
 
 namespace kept::cuda::detail {
 
-// Elementwise over `count / N` packs of N (one 16-byte access per operand when N > 1).
-template <int N, class T>
-__global__ void add_kernel(const T* a, const T* b, T* out, std::int64_t packs) {
-  grid_stride(packs, [&](std::int64_t p) {
-    const Pack<T, N> x = load_pack<N>(a, p), y = load_pack<N>(b, p);
-    Pack<T, N> r;
-    for (int k = 0; k < N; ++k)
-      r.v[k] = from_f32<T>(to_f32(x.v[k]) + to_f32(y.v[k]));
-    store_pack<N>(out, p, r);
-  });
-}
+struct AddOp {
+  __device__ __forceinline__ float operator()(float x, float y) const { return x + y; }
+};
+
 // out += a; separate from add so `out` is one (written) pointer, not an input aliasing it.
 template <int N, class T>
 __global__ void accumulate_kernel(const T* a, T* out, std::int64_t packs) {
@@ -47,7 +40,7 @@ __global__ void add_bias_kernel(T* out, std::int64_t rows, std::int64_t cols, st
   });
 }
 template <int N, class T>
-__global__ void scale_kernel(T* x, std::int64_t packs, float factor) {
+__global__ void scale_kernel(T* x, float factor, std::int64_t packs) {
   grid_stride(packs, [&](std::int64_t p) {
     Pack<T, N> r = load_pack<N>(x, p);
     for (int k = 0; k < N; ++k)
@@ -77,25 +70,13 @@ namespace kept::cuda {
 
 template <class T>
 cudaError_t launch_add(const T* a, const T* b, T* out, std::int64_t count, cudaStream_t stream) {
-  if (count == 0) return cudaSuccess;
-  using namespace detail;
-  constexpr int N = kPackOf<T>;
-  if (packable(count, N, {a, b, out}))
-    return launch("add", add_kernel<N, T>, dim3(blocks_for(count / N)), dim3(kElementwiseThreads),
-                  0, stream, a, b, out, count / N);
-  return launch("add", add_kernel<1, T>, dim3(blocks_for(count)), dim3(kElementwiseThreads), 0,
-                stream, a, b, out, count);
+  return detail::launch_binary_map("add", a, b, out, detail::AddOp{}, count, stream);
 }
 template <class T>
 cudaError_t launch_accumulate(const T* a, T* out, std::int64_t count, cudaStream_t stream) {
-  if (count == 0) return cudaSuccess;
   using namespace detail;
-  constexpr int N = kPackOf<T>;
-  if (packable(count, N, {a, out}))
-    return launch("accumulate", accumulate_kernel<N, T>, dim3(blocks_for(count / N)),
-                  dim3(kElementwiseThreads), 0, stream, a, out, count / N);
-  return launch("accumulate", accumulate_kernel<1, T>, dim3(blocks_for(count)),
-                dim3(kElementwiseThreads), 0, stream, a, out, count);
+  return launch_elementwise<T>("accumulate", accumulate_kernel<kPackOf<T>, T>,
+                               accumulate_kernel<1, T>, count, {a, out}, stream, a, out);
 }
 template <class T, class B>
 cudaError_t launch_add_bias(T* out, std::int64_t rows, std::int64_t cols, std::int64_t ld,
@@ -106,14 +87,9 @@ cudaError_t launch_add_bias(T* out, std::int64_t rows, std::int64_t cols, std::i
                 dim3(kElementwiseThreads), 0, stream, out, rows, cols, ld, bias);
 }
 inline cudaError_t launch_scale(float* x, std::int64_t count, float factor, cudaStream_t stream) {
-  if (count == 0) return cudaSuccess;
   using namespace detail;
-  constexpr int N = kPackOf<float>;
-  if (packable(count, N, {x}))
-    return launch("scale", scale_kernel<N, float>, dim3(blocks_for(count / N)),
-                  dim3(kElementwiseThreads), 0, stream, x, count / N, factor);
-  return launch("scale", scale_kernel<1, float>, dim3(blocks_for(count)), dim3(kElementwiseThreads),
-                0, stream, x, count, factor);
+  return launch_elementwise<float>("scale", scale_kernel<kPackOf<float>, float>,
+                                   scale_kernel<1, float>, count, {x}, stream, x, factor);
 }
 template <class From, class To>
 cudaError_t launch_convert(const From* src, std::int64_t rows, std::int64_t cols,

@@ -76,6 +76,43 @@ __device__ __forceinline__ void grid_stride(std::int64_t count, F&& f) {
     f(i);
 }
 
+// out = op(a, b) elementwise over `packs` packs of N, fp32 math, one rounding per output: the
+// binary elementwise ops (add, the SwiGLU gate) are this kernel with their own `Op`.
+template <int N, class T, class Op>
+__global__ void binary_map_kernel(const T* a, const T* b, T* out, Op op, std::int64_t packs) {
+  grid_stride(packs, [&](std::int64_t p) {
+    const Pack<T, N> x = load_pack<N>(a, p), y = load_pack<N>(b, p);
+    Pack<T, N> r;
+    for (int k = 0; k < N; ++k)
+      r.v[k] = from_f32<T>(op(to_f32(x.v[k]), to_f32(y.v[k])));
+    store_pack<N>(out, p, r);
+  });
+}
+
+// Launches an elementwise kernel over `count` elements: its 16-byte-pack instantiation (N =
+// kPackOf<T>) when `pointers` allow it, else the one-element one; the kernel's last parameter is
+// the number of packs.
+template <class T, class... Params, class... Args>
+cudaError_t launch_elementwise(const char* name, void (*packed)(Params...),
+                               void (*single)(Params...), std::int64_t count,
+                               std::initializer_list<const void*> pointers, cudaStream_t stream,
+                               Args... args) {
+  if (count == 0) return cudaSuccess;
+  constexpr int N = kPackOf<T>;
+  const bool pack = packable(count, N, pointers);
+  const std::int64_t items = pack ? count / N : count;
+  return launch(name, pack ? packed : single, dim3(blocks_for(items)), dim3(kElementwiseThreads), 0,
+                stream, args..., items);
+}
+
+template <class T, class Op>
+cudaError_t launch_binary_map(const char* name, const T* a, const T* b, T* out, Op op,
+                              std::int64_t count, cudaStream_t stream) {
+  return launch_elementwise<T>(name, binary_map_kernel<kPackOf<T>, T, Op>,
+                               binary_map_kernel<1, T, Op>, count, {a, b, out}, stream, a, b, out,
+                               op);
+}
+
 // ---- deterministic column sums: dst[c] += sum_r src[r * ld + c] ----------------------------
 // Block (32, 8): column c = 32 blockIdx.x + threadIdx.x; thread y sums rows y, y + 8, ... in
 // order, then thread y = 0 adds the 8 partials in order. Same bits on every run and device.

@@ -12,16 +12,12 @@
 
 namespace kept::cuda::detail {
 
-template <int N, class T>
-__global__ void swiglu_forward_kernel(const T* gate, const T* up, T* out, std::int64_t packs) {
-  grid_stride(packs, [&](std::int64_t p) {
-    const Pack<T, N> g = load_pack<N>(gate, p), u = load_pack<N>(up, p);
-    Pack<T, N> r;
-    for (int k = 0; k < N; ++k)
-      r.v[k] = from_f32<T>(::kept::silu(to_f32(g.v[k])) * to_f32(u.v[k]));
-    store_pack<N>(out, p, r);
-  });
-}
+// The forward is binary_map_kernel (kernel_common.cuh) with this gate.
+struct SiluGateOp {
+  __device__ __forceinline__ float operator()(float gate, float up) const {
+    return ::kept::silu(gate) * up;
+  }
+};
 template <int N, class T>
 __global__ void swiglu_backward_kernel(const T* d_out, const T* gate, const T* up, T* d_gate,
                                        T* d_up, std::int64_t packs) {
@@ -47,26 +43,16 @@ namespace kept::cuda {
 template <class T>
 cudaError_t launch_swiglu_forward(const T* gate, const T* up, T* out, std::int64_t count,
                                   cudaStream_t stream) {
-  if (count == 0) return cudaSuccess;
-  using namespace detail;
-  constexpr int N = kPackOf<T>;
-  if (packable(count, N, {gate, up, out}))
-    return launch("swiglu_forward", swiglu_forward_kernel<N, T>, dim3(blocks_for(count / N)),
-                  dim3(kElementwiseThreads), 0, stream, gate, up, out, count / N);
-  return launch("swiglu_forward", swiglu_forward_kernel<1, T>, dim3(blocks_for(count)),
-                dim3(kElementwiseThreads), 0, stream, gate, up, out, count);
+  return detail::launch_binary_map("swiglu_forward", gate, up, out, detail::SiluGateOp{}, count,
+                                   stream);
 }
 template <class T>
 cudaError_t launch_swiglu_backward(const T* d_out, const T* gate, const T* up, T* d_gate, T* d_up,
                                    std::int64_t count, cudaStream_t stream) {
-  if (count == 0) return cudaSuccess;
   using namespace detail;
-  constexpr int N = kPackOf<T>;
-  if (packable(count, N, {d_out, gate, up, d_gate, d_up}))
-    return launch("swiglu_backward", swiglu_backward_kernel<N, T>, dim3(blocks_for(count / N)),
-                  dim3(kElementwiseThreads), 0, stream, d_out, gate, up, d_gate, d_up, count / N);
-  return launch("swiglu_backward", swiglu_backward_kernel<1, T>, dim3(blocks_for(count)),
-                dim3(kElementwiseThreads), 0, stream, d_out, gate, up, d_gate, d_up, count);
+  return launch_elementwise<T>("swiglu_backward", swiglu_backward_kernel<kPackOf<T>, T>,
+                               swiglu_backward_kernel<1, T>, count, {d_out, gate, up, d_gate, d_up},
+                               stream, d_out, gate, up, d_gate, d_up);
 }
 
 }  // namespace kept::cuda

@@ -182,62 +182,46 @@ inline cudaError_t check_device_range(const char* call, const void* pointer, std
 
 }  // namespace kept::cuda::emulation
 
+namespace kept::cuda::emulation {
+struct ErrorText {
+  cudaError_t status;
+  const char* name;
+  const char* text;  // CUDA's own description
+};
+inline constexpr ErrorText kErrorTexts[] = {
+    {cudaSuccess, "cudaSuccess", "no error"},
+    {cudaErrorInvalidValue, "cudaErrorInvalidValue", "invalid argument"},
+    {cudaErrorMemoryAllocation, "cudaErrorMemoryAllocation", "out of memory"},
+    {cudaErrorInvalidConfiguration, "cudaErrorInvalidConfiguration",
+     "invalid configuration argument"},
+    {cudaErrorInvalidDevicePointer, "cudaErrorInvalidDevicePointer", "invalid device pointer"},
+    {cudaErrorInvalidMemcpyDirection, "cudaErrorInvalidMemcpyDirection",
+     "invalid copy direction for memcpy"},
+    {cudaErrorInsufficientDriver, "cudaErrorInsufficientDriver",
+     "CUDA driver version is insufficient for CUDA runtime version"},
+    {cudaErrorNoDevice, "cudaErrorNoDevice", "no CUDA-capable device is detected"},
+    {cudaErrorInvalidDevice, "cudaErrorInvalidDevice", "invalid device ordinal"},
+    {cudaErrorInvalidResourceHandle, "cudaErrorInvalidResourceHandle", "invalid resource handle"},
+    {cudaErrorNotReady, "cudaErrorNotReady", "device not ready"},
+    {cudaErrorLaunchFailure, "cudaErrorLaunchFailure", "unspecified launch failure"},
+};
+inline const ErrorText* error_text(cudaError_t status) {
+  for (const ErrorText& entry : kErrorTexts)
+    if (entry.status == status) return &entry;
+  return nullptr;
+}
+}  // namespace kept::cuda::emulation
+
 inline const char* cudaGetErrorName(cudaError_t status) {
-  switch (status) {
-    case cudaSuccess:
-      return "cudaSuccess";
-    case cudaErrorInvalidValue:
-      return "cudaErrorInvalidValue";
-    case cudaErrorMemoryAllocation:
-      return "cudaErrorMemoryAllocation";
-    case cudaErrorInvalidConfiguration:
-      return "cudaErrorInvalidConfiguration";
-    case cudaErrorInvalidDevicePointer:
-      return "cudaErrorInvalidDevicePointer";
-    case cudaErrorInvalidMemcpyDirection:
-      return "cudaErrorInvalidMemcpyDirection";
-    case cudaErrorInsufficientDriver:
-      return "cudaErrorInsufficientDriver";
-    case cudaErrorNoDevice:
-      return "cudaErrorNoDevice";
-    case cudaErrorInvalidDevice:
-      return "cudaErrorInvalidDevice";
-    case cudaErrorInvalidResourceHandle:
-      return "cudaErrorInvalidResourceHandle";
-    case cudaErrorNotReady:
-      return "cudaErrorNotReady";
-    case cudaErrorLaunchFailure:
-      return "cudaErrorLaunchFailure";
-  }
-  return "cudaErrorUnknown";
+  const auto* entry = ::kept::cuda::emulation::error_text(status);
+  return entry ? entry->name : "cudaErrorUnknown";
 }
 
-// The base text, followed by what the emulator found when it reported this status last.
+// CUDA's text, followed by what the emulator found when it reported this status last.
 inline const char* cudaGetErrorString(cudaError_t status) {
   thread_local std::string text;
-  switch (status) {
-    case cudaSuccess:
-      text = "no error";
-      break;
-    case cudaErrorInvalidValue:
-      text = "invalid argument";
-      break;
-    case cudaErrorMemoryAllocation:
-      text = "out of memory";
-      break;
-    case cudaErrorInvalidConfiguration:
-      text = "invalid configuration argument";
-      break;
-    case cudaErrorLaunchFailure:
-      text = "unspecified launch failure";
-      break;
-    case cudaErrorInvalidDevice:
-      text = "invalid device ordinal";
-      break;
-    default:
-      text = cudaGetErrorName(status);
-      break;
-  }
+  const auto* entry = ::kept::cuda::emulation::error_text(status);
+  text = entry ? entry->text : "unknown error";
   const auto& state = ::kept::cuda::emulation::runtime_state();
   if (status != cudaSuccess && !state.detail.empty())
     text += " (emulated CUDA: " + state.detail + ")";
