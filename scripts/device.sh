@@ -9,8 +9,8 @@
 # and the run itself (the device tool carries build-device-deps/):
 #   bash scripts/device.sh [--deps DIR]           # -> $OUT (default /tmp/kept-device)
 # Not yet in it: kept_ops --bench at the 14B shapes against torch (the CUDA bench mode of the
-# registry is the next stage); bench/bench_cuda_ops (norms, SwiGLU, add, GEMM against the copy
-# bandwidth) is built by a full CMake build. The --no-run build takes ~6 min on 2 cores here.
+# registry is the next stage; step 7 is the per-op bench that exists). The --no-run build takes
+# ~6 min on 2 cores here.
 # Steps, each logged to its own file and summarised in summary.txt (ok/FAIL/SKIP, seconds):
 #   1. environment: nvidia-smi, nvcc, cmake, compilers, torch             -> environment.txt
 #   2. configure + build for sm_90 only: kept_ops_cuda (the op registry compiled by nvcc),
@@ -20,7 +20,9 @@
 #   5. compute-sanitizer memcheck and racecheck on a subset of the registry
 #   6. kept_cuda_tests: the loss kernels against CpuBf16 and the training comparison (CUDA vs
 #      CpuBf16 vs Cpu)                                                      -> kept_cuda_tests.txt
-#   7. a tiny `kept train --device cuda` run (cross-entropy, from scratch)  -> train.txt
+#   7. bench_cuda_ops: norms, SwiGLU and add against the measured copy bandwidth, the bf16 GEMM
+#      in TFLOP/s                                                          -> bench_cuda_ops.txt
+#   8. a tiny `kept train --device cuda` run (cross-entropy, from scratch)  -> train.txt
 # summary.txt can be pasted into bench/RESULTS.md. Exit status 1 if any step failed.
 #
 # Options:
@@ -120,12 +122,12 @@ fi
 # step 7 is skipped): the registry and the tests need neither.
 REFERENCE=ON
 pkg-config --exists sentencepiece gdlib 2>/dev/null || REFERENCE=OFF
-targets=(kept_ops_cuda kept_cuda_tests)
+targets=(kept_ops_cuda kept_cuda_tests bench_cuda_ops)
 [[ $REFERENCE == ON ]] && targets+=(kept)
 build() {
   cmake -S "$ROOT" -B "$BUILD" -G "$(command -v ninja >/dev/null && echo Ninja || echo 'Unix Makefiles')" \
     -DCMAKE_BUILD_TYPE=Release -DKEPT_CUDA=ON -DKEPT_CUDA_EMULATION=OFF \
-    -DCMAKE_CUDA_ARCHITECTURES=90 -DKEPT_BUILD_BENCH=OFF -DKEPT_BUILD_REFERENCE=$REFERENCE \
+    -DCMAKE_CUDA_ARCHITECTURES=90 -DKEPT_BUILD_BENCH=ON -DKEPT_BUILD_REFERENCE=$REFERENCE \
     ${prefix:+"-DCMAKE_PREFIX_PATH=$prefix"}
   cmake --build "$BUILD" -j "$JOBS" --target "${targets[@]}"
 }
@@ -138,7 +140,8 @@ step "static checks (spills, LDG.E.128)" "$OUT/static_checks.txt" \
 if [[ $RUN -eq 0 ]]; then
   say "--no-run: would now run kept_ops_cuda, compute-sanitizer memcheck/racecheck on it," \
       "kept_cuda_tests (loss kernels, training comparison) and a kept train --device cuda run"
-  binaries=("$BUILD/tests/cuda/kept_ops_cuda" "$BUILD/tests/cuda/kept_cuda_tests")
+  binaries=("$BUILD/tests/cuda/kept_ops_cuda" "$BUILD/tests/cuda/kept_cuda_tests"
+            "$BUILD/bench/bench_cuda_ops")
   [[ $REFERENCE == ON ]] && binaries+=("$BUILD/reference/kept")
   for binary in "${binaries[@]}"; do
     [[ -x "$binary" ]] && say "built $binary" || { say "FAIL missing $binary"; STATUS=1; }
@@ -171,7 +174,12 @@ step "kept_cuda_tests (contract, loss kernels, training comparison)" "$OUT/kept_
   "$BUILD/tests/cuda/kept_cuda_tests" -s "[train],[contract],[loss]"
 grep -E "step [0-9]+:" "$OUT/kept_cuda_tests.txt" | sort -u | head -12 | tee -a "$SUMMARY" || true
 
-# ---- 7. kept train --device cuda -----------------------------------------------------------------
+# ---- 7. per-op speed against the device's copy bandwidth and the cuBLAS GEMM ----------------------
+step "bench_cuda_ops (norms, SwiGLU, add vs copy bandwidth; GEMM TFLOP/s)" "$OUT/bench_cuda_ops.txt" \
+  "$BUILD/bench/bench_cuda_ops" --iters 20
+cat "$OUT/bench_cuda_ops.txt" >>"$SUMMARY" 2>/dev/null || true
+
+# ---- 8. kept train --device cuda -----------------------------------------------------------------
 train_run() {
   local work="$OUT/train"
   rm -rf "$work" && mkdir -p "$work"

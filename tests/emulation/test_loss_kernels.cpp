@@ -118,7 +118,7 @@ void check_close(const std::vector<float>& got, const std::vector<float>& want, 
   for (std::size_t i = 0; i < got.size(); ++i) {
     INFO(what << "[" << i << "]: cuda " << got[i] << ", cpu-bf16 " << want[i]);
     CHECK(std::abs(got[i] - want[i]) <=
-          (1e-5 + ulps_of_bf16 * 0x1p-8) * std::max(1.0f, std::abs(want[i])));
+          (1e-5 + ulps_of_bf16 * 0x1p-7) * std::max(1.0f, std::abs(want[i])));
   }
 }
 
@@ -152,6 +152,7 @@ TEST_CASE("the CUDA loss kernels agree with CpuBf16 entry by entry", "[emulation
   check_close(got.ce_gradient, want.ce_gradient, "cross_entropy_gradient");
   check_close(got.se_gradient, want.se_gradient, "squared_error gradient");
   check_close(got.hidden, want.hidden, "hidden_squared_error");
-  // bf16 gradients: one rounding each, which an fp32 difference may flip by one bf16 ulp.
+  // bf16 gradients: one rounding each, which an fp32 difference may flip by one bf16 ulp
+  // (at most 2^-7 relative).
   check_close(got.hidden_gradient, want.hidden_gradient, "hidden gradient", 1.0);
 }

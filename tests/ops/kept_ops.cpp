@@ -275,9 +275,11 @@ void check_backend(const char* name, const OpCase& op, const Once& once, const B
 kept::cuda::Cuda* g_cuda = nullptr;  // the device context, when there is one
 
 // CUDA against the float64 reference within the bf16 bound, and against CpuBf16 (which rounds at
-// the same points) "tightly": the two differ only in fp32 summation order, so a bf16 output may
-// differ by the two fp32 errors plus one bf16 rounding flipped by them, with no error from bf16
-// inputs (both saw the same ones): |cuda - cpubf16| <= 2 b32 + u_bf16 |y|, and 2 b32 for fp32.
+// the same points) "tightly": the two differ only in fp32 summation order, so their fp32 values
+// before a bf16 rounding differ by at most the two fp32 errors, and the rounding may fall on
+// either side of a boundary for each: one bf16 ulp apart, at most 2 u_bf16 |y| (u_bf16 = 2^-8).
+// No error from bf16 inputs (both saw the same ones):
+//   |cuda - cpubf16| <= 2 b32 + 2 u_bf16 |y|   (bf16 outputs),   2 b32   (fp32 outputs).
 void check_cuda(const OpCase& op, const Buffers& inputs16, const Buffers& initial16,
                 const Buffers& reference16, const Buffers& bounds16, Tally& tally) {
   using kept::ops::kBf16Unit;
@@ -295,7 +297,7 @@ void check_cuda(const OpCase& op, const Buffers& inputs16, const Buffers& initia
     for (std::size_t o = 0; o < tight.size(); ++o)
       for (std::size_t e = 0; e < tight[o].size(); ++e)
         tight[o][e] = 2 * fp32[o][e] + (stored_bf16(role_of(op.op, op.output_names[o]))
-                                            ? kBf16Unit * std::abs(twin.outputs[o][e])
+                                            ? 2 * kBf16Unit * std::abs(twin.outputs[o][e])
                                             : 0.0);
     check_backend("cuda~bf16", op, once, twin.outputs, tight, tally);
   } catch (const std::exception& error) {

@@ -426,16 +426,7 @@ void measure_copy_once(Bench& bench) {
     return 1e-3 * measure(probe_options, fn).min_ms;
   };
   const double t1 = best_of([&] { std::memcpy(dst.get(), src.get(), bytes); });
-  const double tn = best_of([&] {
-#pragma omp parallel
-    {
-      const std::size_t threads = static_cast<std::size_t>(omp_get_num_threads());
-      const std::size_t t = static_cast<std::size_t>(omp_get_thread_num());
-      const std::size_t chunk = (bytes / threads + 63) / 64 * 64;
-      const std::size_t begin = std::min(bytes, t * chunk), end = std::min(bytes, begin + chunk);
-      std::memcpy(dst.get() + begin, src.get() + begin, end - begin);
-    }
-  });
+  const double tn = best_of([&] { kept::bench::parallel_copy(dst.get(), src.get(), bytes); });
   // A plain copy loop (ordinary stores, which read each destination line before writing it;
   // glibc's memcpy uses non-temporal stores at this size): the pattern of most kernels.
   const std::int64_t floats = static_cast<std::int64_t>(bytes / sizeof(float));

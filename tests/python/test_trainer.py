@@ -378,13 +378,17 @@ def test_resume_after_sigkill_is_bit_exact(world, kept_bin, reference_run):
     events.append(("after step 1", max(logged_train_steps(output), default=0),
                    max(complete_checkpoints(output), default=0)))
 
+    def kill_resumed_after(step: int):
+        """Resumes the run and kills it once it has logged `step`."""
+        condition = logged_at_least(step)
+        run, expected = start(resume=True)
+        assert run.kill_when(condition), run.output_text()
+        check_resume_point(run, expected)
+        events.append((f"after step {step}", max(logged_train_steps(output)),
+                       max(complete_checkpoints(output), default=0)))
+
     # (b) killed between two checkpoints, with steps logged past the newest one
-    condition = logged_at_least(4)
-    run, expected = start(resume=True)
-    assert run.kill_when(condition), run.output_text()
-    check_resume_point(run, expected)
-    events.append(("after step 4", max(logged_train_steps(output)),
-                   max(complete_checkpoints(output), default=0)))
+    kill_resumed_after(4)
 
     # (c) killed while a checkpoint directory is being written: its temporary name is there,
     # the step-N name is not. Retried at the next checkpoint if the write was already done.
@@ -406,12 +410,7 @@ def test_resume_after_sigkill_is_bit_exact(world, kept_bin, reference_run):
     assert mid_checkpoint, "could not kill the run while it was writing a checkpoint"
 
     # (d) killed once more between checkpoints, after old ones have been pruned
-    condition = logged_at_least(13)
-    run, expected = start(resume=True)
-    assert run.kill_when(condition), run.output_text()
-    check_resume_point(run, expected)
-    events.append(("after step 13", max(logged_train_steps(output)),
-                   max(complete_checkpoints(output), default=0)))
+    kill_resumed_after(13)
 
     # (e) to the end
     run, expected = start(resume=True)

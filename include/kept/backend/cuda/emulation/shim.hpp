@@ -110,35 +110,38 @@ inline float __bfloat162float(__nv_bfloat16 value) {
 
 // ---- runtime --------------------------------------------------------------------------------
 
+// The CUDA runtime errors the emulation reports: name, CUDA's number and CUDA's own text.
+// clang-format off
+#define KEPT_EMULATED_CUDA_ERRORS(X) \
+  X(cudaSuccess, 0, "no error") \
+  X(cudaErrorInvalidValue, 1, "invalid argument") \
+  X(cudaErrorMemoryAllocation, 2, "out of memory") \
+  X(cudaErrorInvalidConfiguration, 9, "invalid configuration argument") \
+  X(cudaErrorInvalidDevicePointer, 17, "invalid device pointer") \
+  X(cudaErrorInvalidMemcpyDirection, 21, "invalid copy direction for memcpy") \
+  X(cudaErrorInsufficientDriver, 35, "CUDA driver version is insufficient for CUDA runtime version") \
+  X(cudaErrorNoDevice, 100, "no CUDA-capable device is detected") \
+  X(cudaErrorInvalidDevice, 101, "invalid device ordinal") \
+  X(cudaErrorInvalidResourceHandle, 400, "invalid resource handle") \
+  X(cudaErrorNotReady, 600, "device not ready") \
+  X(cudaErrorLaunchFailure, 719, "unspecified launch failure")
+// clang-format on
+
 enum cudaError_t : int {
-  cudaSuccess = 0,
-  cudaErrorInvalidValue = 1,
-  cudaErrorMemoryAllocation = 2,
-  cudaErrorInvalidConfiguration = 9,
-  cudaErrorInvalidDevicePointer = 17,
-  cudaErrorInvalidMemcpyDirection = 21,
-  cudaErrorInsufficientDriver = 35,
-  cudaErrorNoDevice = 100,
-  cudaErrorInvalidDevice = 101,
-  cudaErrorInvalidResourceHandle = 400,
-  cudaErrorNotReady = 600,
-  cudaErrorLaunchFailure = 719,
+#define KEPT_ERROR_ENUM(name, code, text) name = code,
+  KEPT_EMULATED_CUDA_ERRORS(KEPT_ERROR_ENUM)
+#undef KEPT_ERROR_ENUM
 };
-enum cudaMemcpyKind : int {
-  cudaMemcpyHostToHost = 0,
-  cudaMemcpyHostToDevice = 1,
-  cudaMemcpyDeviceToHost = 2,
-  cudaMemcpyDeviceToDevice = 3,
-  cudaMemcpyDefault = 4,
-};
-enum cudaDeviceAttr : int {
-  cudaDevAttrMaxThreadsPerBlock = 1,
-  cudaDevAttrMaxSharedMemoryPerBlock = 8,
-  cudaDevAttrMultiProcessorCount = 16,
-  cudaDevAttrComputeCapabilityMajor = 75,
-  cudaDevAttrComputeCapabilityMinor = 76,
-  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
-};
+// clang-format off
+enum cudaMemcpyKind : int { cudaMemcpyHostToHost = 0, cudaMemcpyHostToDevice = 1,
+                            cudaMemcpyDeviceToHost = 2, cudaMemcpyDeviceToDevice = 3,
+                            cudaMemcpyDefault = 4 };
+enum cudaDeviceAttr : int { cudaDevAttrMaxThreadsPerBlock = 1, cudaDevAttrMaxSharedMemoryPerBlock = 8,
+                            cudaDevAttrMultiProcessorCount = 16,
+                            cudaDevAttrComputeCapabilityMajor = 75,
+                            cudaDevAttrComputeCapabilityMinor = 76,
+                            cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+// clang-format on
 enum cudaDataType_t : int { CUDA_R_32F = 0, CUDA_R_16BF = 14 };
 
 struct CUstream_st {};
@@ -189,21 +192,9 @@ struct ErrorText {
   const char* text;  // CUDA's own description
 };
 inline constexpr ErrorText kErrorTexts[] = {
-    {cudaSuccess, "cudaSuccess", "no error"},
-    {cudaErrorInvalidValue, "cudaErrorInvalidValue", "invalid argument"},
-    {cudaErrorMemoryAllocation, "cudaErrorMemoryAllocation", "out of memory"},
-    {cudaErrorInvalidConfiguration, "cudaErrorInvalidConfiguration",
-     "invalid configuration argument"},
-    {cudaErrorInvalidDevicePointer, "cudaErrorInvalidDevicePointer", "invalid device pointer"},
-    {cudaErrorInvalidMemcpyDirection, "cudaErrorInvalidMemcpyDirection",
-     "invalid copy direction for memcpy"},
-    {cudaErrorInsufficientDriver, "cudaErrorInsufficientDriver",
-     "CUDA driver version is insufficient for CUDA runtime version"},
-    {cudaErrorNoDevice, "cudaErrorNoDevice", "no CUDA-capable device is detected"},
-    {cudaErrorInvalidDevice, "cudaErrorInvalidDevice", "invalid device ordinal"},
-    {cudaErrorInvalidResourceHandle, "cudaErrorInvalidResourceHandle", "invalid resource handle"},
-    {cudaErrorNotReady, "cudaErrorNotReady", "device not ready"},
-    {cudaErrorLaunchFailure, "cudaErrorLaunchFailure", "unspecified launch failure"},
+#define KEPT_ERROR_TEXT(name, code, text) {name, #name, text},
+    KEPT_EMULATED_CUDA_ERRORS(KEPT_ERROR_TEXT)
+#undef KEPT_ERROR_TEXT
 };
 inline const ErrorText* error_text(cudaError_t status) {
   for (const ErrorText& entry : kErrorTexts)
