@@ -329,12 +329,8 @@ class Emulator {
     else if (shared_bytes > kMaxSharedBytes)
       config << shared_bytes << " bytes of dynamic shared memory (at most " << kMaxSharedBytes
              << ")";
-    if (!config.str().empty()) {
-      invalid_configuration_ =
-          "kernel " + std::string(kernel) + ": invalid launch: " + config.str();
-      return invalid_configuration_;
-    }
-    invalid_configuration_.clear();
+    if (!config.str().empty())
+      return "kernel " + std::string(kernel) + ": invalid launch: " + config.str();
 
     std::vector<const Allocation*> targets;
     for (std::size_t i = 0; i < written.size() + read.size(); ++i) {
@@ -607,7 +603,7 @@ class Emulator {
   std::size_t scheduler_size_ = 0;
   Fiber* current_ = nullptr;
   const std::function<void()>* body_ = nullptr;
-  std::string kernel_, fault_, invalid_configuration_;
+  std::string kernel_, fault_;
   Index3 block_index_;
   Extent3 block_dim_, grid_dim_;
 };
