@@ -157,12 +157,8 @@ void register_convert(CLI::App& app) {
       "Calibration text (plain text or JSONL): needed by --opm calibrated; with any mode, "
       "also reports KL and top-1 agreement before training",
       Need::Optional);
-  command->add_option("--calib-tokens", options->calibration_tokens, "Calibration tokens to use")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
-  command->add_option("--seq-len", options->sequence_length, "Calibration sequence length")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
+  add_positive(command, "--calib-tokens", options->calibration_tokens, "Calibration tokens to use");
+  add_positive(command, "--seq-len", options->sequence_length, "Calibration sequence length");
   command->add_flag("!--no-bias-fold", options->bias_fold,
                     "Exact mode: centre only, keep the pure Llama template (no biases)");
   command

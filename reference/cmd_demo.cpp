@@ -337,9 +337,8 @@ void register_demo(CLI::App& app) {
   command->add_option("--output", options->output, "Where everything goes")->capture_default_str();
   add_existing_file(command, "--corpus", options->corpus,
                     "Use this text instead of the Debian corpora", Need::Optional);
-  command->add_option("--scale", options->scale, "Multiply every step count (0.1 for a quick look)")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
+  add_positive(command, "--scale", options->scale,
+               "Multiply every step count (0.1 for a quick look)");
   command->add_flag("--force", options->force, "Replace an existing output directory");
   command->callback([options] { run(*options); });
 }

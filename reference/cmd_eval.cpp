@@ -86,12 +86,8 @@ void register_eval(CLI::App& app) {
                          "Teacher checkpoint for KL and agreement", Need::Optional);
   add_existing_file(command, "--tokenizer", options->tokenizer,
                     "SentencePiece model (default: the model's)", Need::Optional);
-  command->add_option("--seq-len", options->seq_len, "Sequence length")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
-  command->add_option("--batch-size", options->batch_size, "Sequences per batch")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
+  add_positive(command, "--seq-len", options->seq_len, "Sequence length");
+  add_positive(command, "--batch-size", options->batch_size, "Sequences per batch");
   command->add_option("--max-batches", options->max_batches, "Stop after this many batches")
       ->check(CLI::PositiveNumber);
   command->add_option("--json", options->json, "Write the results as JSON");

@@ -178,12 +178,8 @@ void register_opm(CLI::App& app) {
                     "Text to run the model on (plain text or JSONL)");
   command->add_option("--report", options->report, "Write the per-site diagnostics as JSON");
   command->add_option("--plot", options->plot, "Write the per-site errors as a PNG chart");
-  command->add_option("--tokens", options->tokens, "Tokens of --data to use")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
-  command->add_option("--seq-len", options->seq_len, "Sequence length")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
+  add_positive(command, "--tokens", options->tokens, "Tokens of --data to use");
+  add_positive(command, "--seq-len", options->seq_len, "Sequence length");
   command->callback([options] { run(*options); });
 }
 

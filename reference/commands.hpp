@@ -45,6 +45,15 @@ CLI::Option* add_existing_file(CLI::App* command, const std::string& name, T& va
   return add_existing(command, name, variable, help, CLI::ExistingFile, need);
 }
 
+// A positive count with its default shown in --help.
+template <class T>
+CLI::Option* add_positive(CLI::App* command, const std::string& name, T& variable,
+                          const std::string& help) {
+  return command->add_option(name, variable, help)
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+}
+
 void register_init(CLI::App& app);
 void register_forward(CLI::App& app);
 void register_inspect(CLI::App& app);

@@ -111,34 +111,11 @@ KEPT_ALWAYS_INLINE void opm_row_centred_squares(const T* __restrict x, std::int6
   *centred_out = centred;
 }
 
-// One token's contribution to the five per-coordinate sums (a = (x - mu) / s, u = x / rms):
-// sums[kAA] += a^2, [kA] += a, [kAU] += a u, [kU] += u, [kUU] += u^2; `sums` holds the five
-// arrays of `cols` one after the other.
-template <class T>
-KEPT_ALWAYS_INLINE void opm_accumulate_row(const T* __restrict x, std::int64_t cols, double mu,
-                                           double inv_s, double inv_r, double* __restrict sums) {
-  double* __restrict aa = sums;
-  double* __restrict a1 = sums + cols;
-  double* __restrict au = sums + 2 * cols;
-  double* __restrict u1 = sums + 3 * cols;
-  double* __restrict uu = sums + 4 * cols;
-#pragma omp simd
-  for (std::int64_t c = 0; c < cols; ++c) {
-    const double v = x[c];
-    const double a = (v - mu) * inv_s;
-    const double u = v * inv_r;
-    aa[c] += a * a;
-    a1[c] += a;
-    au[c] += a * u;
-    u1[c] += u;
-    uu[c] += u * u;
-  }
-}
-
-// The same for kRows tokens at once, each coordinate's sums loaded and stored once for all of
-// them (the sums, 5 x cols doubles, live in L2; one row at a time their traffic was the limit).
-// Rows are added in order, so the result is bit-identical to kRows calls of the one-row form.
-// `rows` points to kRows rows; `scale` holds mu, inv_s, inv_r for each.
+// The five per-coordinate sums (opm_accumulate_row below) for kRows tokens at once, each
+// coordinate's sums loaded and stored once for all of them (the sums, 5 x cols doubles, live in L2;
+// one row at a time their traffic was the limit). Rows are added in order, so the result is
+// bit-identical to kRows calls of the one-row form. `rows` points to kRows rows; `scale` holds mu,
+// inv_s, inv_r for each.
 template <int kRows, class T>
 KEPT_ALWAYS_INLINE void opm_accumulate_rows(const T* const* rows, std::int64_t cols,
                                             const double* scale, double* __restrict sums) {
@@ -167,6 +144,18 @@ KEPT_ALWAYS_INLINE void opm_accumulate_rows(const T* const* rows, std::int64_t c
     uu[c] = s_uu;
   }
 }
+
+// One token's contribution to the five per-coordinate sums (a = (x - mu) / s, u = x / rms):
+// sums[kAA] += a^2, [kA] += a, [kAU] += a u, [kU] += u, [kUU] += u^2; `sums` holds the five
+// arrays of `cols` one after the other.
+template <class T>
+KEPT_ALWAYS_INLINE void opm_accumulate_row(const T* __restrict x, std::int64_t cols, double mu,
+                                           double inv_s, double inv_r, double* __restrict sums) {
+  const double scale[3] = {mu, inv_s, inv_r};
+  const T* row = x;
+  opm_accumulate_rows<1>(&row, cols, scale, sums);
+}
+
 inline constexpr int kOpmRowsAtOnce = 8;
 
 KEPT_CPU_ENTRY_POINTS(opm_row_moments, opm_row_moments<float>,

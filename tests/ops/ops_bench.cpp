@@ -226,6 +226,19 @@ struct Case {
   double rate() const { return work / (kept.median_ms * 1e-3) / 1e9; }  // GB/s or GFLOP/s
 };
 
+Case make_case(std::string id, std::string group, std::string op, std::string shape, Unit unit,
+               double work, json params) {
+  Case c;
+  c.id = std::move(id);
+  c.group = std::move(group);
+  c.op = std::move(op);
+  c.shape = std::move(shape);
+  c.unit = unit;
+  c.work = work;
+  c.params = std::move(params);
+  return c;
+}
+
 // ---- torch -----------------------------------------------------------------------------------
 
 // bench_torch_ops.py --serve as a child process, one JSON line per request and per answer, so
@@ -517,28 +530,14 @@ void bench_gemm(Bench& bench) {
            dx = zeros({t, h});
     const std::string shape = dims({t, h, h});
     const json params = {{"kind", "linear"}, {"tokens", t}, {"in", h}, {"out", h}};
-    Case fwd{"linear_fwd/" + shape,
-             "gemm",
-             "linear fwd (x W^T)",
-             shape,
-             Unit::Flops,
-             2.0 * t * h * h,
-             params,
-             {},
-             std::nan("")};
+    Case fwd = make_case("linear_fwd/" + shape, "gemm", "linear fwd (x W^T)", shape, Unit::Flops,
+                         2.0 * t * h * h, params);
     fwd.params["dir"] = "fwd";
     bench.run(fwd, [&] {
       linear.forward(bench.cpu, kept::as_matrix<const float>(x), kept::as_matrix<float>(y));
     });
-    Case bwd{"linear_bwd/" + shape,
-             "gemm",
-             "linear bwd (dx, dW)",
-             shape,
-             Unit::Flops,
-             4.0 * t * h * h,
-             params,
-             {},
-             std::nan("")};
+    Case bwd = make_case("linear_bwd/" + shape, "gemm", "linear bwd (dx, dW)", shape, Unit::Flops,
+                         4.0 * t * h * h, params);
     bwd.params["dir"] = "bwd";
     MatrixView<float> dxv = kept::as_matrix<float>(dx);
     bench.run(bwd, [&] {
@@ -562,15 +561,8 @@ void bench_norms(Bench& bench) {
     const std::string shape = dims({r, c});
     const json params = {{"kind", "norm"}, {"rows", r}, {"cols", c}, {"eps", eps}};
     auto make = [&](const std::string& name, const std::string& dir, double bytes) {
-      Case k{name + "_" + dir + "/" + shape,
-             "norm",
-             name + " " + dir,
-             shape,
-             Unit::Bytes,
-             bytes,
-             params,
-             {},
-             std::nan("")};
+      Case k = make_case(name + "_" + dir + "/" + shape, "norm", name + " " + dir, shape,
+                         Unit::Bytes, bytes, params);
       k.params["norm"] = name;
       k.params["dir"] = dir;
       return k;
@@ -632,29 +624,15 @@ void bench_attention(Bench& bench) {
                          {"heads", as.heads},
                          {"head_dim", as.head_dim}};
     const double flops = attention_flops(as);
-    Case fwd{"attention_fwd/" + name,
-             "attention",
-             "attention fwd (causal)",
-             name,
-             Unit::Flops,
-             flops,
-             params,
-             {},
-             std::nan("")};
+    Case fwd = make_case("attention_fwd/" + name, "attention", "attention fwd (causal)", name,
+                         Unit::Flops, flops, params);
     fwd.params["dir"] = "fwd";
     bench.run(fwd, [&] {
       kept::cpu::attention_forward<float>(q.data<float>(), k.data<float>(), v.data<float>(),
                                           o.data<float>(), lse.data<float>(), shape);
     });
-    Case bwd{"attention_bwd/" + name,
-             "attention",
-             "attention bwd (causal)",
-             name,
-             Unit::Flops,
-             2.5 * flops,
-             params,
-             {},
-             std::nan("")};
+    Case bwd = make_case("attention_bwd/" + name, "attention", "attention bwd (causal)", name,
+                         Unit::Flops, 2.5 * flops, params);
     bwd.params["dir"] = "bwd";
     if (bench.wanted(bwd.id))
       kept::cpu::attention_forward<float>(q.data<float>(), k.data<float>(), v.data<float>(),
@@ -688,29 +666,15 @@ void bench_attention_layer(Bench& bench) {
     const json params = {
         {"kind", "attention_layer"}, {"batch", batch},  {"seq", seq}, {"heads", heads},
         {"head_dim", head_dim},      {"theta", 10000.0}};
-    Case fwd{"attention_layer_fwd/" + shape,
-             "attention",
-             "attention layer fwd",
-             shape,
-             Unit::Flops,
-             4 * proj + attention_flops(as),
-             params,
-             {},
-             std::nan("")};
+    Case fwd = make_case("attention_layer_fwd/" + shape, "attention", "attention layer fwd", shape,
+                         Unit::Flops, 4 * proj + attention_flops(as), params);
     fwd.params["dir"] = "fwd";
     bench.run(fwd, [&] {
       attn.forward(bench.cpu, kept::as_matrix<const float>(x), batch, seq, rope,
                    kept::as_matrix<float>(y), cache);
     });
-    Case bwd{"attention_layer_bwd/" + shape,
-             "attention",
-             "attention layer bwd",
-             shape,
-             Unit::Flops,
-             8 * proj + 2.5 * attention_flops(as),
-             params,
-             {},
-             std::nan("")};
+    Case bwd = make_case("attention_layer_bwd/" + shape, "attention", "attention layer bwd", shape,
+                         Unit::Flops, 8 * proj + 2.5 * attention_flops(as), params);
     bwd.params["dir"] = "bwd";
     if (bench.wanted(bwd.id))
       attn.forward(bench.cpu, kept::as_matrix<const float>(x), batch, seq, rope,
@@ -732,28 +696,14 @@ void bench_swiglu(Bench& bench) {
              du = zeros({t, inter});
       const std::string shape = dims({t, inter});
       const json params = {{"kind", "swiglu"}, {"rows", t}, {"cols", inter}};
-      Case fwd{"swiglu_fwd/" + shape,
-               "swiglu",
-               "swiglu fwd (silu(g)*u)",
-               shape,
-               Unit::Bytes,
-               12.0 * n,
-               params,
-               {},
-               std::nan("")};
+      Case fwd = make_case("swiglu_fwd/" + shape, "swiglu", "swiglu fwd (silu(g)*u)", shape,
+                           Unit::Bytes, 12.0 * n, params);
       fwd.params["dir"] = "fwd";
       bench.run(fwd, [&] {
         kept::cpu::swiglu_forward<float>(g.data<float>(), u.data<float>(), out.data<float>(), n);
       });
-      Case bwd{"swiglu_bwd/" + shape,
-               "swiglu",
-               "swiglu bwd (dg, du)",
-               shape,
-               Unit::Bytes,
-               20.0 * n,
-               params,
-               {},
-               std::nan("")};
+      Case bwd = make_case("swiglu_bwd/" + shape, "swiglu", "swiglu bwd (dg, du)", shape,
+                           Unit::Bytes, 20.0 * n, params);
       bwd.params["dir"] = "bwd";
       bench.run(bwd, [&] {
         kept::cpu::swiglu_backward<float>(dout.data<float>(), g.data<float>(), u.data<float>(),
@@ -775,28 +725,14 @@ void bench_swiglu(Bench& bench) {
       const json params = {
           {"kind", "swiglu_layer"}, {"tokens", t}, {"hidden", h}, {"intermediate", inter}};
       const double proj = 2.0 * t * h * inter;
-      Case fwd{"swiglu_layer_fwd/" + shape,
-               "swiglu",
-               "swiglu MLP fwd",
-               shape,
-               Unit::Flops,
-               3 * proj,
-               params,
-               {},
-               std::nan("")};
+      Case fwd = make_case("swiglu_layer_fwd/" + shape, "swiglu", "swiglu MLP fwd", shape,
+                           Unit::Flops, 3 * proj, params);
       fwd.params["dir"] = "fwd";
       bench.run(fwd, [&] {
         mlp.forward(bench.cpu, kept::as_matrix<const float>(x), kept::as_matrix<float>(y), cache);
       });
-      Case bwd{"swiglu_layer_bwd/" + shape,
-               "swiglu",
-               "swiglu MLP bwd",
-               shape,
-               Unit::Flops,
-               6 * proj,
-               params,
-               {},
-               std::nan("")};
+      Case bwd = make_case("swiglu_layer_bwd/" + shape, "swiglu", "swiglu MLP bwd", shape,
+                           Unit::Flops, 6 * proj, params);
       bwd.params["dir"] = "bwd";
       if (bench.wanted(bwd.id))
         mlp.forward(bench.cpu, kept::as_matrix<const float>(x), kept::as_matrix<float>(y), cache);

@@ -233,6 +233,14 @@ struct RunResult {
   double loss = 0;
   std::int64_t tokens = 0, top1 = 0;
   Tensor d_hidden, d_weight, d_bias;
+
+  // An objective's result, with its top-1 count (agreement or accuracy).
+  template <class Result>
+  void take(const Result& r, std::int64_t top1_count) {
+    loss = r.loss;
+    tokens = r.tokens;
+    top1 = top1_count;
+  }
 };
 
 // Runs one objective from zero gradients; returns its value and the student gradients.
@@ -252,9 +260,7 @@ RunResult run_objective(HeadPair<Backend>& pair, Objective objective, const RunS
           {.temperature = settings.temperature,
            .chunking = {.token_chunk = settings.token_chunk, .vocab_chunk = settings.vocab_chunk}},
           settings.weights, workspace);
-      result.loss = r.loss;
-      result.tokens = r.tokens;
-      result.top1 = r.top1_agree;
+      result.take(r, r.top1_agree);
       break;
     }
     case Objective::Mse: {
@@ -263,9 +269,7 @@ RunResult run_objective(HeadPair<Backend>& pair, Objective objective, const RunS
           pair.student_view(), &d_hidden,
           {.chunking = {.token_chunk = settings.token_chunk, .vocab_chunk = settings.vocab_chunk}},
           settings.weights, workspace);
-      result.loss = r.loss;
-      result.tokens = r.tokens;
-      result.top1 = r.top1_agree;
+      result.take(r, r.top1_agree);
       break;
     }
     case Objective::CrossEntropy: {
@@ -273,9 +277,7 @@ RunResult run_objective(HeadPair<Backend>& pair, Objective objective, const RunS
           pair.backend, pair.student_head, pair.student_view(), settings.targets, &d_hidden,
           {.chunking = {.token_chunk = settings.token_chunk, .vocab_chunk = settings.vocab_chunk}},
           workspace);
-      result.loss = r.loss;
-      result.tokens = r.tokens;
-      result.top1 = r.correct;
+      result.take(r, r.correct);
       break;
     }
   }
