@@ -85,6 +85,85 @@ class Fields {
   std::set<std::string> read_;
 };
 
+// Writes fields with the interface Fields reads them with.
+class JsonWriter {
+ public:
+  explicit JsonWriter(nlohmann::json& object) : object_(object) {}
+  template <class T>
+  void get(const char* key, const T& value) {
+    object_[key] = value;
+  }
+  template <class Write>
+  void object(const char* key, Write&& write) {
+    nlohmann::json nested = nlohmann::json::object();
+    JsonWriter writer(nested);
+    write(writer);
+    object_[key] = std::move(nested);
+  }
+
+ private:
+  nlohmann::json& object_;
+};
+
+// Every field of a job but "objective", in one list for reading (`io` a Fields) and writing
+// (a JsonWriter).
+template <class Job, class IO>
+void job_fields(Job& job, IO& io) {
+  io.get("device", job.device);
+  io.get("student", job.student);
+  io.object("init", [&](auto& init) {
+    init.get("config", job.init_config);
+    init.get("seed", job.init_seed);
+    init.get("std", job.init_std);
+  });
+  io.get("teacher", job.teacher);
+  io.get("tokenizer", job.tokenizer);
+  io.object("data", [&](auto& data) {
+    data.get("train", job.train_data);
+    data.get("held_out_fraction", job.held_out_fraction);
+    data.get("seq_len", job.seq_len);
+    data.get("seed", job.data_seed);
+  });
+  io.get("batch_size", job.batch_size);
+  io.get("grad_accum", job.grad_accum);
+  io.get("steps", job.steps);
+  io.object("optimizer", [&](auto& optimizer) {
+    optimizer.get("lr", job.lr);
+    optimizer.get("beta1", job.beta1);
+    optimizer.get("beta2", job.beta2);
+    optimizer.get("eps", job.adam_eps);
+    optimizer.get("weight_decay", job.weight_decay);
+    optimizer.get("decay_norms", job.decay_norms);
+    optimizer.get("decay_biases", job.decay_biases);
+    optimizer.get("master_weights", job.master_weights);
+    optimizer.get("moment_bits", job.moment_bits);
+    optimizer.get("min_8bit_size", job.min_8bit_size);
+  });
+  io.object("schedule", [&](auto& schedule) {
+    schedule.get("warmup_steps", job.warmup_steps);
+    schedule.get("min_lr", job.min_lr);
+  });
+  io.get("clip_grad_norm", job.clip_grad_norm);
+  io.get("temperature", job.temperature);
+  io.get("centre_teacher", job.centre_teacher);
+  io.object("norm_only", [&](auto& norm_only) {
+    norm_only.get("loss", job.norm_only_loss);
+    norm_only.get("init", job.norm_only_init);
+    norm_only.get("seed", job.norm_only_seed);
+  });
+  io.object("eval", [&](auto& eval) {
+    eval.get("every", job.eval_every);
+    eval.get("max_batches", job.eval_max_batches);
+  });
+  io.object("checkpoint", [&](auto& checkpoint) {
+    checkpoint.get("every", job.checkpoint_every);
+    checkpoint.get("keep", job.checkpoint_keep);
+  });
+  io.get("log_every", job.log_every);
+  io.get("output", job.output);
+  io.get("output_dtype", job.output_dtype);
+}
+
 }  // namespace
 
 TrainJob parse_job(const nlohmann::json& json, const std::string& where) {
@@ -97,58 +176,9 @@ TrainJob parse_job(const nlohmann::json& json, const std::string& where) {
   KEPT_CHECK(parsed, where, ": field \"objective\": unknown objective \"", objective, "\" (",
              enum_name_list(kObjectiveNames), ")");
   job.objective = *parsed;
-  fields.get("device", job.device);
+  job_fields(job, fields);
   KEPT_CHECK(job.device == "cpu" || job.device == "cuda", where,
              ": field \"device\": unknown device \"", job.device, "\" (cpu, cuda)");
-  fields.get("student", job.student);
-  fields.object("init", [&](Fields& init) {
-    init.get("config", job.init_config);
-    init.get("seed", job.init_seed);
-    init.get("std", job.init_std);
-  });
-  fields.get("teacher", job.teacher);
-  fields.get("tokenizer", job.tokenizer);
-  fields.object("data", [&](Fields& data) {
-    data.get("train", job.train_data);
-    data.get("held_out_fraction", job.held_out_fraction);
-    data.get("seq_len", job.seq_len);
-    data.get("seed", job.data_seed);
-  });
-  fields.get("batch_size", job.batch_size);
-  fields.get("grad_accum", job.grad_accum);
-  fields.get("steps", job.steps);
-  fields.object("optimizer", [&](Fields& optimizer) {
-    optimizer.get("lr", job.lr);
-    optimizer.get("beta1", job.beta1);
-    optimizer.get("beta2", job.beta2);
-    optimizer.get("eps", job.adam_eps);
-    optimizer.get("weight_decay", job.weight_decay);
-    optimizer.get("decay_norms", job.decay_norms);
-    optimizer.get("decay_biases", job.decay_biases);
-  });
-  fields.object("schedule", [&](Fields& schedule) {
-    schedule.get("warmup_steps", job.warmup_steps);
-    schedule.get("min_lr", job.min_lr);
-  });
-  fields.get("clip_grad_norm", job.clip_grad_norm);
-  fields.get("temperature", job.temperature);
-  fields.get("centre_teacher", job.centre_teacher);
-  fields.object("norm_only", [&](Fields& norm_only) {
-    norm_only.get("loss", job.norm_only_loss);
-    norm_only.get("init", job.norm_only_init);
-    norm_only.get("seed", job.norm_only_seed);
-  });
-  fields.object("eval", [&](Fields& eval) {
-    eval.get("every", job.eval_every);
-    eval.get("max_batches", job.eval_max_batches);
-  });
-  fields.object("checkpoint", [&](Fields& checkpoint) {
-    checkpoint.get("every", job.checkpoint_every);
-    checkpoint.get("keep", job.checkpoint_keep);
-  });
-  fields.get("log_every", job.log_every);
-  fields.get("output", job.output);
-  fields.get("output_dtype", job.output_dtype);
   fields.refuse_unknown();
   return job;
 }
@@ -182,6 +212,10 @@ void validate_job(const TrainJob& job) {
              ": field \"schedule.min_lr\" must be in [0, lr], got ", job.min_lr);
   KEPT_CHECK(job.warmup_steps >= 0 && job.warmup_steps <= job.steps, where,
              ": field \"schedule.warmup_steps\" must be in [0, steps], got ", job.warmup_steps);
+  KEPT_CHECK(job.moment_bits == 32 || job.moment_bits == 8, where,
+             ": field \"optimizer.moment_bits\" must be 32 or 8, got ", job.moment_bits);
+  KEPT_CHECK(job.min_8bit_size >= 0, where,
+             ": field \"optimizer.min_8bit_size\" must be >= 0, got ", job.min_8bit_size);
   KEPT_CHECK(job.temperature > 0, where, ": field \"temperature\" must be positive, got ",
              job.temperature);
   KEPT_CHECK(job.clip_grad_norm >= 0, where, ": field \"clip_grad_norm\" must be >= 0, got ",
@@ -202,39 +236,11 @@ void validate_job(const TrainJob& job) {
 }
 
 nlohmann::json TrainJob::to_json() const {
-  return {
-      {"objective", objective_name(objective)},
-      {"device", device},
-      {"student", student},
-      {"init", {{"config", init_config}, {"seed", init_seed}, {"std", init_std}}},
-      {"teacher", teacher},
-      {"tokenizer", tokenizer},
-      {"data",
-       {{"train", train_data},
-        {"held_out_fraction", held_out_fraction},
-        {"seq_len", seq_len},
-        {"seed", data_seed}}},
-      {"batch_size", batch_size},
-      {"grad_accum", grad_accum},
-      {"steps", steps},
-      {"optimizer",
-       {{"lr", lr},
-        {"beta1", beta1},
-        {"beta2", beta2},
-        {"eps", adam_eps},
-        {"weight_decay", weight_decay},
-        {"decay_norms", decay_norms},
-        {"decay_biases", decay_biases}}},
-      {"schedule", {{"warmup_steps", warmup_steps}, {"min_lr", min_lr}}},
-      {"clip_grad_norm", clip_grad_norm},
-      {"temperature", temperature},
-      {"centre_teacher", centre_teacher},
-      {"norm_only", {{"loss", norm_only_loss}, {"init", norm_only_init}, {"seed", norm_only_seed}}},
-      {"eval", {{"every", eval_every}, {"max_batches", eval_max_batches}}},
-      {"checkpoint", {{"every", checkpoint_every}, {"keep", checkpoint_keep}}},
-      {"log_every", log_every},
-      {"output", output},
-      {"output_dtype", output_dtype}};
+  nlohmann::json json = nlohmann::json::object();
+  JsonWriter writer(json);
+  writer.get("objective", std::string(objective_name(objective)));
+  job_fields(*this, writer);
+  return json;
 }
 
 }  // namespace kept::cli

@@ -15,7 +15,10 @@
 //     "grad_accum": 1,
 //     "steps": 1000,
 //     "optimizer": {"lr": 3e-4, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1,
-//                   "decay_norms": false, "decay_biases": false},
+//                   "decay_norms": false, "decay_biases": false,
+//                   "master_weights": true,    // cuda: false = bf16 weights, stochastic rounding
+//                   "moment_bits": 32,         // 8 = 8-bit blockwise m and v (kept/train/adamw.hpp)
+//                   "min_8bit_size": 4096},    //   for parameters of at least this many elements
 //     "schedule": {"warmup_steps": 50, "min_lr": 3e-5},
 //     "clip_grad_norm": 1.0,
 //     "temperature": 1.0,                    // xkd-logit
@@ -64,6 +67,9 @@ struct TrainJob {
   std::int64_t steps = 100;
   double lr = 3e-4, beta1 = 0.9, beta2 = 0.95, adam_eps = 1e-8, weight_decay = 0.1;
   bool decay_norms = false, decay_biases = false;
+  bool master_weights = true;
+  std::int64_t moment_bits = 32;
+  std::int64_t min_8bit_size = 4096;
   std::int64_t warmup_steps = 0;
   double min_lr = 0.0;
   double clip_grad_norm = 1.0;  // 0 = off

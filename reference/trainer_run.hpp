@@ -58,8 +58,6 @@ class Run {
     configure_trainable();
     // Values, gradients and optimizer state in one flat buffer each
     // (kept/model/parameter_arena.hpp).
-    ParameterArena arena(backend_, student_);
-    const std::vector<Parameter*> params = parameters_of(student_);
     AdamWConfig adam;
     adam.beta1 = job_.beta1;
     adam.beta2 = job_.beta2;
@@ -67,8 +65,26 @@ class Run {
     adam.weight_decay = job_.weight_decay;
     adam.decay.norm_weight = adam.decay.norm_bias = job_.decay_norms;
     adam.decay.bias = job_.decay_biases;
+    adam.master_weights = job_.master_weights;
+    adam.moment_bits = static_cast<int>(job_.moment_bits);
+    adam.min_8bit_size = job_.min_8bit_size;
     AdamW optimizer(adam);
+    ParameterArena arena(backend_, student_, optimizer.arena_layout());
+    const std::vector<Parameter*> params = parameters_of(student_);
     optimizer.use_arena(&arena);
+    {
+      using Precision = typename Backend::Precision;
+      const bool master = Precision::separate_master && job_.master_weights;
+      const char* weights = !Precision::separate_master ? "weights are their own masters"
+                            : master                    ? "fp32 master weights"
+                                : "bf16 weights rounded stochastically (no masters)";
+      const double bytes_per_element = (master ? 4.0 : 0.0) +
+                                       (job_.moment_bits == 8 ? 2.0 + 8.0 / kQuantBlock
+                                                              : 2.0 * dtype_size(Precision::master));
+      std::fprintf(stderr, "optimizer: AdamW, %s, %lld-bit moments: about %.1f MiB of state\n", weights,
+                   static_cast<long long>(job_.moment_bits),
+                   bytes_per_element * static_cast<double>(arena.elements()) / (1 << 20));
+    }
     CosineSchedule schedule{job_.lr, job_.warmup_steps, job_.steps, job_.min_lr, 0.0};
     schedule.validate();
 

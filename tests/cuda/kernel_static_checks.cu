@@ -43,7 +43,7 @@ void kept_static_check_instantiations() {
   (void)kc::launch_attention_forward<bf>(h, h, h, h, f, 0, 0, 0, 0, 1.0f, s);
   (void)kc::launch_attention_backward<bf>(h, h, h, h, h, f, h, h, h, f, 0, 0, 0, 0, 1.0f, s);
   (void)kc::launch_sum_squares(f, 0, d, s);
-  (void)kc::launch_adamw<bf>(h, f, f, f, f, 0, kept::AdamWScalars{}, s);
+  (void)kc::launch_adamw<bf>(h, f, f, kept::AdamWMoments<float>{}, f, 0, kept::AdamWScalars{}, s);
   (void)kc::launch_rows_reset(states, 0, s);
   (void)kc::launch_rows_finish(states, 0, s);
   (void)kc::launch_rows_update(f, f, 0, 0, 0, 1.0f, tokens, true, states, s);

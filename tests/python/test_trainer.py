@@ -905,14 +905,24 @@ CUDA_CHANGES = {**RESUME_CHANGES, "device": "cuda", "steps": 8,
                 "eval": {"every": 4, "max_batches": 1}, "checkpoint": {"every": 3, "keep": 2}}
 
 
-def cuda_job(world: World, name: str) -> tuple[Path, Path]:
+# The optimizer's compact states (kept/train/adamw.hpp): bf16 weights rounded stochastically
+# without fp32 masters, 8-bit blockwise moments (min_8bit_size 256 so that the tiny model's
+# matrices are quantised too, not only its embedding).
+COMPACT_OPTIMIZER = {"optimizer": {**RESUME_CHANGES["optimizer"], "master_weights": False,
+                                   "moment_bits": 8, "min_8bit_size": 256}}
+
+
+def cuda_job(world: World, name: str, changes: dict) -> tuple[Path, Path]:
     output = world.root / name
-    job = write_job(world.root / f"{name}.json", merged(base_job(world, output), CUDA_CHANGES))
+    job = write_job(world.root / f"{name}.json",
+                    merged(merged(base_job(world, output), CUDA_CHANGES), changes))
     return job, output
 
 
-def test_device_cuda_trains_and_resumes_bit_exactly(world, kept_bin, reference_run):
-    job, output = cuda_job(world, "cuda-reference")
+@pytest.mark.parametrize("optimizer", ["fp32-masters", "compact"])
+def test_device_cuda_trains_and_resumes_bit_exactly(world, kept_bin, reference_run, optimizer):
+    changes = COMPACT_OPTIMIZER if optimizer == "compact" else {}
+    job, output = cuda_job(world, f"cuda-{optimizer}-reference", changes)
     proc = run_kept(kept_bin, "train", job, check=False, threads=KEPT_THREADS)
     if proc.returncode != 0 and "built without the CUDA backend" in proc.stderr:
         pytest.skip("this kept has no CUDA backend (no nvcc, KEPT_CUDA_EMULATION off)")
@@ -921,6 +931,9 @@ def test_device_cuda_trains_and_resumes_bit_exactly(world, kept_bin, reference_r
     assert proc.returncode == 0, proc.stderr
     first = proc.stderr.splitlines()[0]
     assert first.startswith("device cuda: "), first
+    described = ("bf16 weights rounded stochastically (no masters), 8-bit moments"
+                 if optimizer == "compact" else "fp32 master weights, 32-bit moments")
+    assert f"optimizer: AdamW, {described}" in proc.stderr, proc.stderr
     reference = train_trace(output)
     assert [s for s, _ in reference] == list(range(1, 9))
     losses = [float(x) for _, x in reference]
@@ -932,12 +945,13 @@ def test_device_cuda_trains_and_resumes_bit_exactly(world, kept_bin, reference_r
     final = snapshot(output / "final")
 
     # Killed between checkpoints (after step 4; the newest checkpoint is step 3), then resumed.
-    killed_job, killed = cuda_job(world, "cuda-killed")
-    run = Watched(kept_bin, killed_job, log=world.root / "cuda-killed-0.log")
+    killed_job, killed = cuda_job(world, f"cuda-{optimizer}-killed", changes)
+    run = Watched(kept_bin, killed_job, log=world.root / f"cuda-{optimizer}-killed-0.log")
     assert run.kill_when(lambda: max(logged_train_steps(killed), default=0) >= 4), \
         run.output_text()
     assert complete_checkpoints(killed), run.output_text()
-    run = Watched(kept_bin, killed_job, "--resume", log=world.root / "cuda-killed-1.log")
+    run = Watched(kept_bin, killed_job, "--resume",
+                  log=world.root / f"cuda-{optimizer}-killed-1.log")
     assert run.wait() == 0, run.output_text()
     assert resumed_from(run.output_text()) == max(s for s in complete_checkpoints(killed) if s <= 4)
     assert train_trace(killed) == reference

@@ -1,11 +1,13 @@
-// tests/support/tensors.hpp: tensors with reproducible contents, and comparing tensors bit for
-// bit.
+// tests/support/tensors.hpp: tensors with reproducible contents, comparing tensors bit for
+// bit, and a plain list of parameters that serves as a "model" for the parameter arena.
 #pragma once
 
 #include <cstddef>
 #include <cstring>
+#include <vector>
 
 #include "kept/core/tensor.hpp"
+#include "kept/layers/parameter.hpp"
 
 namespace kept::test {
 
@@ -26,5 +28,15 @@ inline bool same_bytes(const Tensor& a, const Tensor& b) {
   const auto x = a.bytes(), y = b.bytes();
   return x.size() == y.size() && (x.empty() || std::memcmp(x.data(), y.data(), x.size()) == 0);
 }
+
+// A "model" for the arena: anything with visit_parameters.
+struct ParamList {
+  std::vector<Parameter> ps;
+  template <class Visitor>
+  void visit_parameters(Visitor&& visitor) {
+    for (Parameter& p : ps)
+      visitor(p);
+  }
+};
 
 }  // namespace kept::test

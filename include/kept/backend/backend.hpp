@@ -28,7 +28,8 @@
 //    once, to nearest even, when stored (GEMM: fp32 accumulation, C = round(alpha AB + beta C));
 //  - accumulating ops (dx += ..., residual adds) read the bf16 value, add in fp32, round once;
 //  - Grad and Stat outputs are fp32 and never rounded; logits chunks are fp32;
-//  - a bf16 parameter is round(master) after each optimizer step.
+//  - a bf16 parameter is round(master) after each optimizer step, or, without master weights,
+//    the fp32 update rounded stochastically (kept::bf16_stochastic with kept::rounding_bits).
 // The per-element functions both sides share (rounding, silu, RoPE angles) are in
 // kept/core/element_math.hpp.
 //
@@ -60,7 +61,9 @@
 // embedding_*                | gather rows of a table by token id; scatter-add of the gradient
 // grad_sum_squares           | sum of g^2 over a gradient range, in double (clipping)
 // scale_grad, grad_finite    | g *= s; whether every g is finite
-// adamw_update               | one torch-exact AdamW update of a range (kept/train/adamw.hpp)
+// adamw_update               | one AdamW update of a range (kept/train/adamw.hpp): torch-exact
+//                            | with fp32 moments; or 8-bit blockwise moments; with fp32 master
+//                            | weights, or bf16 weights rounded stochastically (master null)
 // clang-format on
 //
 // GEMM type combinations (A = Activation, P = Param, G = Grad, S = Stat):
@@ -124,6 +127,24 @@ struct AdamWScalars {
   float neg_step = 0;               // f32(-lr / (1 - b1^t))
   float decay_keep = 1;             // f32(1 - lr * wd), applied when `decay`
   bool decay = false;
+  // Bf16 weights without master copies: the key of the stochastic rounding bits
+  // (kept::rounding_bits), one per parameter and step, so a resumed run draws the same bits.
+  std::uint64_t rounding_key = 0;
+};
+
+// One range's AdamW moments: fp32 (exp_avg, exp_avg_sq; Master), or 8-bit blockwise (one code
+// rank per element and one fp32 absmax per kQuantBlock elements from the range's start;
+// kept/core/dynamic_code.hpp). Exactly one of the two forms is set.
+template <class M>
+struct AdamWMoments {
+  M* exp_avg = nullptr;
+  M* exp_avg_sq = nullptr;
+  std::uint8_t* exp_avg_codes = nullptr;
+  std::uint8_t* exp_avg_sq_codes = nullptr;
+  float* exp_avg_absmax = nullptr;
+  float* exp_avg_sq_absmax = nullptr;
+
+  bool quantized() const { return exp_avg_codes != nullptr; }
 };
 
 // The RoPE cos/sin table a backend keeps for (head_dim, theta, positions).
@@ -156,6 +177,7 @@ concept Backend = requires {
             typename B::Grad* grad, const typename B::Grad* cgrad,
             typename B::Master* master, typename B::Stat* stat, const typename B::Stat* cstat,
             typename B::Stat scalar, const AdamWScalars& adamw,
+            const AdamWMoments<typename B::Master>& moments,
             MatrixView<typename B::Activation> act_m,
             MatrixView<const typename B::Activation> cact_m,
             MatrixView<const typename B::Param> cparam_m,
@@ -201,11 +223,11 @@ concept Backend = requires {
   b.embedding_forward(tokens, n, cparam, n, n, act);
   b.embedding_backward(tokens, n, cact, n, grad);
   // optimizer: gradient norm, scaling, finiteness, and one AdamW update of a range
-  // (value, master or null, grad, exp_avg, exp_avg_sq, count, scalars)
+  // (value, master or null, grad, moments, count, scalars)
   { b.grad_sum_squares(cgrad, n) } -> std::convertible_to<double>;
   b.scale_grad(grad, n, 1.0f);
   { b.grad_finite(cgrad, n) } -> std::convertible_to<bool>;
-  b.adamw_update(param, master, cgrad, master, master, n, adamw);
+  b.adamw_update(param, master, cgrad, moments, n, adamw);
 };
 // clang-format on
 

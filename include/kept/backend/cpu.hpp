@@ -165,10 +165,10 @@ struct CpuBackend : UsesPrecision<Precision<T, T, T, T, T>> {
     return cpu::all_finite(grad, count);
   }
   // master is null: the value is its own master copy.
-  void adamw_update(T* value, T* master, const T* grad, T* exp_avg, T* exp_avg_sq,
+  void adamw_update(T* value, T* master, const T* grad, const AdamWMoments<T>& moments,
                     std::int64_t count, const AdamWScalars& scalars) {
     KEPT_CHECK(master == nullptr, "adamw_update on ", name(), ": no separate master weights");
-    cpu::adamw_update(value, grad, exp_avg, exp_avg_sq, count, scalars);
+    cpu::adamw_update(value, master, grad, moments, count, scalars);
   }
 };
 

@@ -180,12 +180,11 @@ class CpuBf16 : public UsesPrecision<Precision<bf16, bf16, float, float, float>>
     fp32_.scale_grad(grad, count, factor);
   }
   bool grad_finite(const float* grad, std::int64_t count) { return fp32_.grad_finite(grad, count); }
-  void adamw_update(bf16* value, float* master, const float* grad, float* exp_avg,
-                    float* exp_avg_sq, std::int64_t count, const AdamWScalars& scalars) {
-    KEPT_CHECK(master != nullptr, "adamw_update on ", name(),
-               ": bf16 parameters need fp32 master "
-               "weights");
-    cpu::adamw_update_master(value, master, grad, exp_avg, exp_avg_sq, count, scalars);
+  // master null: the bf16 value takes the update rounded stochastically.
+  void adamw_update(bf16* value, float* master, const float* grad,
+                    const AdamWMoments<float>& moments, std::int64_t count,
+                    const AdamWScalars& scalars) {
+    cpu::adamw_update(value, master, grad, moments, count, scalars);
   }
 
  private:

@@ -12,8 +12,11 @@
 //                        stochastic_rounding)
 //   silu, sigmoid        in fp32 (double for the float64 reference)
 //   rope_inv_freq/angle  the angle p * theta^(-2i/D) formed in fp32 as transformers does
+//   mul_rounded          a product rounded on its own, which nvcc may not fuse into a following
+//                        add (g++ for x86-64 never fuses; nvcc does by default, on the GPU only)
 //   adamw_element        one torch-exact AdamW update of one element (kept/train/adamw.hpp
 //                        derives the form; the CPU and CUDA optimizers both call it)
+// The 8-bit optimizer-state code and its rounding bits are in kept/core/dynamic_code.hpp.
 #pragma once
 
 #include <cmath>
@@ -80,6 +83,18 @@ KEPT_HOST_DEVICE inline float rope_angle(std::int64_t position, float inv_freq) 
   return static_cast<float>(position) * inv_freq;
 }
 
+template <class T>
+KEPT_HOST_DEVICE inline T mul_rounded(T a, T b) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(T) == sizeof(double))
+    return __dmul_rn(a, b);
+  else
+    return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 // One element of the AdamW update on the Master type M (float; double for the float64
 // reference, whose scalars are still the fp32 ones torch would use); `s` is a kept::AdamWScalars
 // (kept/backend/backend.hpp). In element order, with torch's fused multiply-adds:
@@ -88,7 +103,7 @@ KEPT_HOST_DEVICE inline float rope_angle(std::int64_t position, float inv_freq) 
 template <class M, class Scalars>
 KEPT_HOST_DEVICE inline M adamw_element(M value, M g, M& m, M& v, const Scalars& s) {
   const M w1 = s.one_minus_beta1;
-  if (s.decay) value = value * static_cast<M>(s.decay_keep);
+  if (s.decay) value = mul_rounded(value, static_cast<M>(s.decay_keep));
   m = s.small_weight ? std::fma(w1, g - m, m) : std::fma(w1 - M(1), g - m, g);
   const M decayed = v * static_cast<M>(s.beta2);
   v = std::fma(static_cast<M>(s.one_minus_beta2) * g, g, decayed);

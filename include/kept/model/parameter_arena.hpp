@@ -1,17 +1,20 @@
 // kept/model/parameter_arena.hpp: every parameter of a model in one flat buffer per role.
 //
 // One contiguous buffer each for the values (Param), the gradients (Grad), and, for the
-// optimizer, the fp32 master weights (Master, only when the backend's Param type differs) and
-// AdamW's two moments (Master); each Parameter's value and grad become named views into them at
+// optimizer, the fp32 master weights (Master, only when the backend's Param type differs and the
+// layout asks for them) and AdamW's two moments (Master; or, for 8-bit moments, one byte buffer
+// each and one fp32 absmax buffer each with an entry per kQuantBlock elements); each
+// Parameter's value and grad become named views into them at
 // the parameter's offset (HF names and shapes unchanged, so loading, saving and checkpoints see
 // no difference). What that buys: zero_grad is one fill; an optimizer, an all-reduce or a
 // ZeRO shard works on contiguous ranges; fused projections can read neighbouring views. The
 // layout is llm.c's malloc_and_point_parameters with names kept.
 //
 // Layout: parameters in visiting (checkpoint) order, each slot starting at a multiple of
-// kArenaAlignment elements (256 bytes of fp32, enough for any vector load and for sharding on
-// slot boundaries); the padding is zero and stays zero (no op writes it). The same offsets
-// index every buffer, so slot i of the moments belongs to slot i of the values.
+// kArenaAlignment elements (one 8-bit quantisation block, kQuantBlock = 256: 1 KiB of fp32,
+// enough for any vector load and for sharding on slot boundaries); the padding is zero and stays
+// zero (no op writes it). The same offsets index every buffer, so slot i of the moments belongs
+// to slot i of the values, and a slot's absmax entries start at offset / kQuantBlock.
 //
 // Adopting a model copies each value into the arena once (through the backend's download and
 // upload, the only cross-space copy the contract has). Gradients start at zero; a frozen
@@ -25,13 +28,21 @@
 #include <string_view>
 #include <vector>
 
+#include "kept/core/dynamic_code.hpp"
 #include "kept/core/error.hpp"
 #include "kept/core/tensor.hpp"
 #include "kept/layers/parameter.hpp"
 
 namespace kept {
 
-inline constexpr std::int64_t kArenaAlignment = 64;  // elements
+inline constexpr std::int64_t kArenaAlignment = kQuantBlock;  // elements
+
+// Which optimizer buffers an arena holds besides the values and gradients.
+struct ArenaLayout {
+  bool optimizer_state = true;     // AdamW's moments (and master weights, below)
+  bool master_weights = true;      // fp32 masters, where the backend's Param is not its Master
+  bool quantized_moments = false;  // 8-bit moments (codes + absmax) instead of Master ones
+};
 
 struct ArenaSlot {
   std::string name;
@@ -45,10 +56,9 @@ class ParameterArena {
   ParameterArena() = default;
 
   // Lays out every parameter of `model`, allocates the buffers in `backend` and points the
-  // parameters at them. `optimizer_state` also allocates master weights (when separate) and the
-  // two AdamW moments.
+  // parameters at them, with the optimizer buffers `layout` names.
   template <class Backend, class Model>
-  ParameterArena(Backend& backend, Model& model, bool optimizer_state = true) {
+  ParameterArena(Backend& backend, Model& model, ArenaLayout layout = {}) {
     using Precision = typename Backend::Precision;
     std::vector<Parameter*> params;
     model.visit_parameters([&](Parameter& p) { params.push_back(&p); });
@@ -60,11 +70,18 @@ class ParameterArena {
     }
     values_ = backend.zeros(Precision::param, {total_});
     grads_ = backend.zeros(Precision::grad, {total_});
-    if (optimizer_state) {
-      if constexpr (Precision::separate_master)
+    if (layout.optimizer_state) {
+      if (Precision::separate_master && layout.master_weights)
         master_ = backend.zeros(Precision::master, {total_});
-      exp_avg_ = backend.zeros(Precision::master, {total_});
-      exp_avg_sq_ = backend.zeros(Precision::master, {total_});
+      if (layout.quantized_moments) {
+        exp_avg_ = backend.zeros(DType::U8, {total_});
+        exp_avg_sq_ = backend.zeros(DType::U8, {total_});
+        exp_avg_absmax_ = backend.zeros(DType::F32, {total_ / kQuantBlock});
+        exp_avg_sq_absmax_ = backend.zeros(DType::F32, {total_ / kQuantBlock});
+      } else {
+        exp_avg_ = backend.zeros(Precision::master, {total_});
+        exp_avg_sq_ = backend.zeros(Precision::master, {total_});
+      }
     }
     for (std::size_t i = 0; i < params.size(); ++i) {
       Parameter& p = *params[i];
@@ -89,11 +106,17 @@ class ParameterArena {
   const Tensor& grads() const { return grads_; }
   bool has_optimizer_state() const { return exp_avg_.defined(); }
   bool has_master() const { return master_.defined(); }
+  bool has_quantized_moments() const { return exp_avg_absmax_.defined(); }
 
-  // Views of one slot in each buffer (undefined when that buffer was not allocated).
+  // Views of one slot in each buffer (undefined when that buffer was not allocated). The moments
+  // are Master, or U8 codes when quantised; an absmax view has one F32 per kQuantBlock elements.
   Tensor master(const ArenaSlot& slot) const { return view(master_, slot); }
   Tensor exp_avg(const ArenaSlot& slot) const { return view(exp_avg_, slot); }
   Tensor exp_avg_sq(const ArenaSlot& slot) const { return view(exp_avg_sq_, slot); }
+  Tensor exp_avg_absmax(const ArenaSlot& slot) const { return absmax_view(exp_avg_absmax_, slot); }
+  Tensor exp_avg_sq_absmax(const ArenaSlot& slot) const {
+    return absmax_view(exp_avg_sq_absmax_, slot);
+  }
 
   // Zeroes every gradient with one fill and points each trainable parameter's grad at its slot
   // again (a parameter unfrozen since the last call gets its view back; a frozen one none).
@@ -124,11 +147,17 @@ class ParameterArena {
     return Tensor::from_storage(buffer.dtype(), slot.shape, buffer.storage(),
                                 static_cast<std::size_t>(slot.offset) * dtype_size(buffer.dtype()));
   }
+  static Tensor absmax_view(const Tensor& buffer, const ArenaSlot& slot) {
+    if (!buffer.defined()) return Tensor();
+    return Tensor::from_storage(
+        DType::F32, {quant_blocks(slot.count)}, buffer.storage(),
+        static_cast<std::size_t>(slot.offset / kQuantBlock) * sizeof(float));
+  }
 
   std::vector<ArenaSlot> slots_;
   std::map<std::string, std::size_t, std::less<>> index_;
   std::int64_t total_ = 0;
-  Tensor values_, grads_, master_, exp_avg_, exp_avg_sq_;
+  Tensor values_, grads_, master_, exp_avg_, exp_avg_sq_, exp_avg_absmax_, exp_avg_sq_absmax_;
 };
 
 }  // namespace kept

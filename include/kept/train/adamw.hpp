@@ -38,16 +38,31 @@
 // unfrozen half-way starts its own bias correction at t = 1 (the Appendix-A pilot freezes all
 // but the norm weights).
 //
+// Compact states (for models whose fp32 states do not fit; the 14B plan in the README):
+//  - master_weights = false, on a backend whose parameters are bf16 (CpuBf16, Cuda): no fp32
+//    master copy; the fp32 update of each element is rounded to bf16 stochastically (rounding up
+//    with probability (x - down) / ulp, so the expected value is the fp32 update and small steps
+//    are not lost to round-to-nearest). The random bits are a counter-based hash of
+//    (parameter name, its step, element index): a resumed run draws the same bits, and the CPU
+//    and the GPU agree to the bit. Saves 4 bytes a parameter.
+//  - moment_bits = 8: m and v as 8-bit blockwise codes (kept/core/dynamic_code.hpp: a dynamic-
+//    tree code, one fp32 absmax per 256 elements, 2.03 bytes a parameter for both instead of
+//    8), for parameters of at least min_8bit_size elements; smaller ones (norms, biases) keep
+//    fp32 moments, as bitsandbytes does. Not torch-exact: each step requantises m and v.
+// With the defaults (fp32 moments, masters where the parameters are bf16) nothing changes.
+//
 // State, per parameter and keyed by its name: exp_avg (m) and exp_avg_sq (v) as fp32 tensors of
-// the parameter's shape and its step count. state_tensors() exports it, with the optimizer's own
-// counter and hyper-parameters, as NamedTensors for a safetensors file:
+// the parameter's shape (or U8 codes plus F32 absmax) and its step count. state_tensors()
+// exports it, with the optimizer's own counter and hyper-parameters, as NamedTensors for a
+// safetensors file:
 //   "adamw.steps_taken"   I64 [1]   calls to step() so far
 //   "adamw.beta1" / "adamw.beta2" / "adamw.eps"   F64 [1]   checked on load: m and v mean
 //                                                           nothing under other betas
-//   "exp_avg/<name>", "exp_avg_sq/<name>"   F32, the parameter's shape
+//   "exp_avg/<name>", "exp_avg_sq/<name>"   F32, the parameter's shape (U8 when 8-bit)
+//   "exp_avg_absmax/<name>", "exp_avg_sq_absmax/<name>"   F32 [ceil(numel / 256)], 8-bit only
 //   "step/<name>"         I64 [1]
-//   "master/<name>"       F32, only where the backend keeps fp32 master weights of bf16
-//                         parameters (CpuBf16; the value is then round(master) after each step)
+//   "master/<name>"       F32, only where fp32 master weights of bf16 parameters are kept
+//                         (CpuBf16, Cuda with master_weights; the value is round(master))
 // The moments and master weights live in the backend's memory (its Master type) and cross to the
 // host through Backend::download/upload; the per-range update is Backend::adamw_update.
 // load_state() copies everything back, so the continued run is bit-identical to one that never
@@ -71,7 +86,10 @@
 #include <vector>
 
 #include "kept/backend/backend.hpp"
+#include "kept/core/dynamic_code.hpp"
 #include "kept/core/error.hpp"
+#include "kept/core/hash.hpp"
+#include "kept/core/random.hpp"
 #include "kept/core/tensor.hpp"
 #include "kept/io/safetensors.hpp"
 #include "kept/layers/parameter.hpp"
@@ -114,6 +132,11 @@ struct AdamWConfig {
   DecayRoles decay{};
   // When set, decides per parameter instead of `decay` (e.g. "no decay on the LM head").
   std::function<bool(const Parameter&)> decay_predicate{};
+  // Compact states (top comment). master_weights only matters where the backend's parameters
+  // are not its optimizer type (bf16 parameters).
+  bool master_weights = true;
+  int moment_bits = 32;  // 32 or 8
+  std::int64_t min_8bit_size = 4096;
 };
 
 // The parameters of anything with visit_parameters (a Decoder, a layer), in visiting order.
@@ -158,15 +181,31 @@ class AdamW {
     KEPT_CHECK(config_.eps >= 0, "AdamW: eps must be >= 0, got ", config_.eps);
     KEPT_CHECK(config_.weight_decay >= 0, "AdamW: weight_decay must be >= 0, got ",
                config_.weight_decay);
+    KEPT_CHECK(config_.moment_bits == 32 || config_.moment_bits == 8,
+               "AdamW: moment_bits must be 32 or 8, got ", config_.moment_bits);
+    KEPT_CHECK(config_.min_8bit_size >= 0, "AdamW: min_8bit_size must be >= 0, got ",
+               config_.min_8bit_size);
   }
 
   const AdamWConfig& config() const { return config_; }
   // Keeps the moments (and master weights) in the arena's buffers, at each parameter's slot,
   // instead of one allocation per parameter. The arena must outlive the optimizer's use of it.
+  // Parameters whose state does not fit the arena's buffers (fp32 moments of a small parameter
+  // next to an 8-bit arena, masters the arena has none of) get their own allocations.
   void use_arena(const ParameterArena* arena) {
     KEPT_CHECK(!arena || arena->has_optimizer_state(),
                "AdamW: the parameter arena was built without optimizer state");
     arena_ = arena;
+  }
+  // The arena layout that holds this optimizer's state.
+  ArenaLayout arena_layout() const {
+    return {.optimizer_state = true,
+            .master_weights = config_.master_weights,
+            .quantized_moments = config_.moment_bits == 8};
+  }
+  // Whether parameter `p`'s moments are 8-bit.
+  bool quantizes(const Parameter& p) const {
+    return config_.moment_bits == 8 && p.value.numel() >= config_.min_8bit_size;
   }
   // The trainer sets the scheduled rate before each step.
   void set_lr(double lr) { config_.lr = lr; }
@@ -210,10 +249,20 @@ class AdamW {
       scalars.neg_step = static_cast<float>(-(lr / bias_correction1));
       scalars.decay = config_.weight_decay != 0 && decays(*p);
       scalars.decay_keep = static_cast<float>(1.0 - lr * config_.weight_decay);
+      scalars.rounding_key = Random::hash(fnv1a(p->name) ^ static_cast<std::uint64_t>(state.step));
       Master* master = state.master.defined() ? state.master.template data<Master>() : nullptr;
+      AdamWMoments<Master> moments;
+      if (state.exp_avg_absmax.defined()) {
+        moments.exp_avg_codes = state.exp_avg.template data<std::uint8_t>();
+        moments.exp_avg_sq_codes = state.exp_avg_sq.template data<std::uint8_t>();
+        moments.exp_avg_absmax = state.exp_avg_absmax.template data<float>();
+        moments.exp_avg_sq_absmax = state.exp_avg_sq_absmax.template data<float>();
+      } else {
+        moments.exp_avg = state.exp_avg.template data<Master>();
+        moments.exp_avg_sq = state.exp_avg_sq.template data<Master>();
+      }
       backend.adamw_update(p->value.template data<typename Backend::Param>(), master,
-                           p->grad.template data<Grad>(), state.exp_avg.template data<Master>(),
-                           state.exp_avg_sq.template data<Master>(), p->value.numel(), scalars);
+                           p->grad.template data<Grad>(), moments, p->value.numel(), scalars);
     }
     ++steps_taken_;
   }
@@ -243,6 +292,10 @@ class AdamW {
     for (const auto& [name, state] : states_) {
       out.push_back({"exp_avg/" + name, backend.download(state.exp_avg)});
       out.push_back({"exp_avg_sq/" + name, backend.download(state.exp_avg_sq)});
+      if (state.exp_avg_absmax.defined()) {
+        out.push_back({"exp_avg_absmax/" + name, backend.download(state.exp_avg_absmax)});
+        out.push_back({"exp_avg_sq_absmax/" + name, backend.download(state.exp_avg_sq_absmax)});
+      }
       if (state.master.defined()) out.push_back({"master/" + name, backend.download(state.master)});
       out.push_back({"step/" + name, detail::train_scalar_i64(state.step)});
     }
@@ -304,7 +357,8 @@ class AdamW {
       (void)tensor;
       std::string_view key = name;
       bool known = false;
-      for (std::string_view prefix : {"exp_avg/", "exp_avg_sq/", "step/", "master/"}) {
+      for (std::string_view prefix : {"exp_avg/", "exp_avg_sq/", "exp_avg_absmax/",
+                                      "exp_avg_sq_absmax/", "step/", "master/"}) {
         if (key.starts_with(prefix)) {
           names.emplace(key.substr(prefix.size()));
           known = true;
@@ -312,14 +366,14 @@ class AdamW {
         }
       }
       KEPT_CHECK(known, where, ": unexpected tensor ", name,
-                 " (not exp_avg/, exp_avg_sq/, master/ or step/ of a parameter)");
+                 " (not exp_avg/, exp_avg_sq/, their _absmax/, master/ or step/ of a parameter)");
     }
     // Validate everything first; only then write (into the arena's slots when there is one),
     // so a bad file leaves the optimizer as it was.
     struct Entry {
-      std::string name;
-      Shape shape;
+      const Parameter* param = nullptr;
       const Tensor *exp_avg = nullptr, *exp_avg_sq = nullptr, *master = nullptr;
+      const Tensor *exp_avg_absmax = nullptr, *exp_avg_sq_absmax = nullptr;
       std::int64_t step = 0;
     };
     std::vector<Entry> checked;
@@ -327,38 +381,55 @@ class AdamW {
       auto param = by_name.find(name);
       KEPT_CHECK(param != by_name.end(), where, ": state for parameter ", name,
                  ", which the model does not have");
-      const Shape& shape = param->second->value.shape();
-      auto moment = [&](const std::string& key) {
+      const Parameter& p = *param->second;
+      const Shape& shape = p.value.shape();
+      const bool quantized = quantizes(p);
+      auto tensor = [&](const std::string& key, DType dtype, const Shape& expected) {
         const Tensor& t = take(key);
-        KEPT_CHECK(t.dtype() == kMaster, where, ": ", key, " is ", dtype_name(t.dtype()),
-                   ", expected ", dtype_name(kMaster));
-        KEPT_CHECK(t.shape() == shape, where, ": ", key, " has shape ", t.shape(),
-                   " but parameter ", name, " has shape ", shape);
+        KEPT_CHECK(t.dtype() == dtype, where, ": ", key, " is ", dtype_name(t.dtype()),
+                   ", expected ", dtype_name(dtype),
+                   t.dtype() == DType::U8 || dtype == DType::U8
+                       ? " (the state was saved with other moment_bits than configured)"
+                       : "");
+        KEPT_CHECK(t.shape() == expected, where, ": ", key, " has shape ", t.shape(), ", expected ",
+                   expected, " for parameter ", name);
         return &t;
       };
-      Entry entry{name, shape, moment("exp_avg/" + name), moment("exp_avg_sq/" + name)};
-      if constexpr (Backend::Precision::separate_master) entry.master = moment("master/" + name);
+      const DType moment_dtype = quantized ? DType::U8 : kMaster;
+      Entry entry{&p, tensor("exp_avg/" + name, moment_dtype, shape),
+                  tensor("exp_avg_sq/" + name, moment_dtype, shape)};
+      if (quantized) {
+        const Shape blocks{quant_blocks(p.value.numel())};
+        entry.exp_avg_absmax = tensor("exp_avg_absmax/" + name, DType::F32, blocks);
+        entry.exp_avg_sq_absmax = tensor("exp_avg_sq_absmax/" + name, DType::F32, blocks);
+      }
+      if (keeps_master<Backend>()) entry.master = tensor("master/" + name, kMaster, shape);
       entry.step = scalar_i("step/" + name);
       KEPT_CHECK(entry.step >= 1, where, ": step/", name, " is ", entry.step, ", expected >= 1");
       checked.push_back(entry);
     }
-    KEPT_CHECK(entries.empty(), where, ": unexpected tensor ", entries.begin()->first,
-               entries.begin()->first.starts_with("master/")
-                   ? " (master weights, but this backend keeps none)"
-                   : "");
+    if (!entries.empty()) {
+      const std::string& name = entries.begin()->first;
+      KEPT_CHECK(false, where, ": unexpected tensor ", name,
+                 name.starts_with("master/")
+                     ? " (master weights, but this optimizer keeps none: the state was saved "
+                       "with master_weights and is loaded without)"
+                 : name.find("absmax/") != std::string::npos
+                     ? " (8-bit moments, but this optimizer's are 32-bit for this parameter)"
+                     : "");
+    }
     std::map<std::string, State, std::less<>> loaded;
     for (const Entry& entry : checked) {
-      State s;
-      s.exp_avg = fresh_state(backend, entry.name, entry.shape, &ParameterArena::exp_avg);
+      State s = empty_state(backend, *entry.param);
       backend.upload(*entry.exp_avg, s.exp_avg);
-      s.exp_avg_sq = fresh_state(backend, entry.name, entry.shape, &ParameterArena::exp_avg_sq);
       backend.upload(*entry.exp_avg_sq, s.exp_avg_sq);
-      if (entry.master) {
-        s.master = fresh_state(backend, entry.name, entry.shape, &ParameterArena::master);
-        backend.upload(*entry.master, s.master);
+      if (entry.exp_avg_absmax) {
+        backend.upload(*entry.exp_avg_absmax, s.exp_avg_absmax);
+        backend.upload(*entry.exp_avg_sq_absmax, s.exp_avg_sq_absmax);
       }
+      if (entry.master) backend.upload(*entry.master, s.master);
       s.step = entry.step;
-      loaded.emplace(entry.name, std::move(s));
+      loaded.emplace(entry.param->name, std::move(s));
     }
     states_ = std::move(loaded);
     steps_taken_ = steps;
@@ -366,11 +437,42 @@ class AdamW {
 
  private:
   struct State {
-    Tensor exp_avg;
-    Tensor exp_avg_sq;
+    Tensor exp_avg;                            // Master, or U8 codes when 8-bit
+    Tensor exp_avg_sq;                         // likewise
+    Tensor exp_avg_absmax, exp_avg_sq_absmax;  // F32 per kQuantBlock elements; 8-bit only
     Tensor master;  // fp32 copy of a bf16 parameter; undefined when the value is its own master
     std::int64_t step = 0;
   };
+
+  template <class Backend>
+  bool keeps_master() const {
+    return Backend::Precision::separate_master && config_.master_weights;
+  }
+
+  // Zeroed state tensors for parameter `p` (the master not yet filled).
+  template <class Backend>
+  State empty_state(Backend& backend, const Parameter& p) {
+    constexpr DType kMaster = Backend::Precision::master;
+    const Shape& shape = p.value.shape();
+    State s;
+    if (quantizes(p)) {
+      KEPT_CHECK(kMaster == DType::F32, "AdamW: 8-bit moments need fp32 optimizer math; ",
+                 Backend::name(), " keeps ", dtype_name(kMaster));
+      const Shape blocks{quant_blocks(p.value.numel())};
+      s.exp_avg = fresh_state(backend, p.name, DType::U8, shape, &ParameterArena::exp_avg);
+      s.exp_avg_sq = fresh_state(backend, p.name, DType::U8, shape, &ParameterArena::exp_avg_sq);
+      s.exp_avg_absmax =
+          fresh_state(backend, p.name, DType::F32, blocks, &ParameterArena::exp_avg_absmax);
+      s.exp_avg_sq_absmax =
+          fresh_state(backend, p.name, DType::F32, blocks, &ParameterArena::exp_avg_sq_absmax);
+    } else {
+      s.exp_avg = fresh_state(backend, p.name, kMaster, shape, &ParameterArena::exp_avg);
+      s.exp_avg_sq = fresh_state(backend, p.name, kMaster, shape, &ParameterArena::exp_avg_sq);
+    }
+    if (keeps_master<Backend>())
+      s.master = fresh_state(backend, p.name, kMaster, shape, &ParameterArena::master);
+    return s;
+  }
 
   template <class Backend>
   State& state_for(Backend& backend, const Parameter& p) {
@@ -381,14 +483,9 @@ class AdamW {
                  found->second.exp_avg.shape());
       return found->second;
     }
-    State s;
-    s.exp_avg = fresh_state(backend, p.name, p.value.shape(), &ParameterArena::exp_avg);
-    s.exp_avg_sq = fresh_state(backend, p.name, p.value.shape(), &ParameterArena::exp_avg_sq);
-    if constexpr (Backend::Precision::separate_master) {
-      // The master starts as the parameter's value, widened exactly.
-      s.master = fresh_state(backend, p.name, p.value.shape(), &ParameterArena::master);
-      backend.upload(backend.download(p.value), s.master);
-    }
+    State s = empty_state(backend, p);
+    // The master starts as the parameter's value, widened exactly.
+    if (s.master.defined()) backend.upload(backend.download(p.value), s.master);
     return states_.emplace(p.name, std::move(s)).first->second;
   }
 
@@ -401,21 +498,21 @@ class AdamW {
     }
   }
 
-  // A zeroed state tensor for parameter `name`: its slot in the arena's buffer `which` when
-  // there is an arena, else a new allocation.
+  // A zeroed state tensor for parameter `name`: its slot in the arena's buffer `which` when the
+  // arena has that buffer in `dtype`, else a new allocation.
   template <class Backend>
-  Tensor fresh_state(Backend& backend, std::string_view name, const Shape& shape,
+  Tensor fresh_state(Backend& backend, std::string_view name, DType dtype, const Shape& shape,
                      Tensor (ParameterArena::*which)(const ArenaSlot&) const) {
     if (arena_) {
       const ArenaSlot* slot = arena_->find(name);
       KEPT_CHECK(slot, "AdamW: parameter ", name, " is not in the parameter arena");
       Tensor view = (arena_->*which)(*slot);
-      KEPT_CHECK(view.defined(), "AdamW: the parameter arena has no buffer for this state of ",
-                 name);
-      backend.fill_zero(view);
-      return view;
+      if (view.defined() && view.dtype() == dtype) {
+        backend.fill_zero(view);
+        return view;
+      }
     }
-    return backend.zeros(Backend::Precision::master, shape);
+    return backend.zeros(dtype, shape);
   }
 
   AdamWConfig config_;

@@ -270,14 +270,15 @@ class CudaBackend : public UsesPrecision<Precision<bf16, bf16, float, float, flo
   bool grad_finite(const float* grad, std::int64_t count) {
     return std::isfinite(grad_sum_squares(grad, count));
   }
-  void adamw_update(bf16* value, float* master, const float* grad, float* exp_avg,
-                    float* exp_avg_sq, std::int64_t count, const AdamWScalars& scalars) {
-    KEPT_CHECK(master != nullptr, "adamw_update on ", name(),
-               ": bf16 parameters need fp32 master weights");
+  // master null: the bf16 value takes the update rounded stochastically.
+  void adamw_update(bf16* value, float* master, const float* grad,
+                    const AdamWMoments<float>& moments, std::int64_t count,
+                    const AdamWScalars& scalars) {
     check_count("adamw_update", count);
-    check_launch(launch_adamw(device_ptr(value), master, grad, exp_avg, exp_avg_sq, count, scalars,
-                              stream()),
-                 "adamw_update");
+    const float* codes = moments.quantized() ? context_->dynamic_codes() : nullptr;
+    check_launch(
+        launch_adamw(device_ptr(value), master, grad, moments, codes, count, scalars, stream()),
+        "adamw_update");
   }
 
   Cuda& context() const { return *context_; }

@@ -20,6 +20,7 @@
 
 #include <cmath>
 #include <cstddef>
+#include <cstring>
 #include <functional>
 #include <string>
 #include <tuple>
@@ -54,6 +55,7 @@ cudaError_t launch(const char* name, void (*kernel)(Params...), dim3 grid, dim3 
   (void)stream;
   std::tuple<std::decay_t<Params>...> params(static_cast<Params>(std::forward<Args>(args))...);
   std::vector<const void*> written, read;
+  int argument = 0, hidden = -1;  // hidden: an argument that carries memory inside a struct
   std::apply(
       [&](const auto&... value) {
         const auto classify = [&](const auto& p) {
@@ -63,11 +65,26 @@ cudaError_t launch(const char* name, void (*kernel)(Params...), dim3 grid, dim3 
               read.push_back(p);
             else
               written.push_back(p);
+          } else if constexpr (std::is_class_v<P> && sizeof(P) >= sizeof(void*)) {
+            // The emulator only sees (and checks, and restores between thread orders) memory
+            // passed as raw pointers; a device address inside a struct is refused.
+            for (std::size_t at = 0; at + sizeof(void*) <= sizeof(P); at += alignof(void*)) {
+              const void* word;
+              std::memcpy(&word, reinterpret_cast<const unsigned char*>(&p) + at, sizeof word);
+              if (hidden < 0 && emulation::emulator().memory().find(word)) hidden = argument;
+            }
           }
+          ++argument;
         };
         (classify(value), ...);
       },
       params);
+  if (hidden >= 0)
+    return emulation::record(
+        cudaErrorInvalidValue,
+        std::string("emulated CUDA: kernel ") + name + ": argument " + std::to_string(hidden) +
+            " is a struct holding device memory; pass memory as raw pointer arguments "
+            "(kept/backend/cuda/platform.cuh) so the emulator can check it");
   const std::function<void()> body = [&] { std::apply(kernel, params); };
   std::string fault =
       emulation::emulator().run(name, grid, block, shared_bytes, body, written, read);

@@ -31,6 +31,7 @@
 
 #include "kept/backend/cuda/platform.cuh"
 #include "kept/core/dtype.hpp"
+#include "kept/core/dynamic_code.hpp"
 #include "kept/core/error.hpp"
 #include "kept/core/shape.hpp"
 #include "kept/core/tensor.hpp"
@@ -330,6 +331,22 @@ class Cuda {
     return scratch_.data();
   }
 
+  // kept::dynamic_codes() on the device (the signed table, then the unsigned one), uploaded on
+  // the first call: the 8-bit optimizer states' code.
+  const float* dynamic_codes() {
+    if (!codes_.data()) {
+      const DynamicCodes& codes = ::kept::dynamic_codes();
+      DeviceBuffer buffer(sizeof codes.signed_code + sizeof codes.unsigned_code);
+      auto* device = static_cast<float*>(buffer.data());
+      KEPT_CUDA_CHECK(cudaMemcpy(device, codes.signed_code.data(), sizeof codes.signed_code,
+                                 cudaMemcpyHostToDevice));
+      KEPT_CUDA_CHECK(cudaMemcpy(device + codes.signed_code.size(), codes.unsigned_code.data(),
+                                 sizeof codes.unsigned_code, cudaMemcpyHostToDevice));
+      codes_ = std::move(buffer);
+    }
+    return static_cast<const float*>(codes_.data());
+  }
+
   // Tensors on this context's device.
   Tensor empty(DType dtype, Shape shape) const {
     return device_empty(dtype, shape);
@@ -369,6 +386,7 @@ class Cuda {
 #endif
   DeviceBuffer workspace_;
   DeviceBuffer scratch_;
+  DeviceBuffer codes_;
 #if !defined(KEPT_CUDA_EMULATION)
   // Created on the first matmul; a function-pointer deleter so GemmPlanCache may be incomplete
   // here.

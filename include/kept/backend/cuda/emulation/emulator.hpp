@@ -432,9 +432,10 @@ class Emulator {
         if (now[b] != first[i][b]) {
           std::ostringstream out;
           out << "kernel " << kernel_ << ": output depends on the order threads run: byte " << b
-              << " of device allocation #" << targets[i]->serial << " differs between the "
-              << "forward order and the " << order_name(order)
-              << " order (a missing __syncthreads() between a shared-memory write and a read, "
+              << " of device allocation #" << targets[i]->serial << " (" << targets[i]->bytes
+              << " bytes) differs between the forward order (0x" << std::hex << int{first[i][b]}
+              << ") and the " << order_name(order) << " order (0x" << int{now[b]} << std::dec << ")"
+              << " (a missing __syncthreads() between a shared-memory write and a read, "
                  "or threads racing on one address)";
           return out.str();
         }

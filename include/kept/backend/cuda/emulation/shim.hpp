@@ -107,6 +107,9 @@ inline __nv_bfloat16 __float2bfloat16_rn(float value) {
 inline float __bfloat162float(__nv_bfloat16 value) {
   return ::kept::float_from_bf16(value.bits);
 }
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short bits) {
+  return {bits};
+}
 
 // ---- runtime --------------------------------------------------------------------------------
 
