@@ -8,6 +8,13 @@
 //   (cudaMemcpy device-to-device, read + write) measured in the same run, and the ratio.
 // - bf16 GEMM with fp32 accumulation, y = x w^T (the nn.Linear layout), at 4096^3 and at
 //   M x N x K = 5120 x 15360 x 5120 (a 14B MLP up-projection over 5120 tokens): TFLOP/s.
+// - Causal attention at the 14B shape (4096 tokens, 40 heads x 128) and at 2 x 2048 x 16 x 128:
+//   kept's own kernels and, in a build with cuDNN, cuDNN's fused attention through the same
+//   CudaBackend ops (bench/cudnn_engine.cpp); TFLOP/s of the causal half, forward 2 b h s^2 d
+//   (QK^T and PV), backward 2.5 times that (the convention of cuDNN's and flash attention's
+//   published figures).
+// bench/bench_torch_cuda.py measures the same shapes in torch (eager, torch.compile, SDPA on
+// cuDNN); scripts/device.sh runs both in one call.
 //
 // Usage: bench_cuda_ops [--iters N] [--quick]   (--quick: 3 iterations, for smoke tests)
 // Without a GPU it prints "no CUDA device: skipped" and exits 0.
@@ -17,12 +24,17 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "kept/backend/cuda.cuh"
+
+#if defined(KEPT_WITH_CUDNN)
+std::shared_ptr<kept::cuda::AttentionEngine> make_bench_cudnn_attention();  // cudnn_engine.cpp
+#endif
 
 namespace {
 
@@ -194,6 +206,56 @@ int run(int iters) {
                           static_cast<double>(s.k) / (ms * 1e-3) / 1e12;
     std::printf("%-16s %6lld %6lld %6lld %10.1f %9.1f\n", s.name, static_cast<long long>(s.m),
                 static_cast<long long>(s.n), static_cast<long long>(s.k), ms * 1e3, tflops);
+  }
+
+  // ---- causal attention, bf16 storage.
+  std::printf("\n%-16s %5s %5s %5s %5s %10s %9s %10s %9s\n", "attention", "batch", "seq", "heads",
+              "dim", "fwd_us", "TFLOP/s", "bwd_us", "TFLOP/s");
+  struct Engine {
+    const char* name;
+    std::shared_ptr<kept::cuda::AttentionEngine> engine;
+  };
+  std::vector<Engine> engines{{"kept kernels", nullptr}};
+#if defined(KEPT_WITH_CUDNN)
+  try {
+    engines.push_back({"cuDNN SDPA", make_bench_cudnn_attention()});
+  } catch (const std::exception& error) {
+    std::printf("(cuDNN attention unavailable: %s)\n", error.what());
+  }
+#else
+  std::printf("(built without cuDNN: kept's kernels only)\n");
+#endif
+  for (const kept::AttentionShape shape :
+       {kept::AttentionShape{1, 4096, 40, 128}, kept::AttentionShape{2, 2048, 16, 128}}) {
+    const std::int64_t tokens = shape.batch * shape.seq, width = shape.row_stride();
+    std::vector<Tensor> buffers;
+    for (int i = 0; i < 8; ++i) {
+      buffers.push_back(cuda.zeros(DType::BF16, Shape{tokens, width}));
+      fill<__nv_bfloat16>(cuda, buffers.back().raw(), tokens * width,
+                          static_cast<std::uint32_t>(20 + i));
+    }
+    Tensor lse = cuda.empty(DType::F32, Shape{shape.batch, shape.heads, shape.seq});
+    auto p = [&](int i) { return buffers[static_cast<std::size_t>(i)].data<bf16>(); };
+    const double flops = 2.0 * static_cast<double>(shape.batch * shape.heads) *
+                         static_cast<double>(shape.seq) * static_cast<double>(shape.seq) *
+                         static_cast<double>(shape.head_dim);
+    for (const Engine& engine : engines) {
+      cuda.use_attention_engine(engine.engine);
+      const int attention_iters = engine.engine ? iters : std::max(1, iters / 10);
+      const double fwd = time_ms(cuda, attention_iters, [&] {
+        backend.attention_forward(p(0), p(1), p(2), p(3), lse.data<float>(), shape);
+      });
+      const double bwd = time_ms(cuda, attention_iters, [&] {
+        backend.attention_backward(p(4), p(0), p(1), p(2), p(3), lse.data<float>(), p(5), p(6),
+                                   p(7), shape);
+      });
+      std::printf("%-16s %5lld %5lld %5lld %5lld %10.1f %9.1f %10.1f %9.1f\n", engine.name,
+                  static_cast<long long>(shape.batch), static_cast<long long>(shape.seq),
+                  static_cast<long long>(shape.heads), static_cast<long long>(shape.head_dim),
+                  fwd * 1e3, flops / (fwd * 1e-3) / 1e12, bwd * 1e3,
+                  2.5 * flops / (bwd * 1e-3) / 1e12);
+    }
+    cuda.use_attention_engine(nullptr);
   }
   cuda.synchronize();
   return 0;

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <string>
 
+#include "attention_engine.hpp"
 #include "eval_run.hpp"
 #include "forward_run.hpp"
 #include "kept/backend/cuda/backend.cuh"
@@ -27,11 +28,20 @@ void announce_device(const std::string& what) {
     std::fprintf(stderr, "device cuda: GPU 0 of %d\n", probe.count);
 }
 
+// Hands the attention ops to cuDNN where it is chosen (reference/attention_engine.hpp) and
+// says which attention runs.
+void choose_attention(cuda::Cuda& context) {
+  std::string said;
+  context.use_attention_engine(make_attention_engine(said));
+  std::fprintf(stderr, "%s\n", said.c_str());
+}
+
 }  // namespace
 
 TrainResult run_training_cuda(const TrainJob& job, const TrainOptions& options) {
   announce_device(job.file.string());
   cuda::Cuda context;
+  choose_attention(context);
   cuda::CudaBackend backend(context);
   return training::train_on(backend, job, options);
 }
@@ -39,6 +49,7 @@ TrainResult run_training_cuda(const TrainJob& job, const TrainOptions& options) 
 EvalReport score_on_cuda(const EvalOptions& options) {
   announce_device("kept eval");
   cuda::Cuda context;
+  choose_attention(context);
   cuda::CudaBackend backend(context);
   return score(backend, options);
 }
@@ -47,6 +58,7 @@ void run_forward_cuda(const std::string& model_dir, const std::string& input,
                       const std::string& output, bool hidden_states) {
   announce_device("kept forward");
   cuda::Cuda context;
+  choose_attention(context);
   cuda::CudaBackend backend(context);
   run_forward(backend, model_dir, input, output, hidden_states);
 }

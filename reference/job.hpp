@@ -4,8 +4,9 @@
 //   {
 //     "objective": "xkd-logit",              // xkd-logit | xkd-logit-mse | xkd-hidden | ce | norm-only
 //     "device": "cpu",                       // cpu (fp32) | cuda (bf16 weights and activations,
-//                                            //   fp32 master weights; the GPU, or its host emulation
-//                                            //   in a KEPT_CUDA_EMULATION build)
+//                                            //   fp32 master weights unless master_weights is false;
+//                                            //   the GPU, or its host emulation in a
+//                                            //   KEPT_CUDA_EMULATION build)
 //     "student": "runs/converted",           // checkpoint to train, or "init" to start from scratch:
 //     "init": {"config": "config.json", "seed": 0, "std": 0.02},
 //     "teacher": "models/orion",             // frozen; needed by the xkd objectives and norm-only

@@ -77,12 +77,12 @@ class Run {
       const bool master = Precision::separate_master && job_.master_weights;
       const char* weights = !Precision::separate_master ? "weights are their own masters"
                             : master                    ? "fp32 master weights"
-                                : "bf16 weights rounded stochastically (no masters)";
-      const double bytes_per_element = (master ? 4.0 : 0.0) +
-                                       (job_.moment_bits == 8 ? 2.0 + 8.0 / kQuantBlock
-                                                              : 2.0 * dtype_size(Precision::master));
-      std::fprintf(stderr, "optimizer: AdamW, %s, %lld-bit moments: about %.1f MiB of state\n", weights,
-                   static_cast<long long>(job_.moment_bits),
+                                     : "bf16 weights rounded stochastically (no masters)";
+      const double bytes_per_element =
+          (master ? 4.0 : 0.0) +
+          (job_.moment_bits == 8 ? 2.0 + 8.0 / kQuantBlock : 2.0 * dtype_size(Precision::master));
+      std::fprintf(stderr, "optimizer: AdamW, %s, %lld-bit moments: about %.1f MiB of state\n",
+                   weights, static_cast<long long>(job_.moment_bits),
                    bytes_per_element * static_cast<double>(arena.elements()) / (1 << 20));
     }
     CosineSchedule schedule{job_.lr, job_.warmup_steps, job_.steps, job_.min_lr, 0.0};

@@ -5,12 +5,12 @@
 # The device machine (H200, 16 cores, nvcc 13.0, cmake, torch with cuDNN, no network) installs
 # nothing. What it lacks travels in a dependency folder made here first:
 #   bash scripts/device.sh --pack                 # -> build-device-deps/ (Catch2, nlohmann-json,
-#                                                 #    CLI11, OpenBLAS headers + library)
+#                                                 #    CLI11, OpenBLAS headers + library, the
+#                                                 #    cuDNN frontend headers from the venv)
 # and the run itself (the device tool carries build-device-deps/):
 #   bash scripts/device.sh [--deps DIR]           # -> $OUT (default /tmp/kept-device)
-# Not yet in it: kept_ops --bench at the 14B shapes against torch (the CUDA bench mode of the
-# registry is the next stage; step 7 is the per-op bench that exists). The --no-run build takes
-# ~6 min on 2 cores here.
+# The --no-run build takes ~6 min on 2 cores here (more with cuDNN's frontend: its two g++
+# translation units take ~1 min each).
 # Steps, each logged to its own file and summarised in summary.txt (ok/FAIL/SKIP, seconds):
 #   1. environment: nvidia-smi, nvcc, cmake, compilers, torch             -> environment.txt
 #   2. configure + build for sm_90 only: kept_ops_cuda (the op registry compiled by nvcc),
@@ -18,11 +18,18 @@
 #   3. static checks: no register spills, 128-bit loads in the memory-bound kernels
 #   4. kept_ops_cuda on the GPU: every op against Cpu64 and CpuBf16      -> kept_ops_cuda.txt
 #   5. compute-sanitizer memcheck and racecheck on a subset of the registry
-#   6. kept_cuda_tests: the loss kernels against CpuBf16 and the training comparison (CUDA vs
-#      CpuBf16 vs Cpu)                                                      -> kept_cuda_tests.txt
+#   6. kept_cuda_tests: the loss kernels against CpuBf16, the optimizer's compact states against
+#      CpuBf16 to the bit, cuDNN attention against kept's kernels, and the training comparison
+#      (CUDA vs CpuBf16 vs Cpu)                                             -> kept_cuda_tests.txt
 #   7. bench_cuda_ops: norms, SwiGLU and add against the measured copy bandwidth, the bf16 GEMM
-#      in TFLOP/s                                                          -> bench_cuda_ops.txt
-#   8. a tiny `kept train --device cuda` run (cross-entropy, from scratch)  -> train.txt
+#      in TFLOP/s, causal attention at the 14B shape (kept's kernels, cuDNN) -> bench_cuda_ops.txt;
+#      then bench/bench_torch_cuda.py: the same shapes in torch eager, torch.compile and SDPA on
+#      cuDNN                                                                -> bench_torch_cuda.txt
+#   8. a tiny `kept train --device cuda` run (cross-entropy, from scratch; attention on cuDNN
+#      when the build found it, the line "attention: ..." says)              -> train.txt
+# cuDNN: the frontend headers travel in the dependency folder; libcudnn is the CUDA toolkit's,
+# else the one in torch's nvidia-cudnn wheel (CUDNN_ROOT). Without it the build uses kept's
+# attention kernels and says so in build.log.
 # summary.txt can be pasted into bench/RESULTS.md. Exit status 1 if any step failed.
 #
 # Options:
@@ -70,6 +77,15 @@ if [[ -n "$PACK" ]]; then
   ln -sf libopenblas.so.0 "$PACK/lib/libopenblas.so"
   cp -L /usr/lib/x86_64-linux-gnu/libgfortran.so.5 /usr/lib/x86_64-linux-gnu/libquadmath.so.0 \
     "$PACK/lib/" 2>/dev/null || true
+  venv="${KEPT_VENV:-$HOME/.cache/kept/venv}"
+  frontend=$(ls -d "$venv"/lib/python3*/site-packages/include 2>/dev/null | head -1)
+  if [[ -f "$frontend/cudnn_frontend.h" ]]; then
+    mkdir -p "$PACK/cudnn-frontend"
+    cp -r "$frontend" "$PACK/cudnn-frontend/include"
+  else
+    echo "device.sh: no cuDNN frontend headers in $venv (bash scripts/python_env.sh installs" \
+      "them); the device build will use kept's attention kernels" >&2
+  fi
   echo "device.sh: packed $(du -sh "$PACK" | cut -f1) into $PACK"
   exit 0
 fi
@@ -118,6 +134,17 @@ if [[ -d "$DEPS" ]]; then
   prefix="$DEPS"
   export LD_LIBRARY_PATH="$DEPS/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
+# cuDNN: the frontend headers from the dependency folder; libcudnn from the toolkit, else torch's.
+cudnn_args=()
+[[ -f "$DEPS/cudnn-frontend/include/cudnn_frontend.h" ]] &&
+  cudnn_args+=("-DKEPT_CUDNN_FRONTEND_INCLUDE_DIR=$DEPS/cudnn-frontend/include")
+if ! ls /usr/local/cuda/lib64/libcudnn.so* >/dev/null 2>&1 && [[ -z "${CUDNN_ROOT:-}" ]]; then
+  torch_cudnn=$(python3 -c 'import nvidia.cudnn as m; print(list(m.__path__)[0])' 2>/dev/null || true)
+  if [[ -n "$torch_cudnn" ]]; then
+    export CUDNN_ROOT="$torch_cudnn"
+    export LD_LIBRARY_PATH="$torch_cudnn/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  fi
+fi
 # The `kept` command needs SentencePiece and libgd; without them the build leaves it out (and
 # step 7 is skipped): the registry and the tests need neither.
 REFERENCE=ON
@@ -128,10 +155,11 @@ build() {
   cmake -S "$ROOT" -B "$BUILD" -G "$(command -v ninja >/dev/null && echo Ninja || echo 'Unix Makefiles')" \
     -DCMAKE_BUILD_TYPE=Release -DKEPT_CUDA=ON -DKEPT_CUDA_EMULATION=OFF \
     -DCMAKE_CUDA_ARCHITECTURES=90 -DKEPT_BUILD_BENCH=ON -DKEPT_BUILD_REFERENCE=$REFERENCE \
-    ${prefix:+"-DCMAKE_PREFIX_PATH=$prefix"}
+    ${prefix:+"-DCMAKE_PREFIX_PATH=$prefix"} "${cudnn_args[@]}"
   cmake --build "$BUILD" -j "$JOBS" --target "${targets[@]}"
 }
 step "build (sm_90, $JOBS jobs)" "$OUT/build.log" build
+grep -E "^-- kept: cuDNN" "$OUT/build.log" | tee -a "$SUMMARY" || true
 
 # ---- 3. static checks ----------------------------------------------------------------------------
 step "static checks (spills, LDG.E.128)" "$OUT/static_checks.txt" \
@@ -170,14 +198,23 @@ else
 fi
 
 # ---- 6. the training comparison ------------------------------------------------------------------
-step "kept_cuda_tests (contract, loss kernels, training comparison)" "$OUT/kept_cuda_tests.txt" \
-  "$BUILD/tests/cuda/kept_cuda_tests" -s "[train],[contract],[loss]"
+step "kept_cuda_tests (contract, loss kernels, optimizer states, cuDNN attention, training comparison)" \
+  "$OUT/kept_cuda_tests.txt" "$BUILD/tests/cuda/kept_cuda_tests" -s \
+  "[train],[contract],[loss],[adamw],[cudnn]"
 grep -E "step [0-9]+:" "$OUT/kept_cuda_tests.txt" | sort -u | head -12 | tee -a "$SUMMARY" || true
 
 # ---- 7. per-op speed against the device's copy bandwidth and the cuBLAS GEMM ----------------------
 step "bench_cuda_ops (norms, SwiGLU, add vs copy bandwidth; GEMM TFLOP/s)" "$OUT/bench_cuda_ops.txt" \
   "$BUILD/bench/bench_cuda_ops" --iters 20
 cat "$OUT/bench_cuda_ops.txt" >>"$SUMMARY" 2>/dev/null || true
+# The same shapes in torch (eager, torch.compile, SDPA on cuDNN), right after, for the ratios.
+if python3 -c 'import torch' 2>/dev/null; then
+  step "bench_torch_cuda.py (the same shapes in torch)" "$OUT/bench_torch_cuda.txt" \
+    timeout 240 python3 "$ROOT/bench/bench_torch_cuda.py" --iters 20
+  cat "$OUT/bench_torch_cuda.txt" >>"$SUMMARY" 2>/dev/null || true
+else
+  skip "bench_torch_cuda.py: no torch here"
+fi
 
 # ---- 8. kept train --device cuda -----------------------------------------------------------------
 train_run() {
@@ -210,7 +247,7 @@ if [[ $REFERENCE == ON ]]; then
 else
   skip "kept train --device cuda: no SentencePiece/libgd here, the kept command was not built"
 fi
-grep -E "^device cuda|trained" "$OUT/train.txt" | tee -a "$SUMMARY" || true
+grep -E "^device cuda|^attention:|^optimizer:|trained" "$OUT/train.txt" | tee -a "$SUMMARY" || true
 
 say "done in $((SECONDS - T0)) s, status $STATUS"
 exit $STATUS

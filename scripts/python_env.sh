@@ -106,7 +106,7 @@ fi
 install_requirements() {
   local target="$1" file="$2" imports="$3"
   shift 3
-  local target_stamp="$target/.kept-requirements.sha256" hash
+  local target_stamp="$target/${stamp_name:-.kept-requirements.sha256}" hash
   hash=$(sha256sum "$file" | cut -d' ' -f1)
   if ((force == 0)) && [[ -f "$target_stamp" ]] && [[ "$(cat "$target_stamp")" == "$hash" ]]; then
     log "requirements already installed (stamp $target_stamp matches $file); use --force to reinstall"
@@ -129,6 +129,9 @@ install_requirements() {
 }
 
 install_requirements "$venv" "$requirements" "torch, transformers, safetensors, numpy, pytest"
+# Header-only packages (tests/python/requirements-headers.txt), without their dependencies.
+stamp_name=.kept-requirements-headers.sha256 install_requirements "$venv" \
+  "$repo_root/tests/python/requirements-headers.txt" "sys" --no-deps
 
 # The transformers 4.x line: its own site-packages first, then the main venv's (a .pth file).
 venv4="$venv-4x"

@@ -195,6 +195,10 @@ class CudaBackend : public UsesPrecision<Precision<bf16, bf16, float, float, flo
   void attention_forward(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse,
                          const AttentionShape& shape) {
     check_attention("attention_forward", shape);
+    if (AttentionEngine* engine = context_->attention_engine()) {
+      engine->forward(q, k, v, o, lse, shape, stream());
+      return;
+    }
     check_launch(launch_attention_forward(device_ptr(q), device_ptr(k), device_ptr(v),
                                           device_ptr(o), lse, shape.batch, shape.seq, shape.heads,
                                           shape.head_dim, shape.scale<float>(), stream()),
@@ -204,6 +208,18 @@ class CudaBackend : public UsesPrecision<Precision<bf16, bf16, float, float, flo
                           const bf16* o, const float* lse, bf16* dq, bf16* dk, bf16* dv,
                           const AttentionShape& shape) {
     check_attention("attention_backward", shape);
+    if (AttentionEngine* engine = context_->attention_engine()) {
+      // The engine writes fresh gradients; the contract accumulates them.
+      const std::int64_t count = shape.batch * shape.seq * shape.row_stride();
+      auto* fresh = static_cast<bf16*>(
+          context_->attention_scratch(3 * sizeof(bf16) * static_cast<std::size_t>(count)));
+      engine->backward(d_o, q, k, v, o, lse, fresh, fresh + count, fresh + 2 * count, shape,
+                       stream());
+      accumulate(fresh, dq, count);
+      accumulate(fresh + count, dk, count);
+      accumulate(fresh + 2 * count, dv, count);
+      return;
+    }
     float* delta = static_cast<float*>(context_->scratch(
         sizeof(float) * static_cast<std::size_t>(shape.batch * shape.heads * shape.seq)));
     check_launch(launch_attention_backward(

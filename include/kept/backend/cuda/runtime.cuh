@@ -29,6 +29,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "kept/backend/cuda/attention_engine.hpp"
 #include "kept/backend/cuda/platform.cuh"
 #include "kept/core/dtype.hpp"
 #include "kept/core/dynamic_code.hpp"
@@ -322,6 +323,15 @@ class Cuda {
     KEPT_CUDA_CHECK(cudaGetLastError());
   }
 
+  // Hands the attention ops to `engine` (cuDNN SDPA, kept/backend/cuda/cudnn_attention.hpp,
+  // built in a g++ translation unit) instead of kept's own kernels; null goes back to them.
+  void use_attention_engine(std::shared_ptr<AttentionEngine> engine) {
+    attention_engine_ = std::move(engine);
+  }
+  AttentionEngine* attention_engine() const {
+    return attention_engine_.get();
+  }
+
   // Device scratch of at least `bytes`, valid until the next call (stream-ordered reuse).
   void* scratch(std::size_t bytes) {
     if (bytes > scratch_.bytes()) {
@@ -329,6 +339,15 @@ class Cuda {
       scratch_.reserve(bytes);
     }
     return scratch_.data();
+  }
+  // Device memory for an attention engine's dq, dk and dv before they are accumulated: a second
+  // scratch, since the first may hold other ops' partial sums.
+  void* attention_scratch(std::size_t bytes) {
+    if (bytes > attention_scratch_.bytes()) {
+      synchronize();
+      attention_scratch_.reserve(bytes);
+    }
+    return attention_scratch_.data();
   }
 
   // kept::dynamic_codes() on the device (the signed table, then the unsigned one), uploaded on
@@ -387,6 +406,9 @@ class Cuda {
   DeviceBuffer workspace_;
   DeviceBuffer scratch_;
   DeviceBuffer codes_;
+  DeviceBuffer attention_scratch_;
+  std::shared_ptr<AttentionEngine> attention_engine_;
+
 #if !defined(KEPT_CUDA_EMULATION)
   // Created on the first matmul; a function-pointer deleter so GemmPlanCache may be incomplete
   // here.
