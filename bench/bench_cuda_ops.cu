@@ -13,6 +13,10 @@
 //   CudaBackend ops (bench/cudnn_engine.cpp); TFLOP/s of the causal half, forward 2 b h s^2 d
 //   (QK^T and PV), backward 2.5 times that (the convention of cuDNN's and flash attention's
 //   published figures).
+// - The chunked LM head with KL (xkd::logit_kl: teacher and student logits a chunk at a time, the
+//   KL gradient, the student's d_hidden and d_weight) at the 14B head: 4096 tokens, hidden 5120,
+//   vocab 84608: TFLOP/s of its four GEMMs (8 T V H) against the GEMM rate above, and the logit
+//   workspace against one chunk's fp32 logits.
 // bench/bench_torch_cuda.py measures the same shapes in torch (eager, torch.compile, SDPA on
 // cuDNN); scripts/device.sh runs both in one call.
 //
@@ -31,10 +35,11 @@
 #include <vector>
 
 #include "kept/backend/cuda.cuh"
+#include "kept/layers/linear.hpp"
+#include "kept/xkd/logit_kl.hpp"
 
-#if defined(KEPT_WITH_CUDNN)
-std::shared_ptr<kept::cuda::AttentionEngine> make_bench_cudnn_attention();  // cudnn_engine.cpp
-#endif
+// kept::cuda::choose_attention_engine (cudnn_engine.cpp): cuDNN's engine, or null and why.
+std::shared_ptr<kept::cuda::AttentionEngine> attention_engine_for_bench(std::string& said);
 
 namespace {
 
@@ -191,6 +196,7 @@ int run(int iters) {
     const char* name;
     std::int64_t m, n, k;
   };
+  double gemm_tflops = 0;  // the last (14B MLP) shape's rate, for the LM head's ratio
   for (const GemmShape& s : {GemmShape{"bf16 x w^T", 4096, 4096, 4096},
                              GemmShape{"bf16 x w^T mlp", 5120, 15360, 5120}}) {
     Tensor a = cuda.empty(DType::BF16, Shape{s.m, s.k});
@@ -206,6 +212,49 @@ int run(int iters) {
                           static_cast<double>(s.k) / (ms * 1e-3) / 1e12;
     std::printf("%-16s %6lld %6lld %6lld %10.1f %9.1f\n", s.name, static_cast<long long>(s.m),
                 static_cast<long long>(s.n), static_cast<long long>(s.k), ms * 1e3, tflops);
+    gemm_tflops = tflops;
+  }
+
+  // ---- the chunked LM head with KL at the 14B head.
+  {
+    using Backend = kept::cuda::CudaBackend;
+    const std::int64_t tokens = 4096, hidden = 5120, vocab = 84608;
+    kept::Linear<Backend> teacher(backend, "teacher", hidden, vocab, false);
+    kept::Linear<Backend> student(backend, "student", hidden, vocab, false);
+    student.weight.grad = cuda.zeros(DType::F32, Shape{vocab, hidden});
+    fill<__nv_bfloat16>(cuda, teacher.weight.value.raw(), vocab * hidden, 31, 0.02f);
+    fill<__nv_bfloat16>(cuda, student.weight.value.raw(), vocab * hidden, 32, 0.02f);
+    Tensor th = cuda.empty(DType::BF16, Shape{tokens, hidden});
+    Tensor sh = cuda.empty(DType::BF16, Shape{tokens, hidden});
+    Tensor dh = cuda.zeros(DType::BF16, Shape{tokens, hidden});
+    fill<__nv_bfloat16>(cuda, th.raw(), tokens * hidden, 33);
+    fill<__nv_bfloat16>(cuda, sh.raw(), tokens * hidden, 34);
+    MatrixView<bf16> d_hidden = kept::as_matrix<bf16>(dh);
+    std::printf("\n%-16s %6s %6s %6s %6s %6s %10s %9s %8s %10s\n", "lm head + KL", "tokens",
+                "hidden", "vocab", "chunk", "slice", "time_us", "TFLOP/s", "of_gemm", "ws/chunk");
+    for (const kept::xkd::Chunking chunking :
+         {kept::xkd::Chunking{1024, 0}, kept::xkd::Chunking{4096, 16384},
+          kept::xkd::Chunking{512, 0}}) {
+      kept::xkd::LogitWorkspace<Backend> workspace;
+      kept::xkd::LogitKlOptions options;
+      options.chunking = chunking;
+      const double ms = time_ms(cuda, std::max(1, iters / 4), [&] {
+        (void)kept::xkd::logit_kl(backend, teacher, kept::as_matrix<bf16>(std::as_const(th)),
+                                  student, kept::as_matrix<bf16>(std::as_const(sh)), &d_hidden,
+                                  options, {}, &workspace);
+      });
+      const std::int64_t slice = chunking.vocab_chunk ? chunking.vocab_chunk : vocab;
+      const double one_chunk = static_cast<double>(chunking.token_chunk * slice) * sizeof(float);
+      const double held = static_cast<double>(workspace.teacher_logits.nbytes() +
+                                              workspace.student_logits.nbytes());
+      const double tflops = 8.0 * static_cast<double>(tokens) * static_cast<double>(vocab) *
+                            static_cast<double>(hidden) / (ms * 1e-3) / 1e12;
+      std::printf("%-16s %6lld %6lld %6lld %6lld %6lld %10.1f %9.1f %7.1f%% %10.2f\n", "logit_kl",
+                  static_cast<long long>(tokens), static_cast<long long>(hidden),
+                  static_cast<long long>(vocab), static_cast<long long>(chunking.token_chunk),
+                  static_cast<long long>(slice), ms * 1e3, tflops, 100.0 * tflops / gemm_tflops,
+                  held / one_chunk);
+    }
   }
 
   // ---- causal attention, bf16 storage.
@@ -216,15 +265,10 @@ int run(int iters) {
     std::shared_ptr<kept::cuda::AttentionEngine> engine;
   };
   std::vector<Engine> engines{{"kept kernels", nullptr}};
-#if defined(KEPT_WITH_CUDNN)
-  try {
-    engines.push_back({"cuDNN SDPA", make_bench_cudnn_attention()});
-  } catch (const std::exception& error) {
-    std::printf("(cuDNN attention unavailable: %s)\n", error.what());
-  }
-#else
-  std::printf("(built without cuDNN: kept's kernels only)\n");
-#endif
+  std::string said;
+  if (auto cudnn = attention_engine_for_bench(said))
+    engines.push_back({"cuDNN SDPA", std::move(cudnn)});
+  std::printf("(%s)\n", said.c_str());
   for (const kept::AttentionShape shape :
        {kept::AttentionShape{1, 4096, 40, 128}, kept::AttentionShape{2, 2048, 16, 128}}) {
     const std::int64_t tokens = shape.batch * shape.seq, width = shape.row_stride();

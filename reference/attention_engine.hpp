@@ -1,9 +1,6 @@
-// reference/attention_engine.hpp: which attention the `--device cuda` runs use.
-//
-// KEPT_ATTENTION=auto (the default): cuDNN's fused attention when kept was built with it
-// (KEPT_WITH_CUDNN) and cuDNN starts on this device, else kept's own kernels; =cudnn: cuDNN or a
-// clear error; =kept: kept's kernels. attention_engine.cpp is compiled by g++ (the cuDNN
-// frontend stays out of nvcc's translation units).
+// reference/attention_engine.hpp: the attention the `--device cuda` runs use
+// (kept/backend/cuda/choose_attention.hpp: KEPT_ATTENTION=auto|cudnn|kept), from a g++
+// translation unit (attention_engine.cpp) so that the cuDNN frontend stays out of nvcc's.
 #pragma once
 
 #include <memory>
@@ -13,8 +10,8 @@
 
 namespace kept::cli {
 
-// The engine to hand to cuda::Cuda::use_attention_engine, or null for kept's kernels; `said`
-// gets a line for the run's output ("attention: ...").
+// The engine for cuda::Cuda::use_attention_engine, or null for kept's kernels; `said` gets a
+// line for the run's output ("attention: ...").
 std::shared_ptr<cuda::AttentionEngine> make_attention_engine(std::string& said);
 
 }  // namespace kept::cli

@@ -1,9 +1,7 @@
-// The cuDNN attention engine for test_cudnn_attention.cu, built here by g++: the cuDNN frontend
-// stays out of nvcc's translation units (include/kept/backend/cuda/cudnn_attention.hpp).
-#include <memory>
+// The attention engine for test_cudnn_attention.cu (kept/backend/cuda/choose_attention.hpp), built
+// here by g++ so that the cuDNN frontend stays out of nvcc's translation units.
+#include "kept/backend/cuda/choose_attention.hpp"
 
-#include "kept/backend/cuda/cudnn_attention.hpp"
-
-std::shared_ptr<kept::cuda::AttentionEngine> make_cudnn_attention_for_test() {
-  return std::make_shared<kept::cuda::CudnnAttention>();
+std::shared_ptr<kept::cuda::AttentionEngine> attention_engine_for_test(std::string& said) {
+  return kept::cuda::choose_attention_engine(said);
 }

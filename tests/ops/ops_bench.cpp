@@ -476,39 +476,25 @@ void measure_limits(Bench& bench) {
   const double tg = best_of(gemm);
   bench.sgemm_gflops = 2.0 * s * s * s / tg / 1e9;
 
-  Case probe;
-  probe.id = "copy/256MiB";
-  probe.group = "limit";
-  probe.op = "copy (best probe)";
-  probe.shape = "256 MiB";
-  probe.unit = Unit::Bytes;
-  probe.work = 2.0 * static_cast<double>(bytes);
-  probe.kept.median_ms = probe.work / bench.copy_gbs / 1e6;
-  probe.kept.min_ms = probe.kept.median_ms;
-  probe.kept.reps = bench.options.min_reps;
-  probe.params = {{"kind", "copy"}, {"bytes", bytes}};
-  // Limit rows compare best repetitions on both sides (torch's min, not its median).
-  if (bench.torch) {
-    probe.torch = bench.torch->run(probe.id, probe.params);
-    probe.torch.median_ms = probe.torch.min_ms;
-  }
-  bench.cases.push_back(probe);
-  Case peak;
-  peak.id = "sgemm/4096";
-  peak.group = "limit";
-  peak.op = "sgemm x w^T";
-  peak.shape = "4096^3";
-  peak.unit = Unit::Flops;
-  peak.work = 2.0 * s * s * s;
-  peak.kept.median_ms = tg * 1e3;
-  peak.kept.min_ms = tg * 1e3;
-  peak.kept.reps = bench.options.min_reps;
-  peak.params = {{"kind", "sgemm"}, {"m", s}, {"n", s}, {"k", s}};
-  if (bench.torch) {
-    peak.torch = bench.torch->run(peak.id, peak.params);
-    peak.torch.median_ms = peak.torch.min_ms;
-  }
-  bench.cases.push_back(peak);
+  // A limit row: measured here (best repetition), and in torch by its best repetition too (min,
+  // not median).
+  auto add_limit = [&](Case limit, double ms) {
+    limit.kept.median_ms = ms;
+    limit.kept.min_ms = ms;
+    limit.kept.reps = bench.options.min_reps;
+    if (bench.torch) {
+      limit.torch = bench.torch->run(limit.id, limit.params);
+      limit.torch.median_ms = limit.torch.min_ms;
+    }
+    bench.cases.push_back(limit);
+  };
+  const double copy_work = 2.0 * static_cast<double>(bytes);
+  add_limit(make_case("copy/256MiB", "limit", "copy (best probe)", "256 MiB", Unit::Bytes,
+                      copy_work, {{"kind", "copy"}, {"bytes", bytes}}),
+            copy_work / bench.copy_gbs / 1e6);
+  add_limit(make_case("sgemm/4096", "limit", "sgemm x w^T", "4096^3", Unit::Flops, 2.0 * s * s * s,
+                      {{"kind", "sgemm"}, {"m", s}, {"n", s}, {"k", s}}),
+            tg * 1e3);
 }
 
 // ---- ops -------------------------------------------------------------------------------------

@@ -37,6 +37,15 @@ struct AttentionDims {
   }
 };
 
+}  // namespace kept::cuda::detail
+
+namespace kept::cuda {
+template <>
+struct is_kernel_value<detail::AttentionDims> : std::true_type {};  // sizes and the scale
+}  // namespace kept::cuda
+
+namespace kept::cuda::detail {
+
 template <class T>
 __device__ __forceinline__ float dot(const T* a, const T* b, std::int64_t n) {
   float sum = 0.0f;

@@ -24,6 +24,11 @@
 #include "kept/core/dynamic_code.hpp"
 #include "kept/core/element_math.hpp"
 
+namespace kept::cuda {
+template <>
+struct is_kernel_value<AdamWScalars> : std::true_type {};  // floats, flags and a key
+}  // namespace kept::cuda
+
 namespace kept::cuda::detail {
 
 inline constexpr int kSumParts = 64;

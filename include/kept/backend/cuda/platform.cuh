@@ -20,7 +20,6 @@
 
 #include <cmath>
 #include <cstddef>
-#include <cstring>
 #include <functional>
 #include <string>
 #include <tuple>
@@ -44,6 +43,18 @@ inline constexpr bool kEmulated = true;
 inline constexpr bool kEmulated = false;
 #endif
 
+// What a kernel may take by value: pointers (the emulator sees, checks and restores memory only
+// through pointer arguments), arithmetic and enum values, stateless functors, and structs of
+// plain values that say so by specialising is_kernel_value (no pointers inside them).
+template <class T>
+struct is_kernel_value : std::false_type {};
+template <class T>
+inline constexpr bool kernel_argument_v = std::is_pointer_v<T> || std::is_arithmetic_v<T> ||
+                                          std::is_enum_v<T> ||
+                                          (std::is_empty_v<T> && std::is_trivially_copyable_v<T>) ||
+                                          (is_kernel_value<T>::value &&
+                                           std::is_trivially_copyable_v<T>);
+
 // Launches `kernel` on grid x block threads with `shared_bytes` of dynamic shared memory on
 // `stream`; returns the launch status (never throws). `name` is for messages: the emulator puts
 // it into every fault it reports.
@@ -51,11 +62,13 @@ template <class... Params, class... Args>
 cudaError_t launch(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block,
                    std::size_t shared_bytes, cudaStream_t stream, Args&&... args) {
   static_assert(sizeof...(Params) == sizeof...(Args), "launch: wrong number of kernel arguments");
+  static_assert((kernel_argument_v<std::remove_cvref_t<Params>> && ...),
+                "launch: a kernel argument is neither a pointer, an arithmetic value, a stateless "
+                "functor nor a struct declared with is_kernel_value (pass memory as raw pointers)");
 #if defined(KEPT_CUDA_EMULATION)
   (void)stream;
   std::tuple<std::decay_t<Params>...> params(static_cast<Params>(std::forward<Args>(args))...);
   std::vector<const void*> written, read;
-  int argument = 0, hidden = -1;  // hidden: an argument that carries memory inside a struct
   std::apply(
       [&](const auto&... value) {
         const auto classify = [&](const auto& p) {
@@ -65,26 +78,11 @@ cudaError_t launch(const char* name, void (*kernel)(Params...), dim3 grid, dim3 
               read.push_back(p);
             else
               written.push_back(p);
-          } else if constexpr (std::is_class_v<P> && sizeof(P) >= sizeof(void*)) {
-            // The emulator only sees (and checks, and restores between thread orders) memory
-            // passed as raw pointers; a device address inside a struct is refused.
-            for (std::size_t at = 0; at + sizeof(void*) <= sizeof(P); at += alignof(void*)) {
-              const void* word;
-              std::memcpy(&word, reinterpret_cast<const unsigned char*>(&p) + at, sizeof word);
-              if (hidden < 0 && emulation::emulator().memory().find(word)) hidden = argument;
-            }
           }
-          ++argument;
         };
         (classify(value), ...);
       },
       params);
-  if (hidden >= 0)
-    return emulation::record(
-        cudaErrorInvalidValue,
-        std::string("emulated CUDA: kernel ") + name + ": argument " + std::to_string(hidden) +
-            " is a struct holding device memory; pass memory as raw pointer arguments "
-            "(kept/backend/cuda/platform.cuh) so the emulator can check it");
   const std::function<void()> body = [&] { std::apply(kernel, params); };
   std::string fault =
       emulation::emulator().run(name, grid, block, shared_bytes, body, written, read);
