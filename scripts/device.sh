@@ -212,7 +212,7 @@ cat "$OUT/bench_cuda_ops.txt" >>"$SUMMARY" 2>/dev/null || true
 # The same shapes in torch (eager, torch.compile, SDPA on cuDNN), right after, for the ratios.
 if python3 -c 'import torch' 2>/dev/null; then
   step "bench_torch_cuda.py (the same shapes in torch)" "$OUT/bench_torch_cuda.txt" \
-    timeout 240 python3 "$ROOT/bench/bench_torch_cuda.py" --iters 20
+    timeout 150 python3 "$ROOT/bench/bench_torch_cuda.py" --iters 20
   cat "$OUT/bench_torch_cuda.txt" >>"$SUMMARY" 2>/dev/null || true
 else
   skip "bench_torch_cuda.py: no torch here"
@@ -274,7 +274,7 @@ PY
  "batch_size": 8, "steps": 12, "optimizer": {"master_weights": false, "moment_bits": 8},
  "eval": {"every": 0, "max_batches": 1}, "output": "$big/run"}
 JSON
-  timeout 240 "$BUILD/reference/kept" train "$big/job.json"
+  timeout 150 "$BUILD/reference/kept" train "$big/job.json"
   python3 - "$big/run/metrics.jsonl" <<'PY'
 import json, sys
 steps = [r for r in map(json.loads, open(sys.argv[1])) if r.get("type") == "train"]
