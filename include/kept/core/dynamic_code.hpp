@@ -117,14 +117,11 @@ KEPT_HOST_DEVICE inline float quant_normalise(float x, float absmax) {
   return absmax > 0.0f ? x / absmax : 0.0f;
 }
 
-// 16 uniform random bits for element `index` of the update keyed `key` (kept::Random::hash's
-// SplitMix64 finaliser): counter-based, so any thread order draws the same bits.
+// 16 uniform random bits for element `index` of the update keyed `key`: SplitMix64
+// (kept::splitmix64, the hash behind kept::Random) at counter key + index * its increment, so any
+// thread order draws the same bits.
 KEPT_HOST_DEVICE inline std::uint32_t rounding_bits(std::uint64_t key, std::uint64_t index) {
-  std::uint64_t z = key + (index + 1) * 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  z ^= z >> 31;
-  return static_cast<std::uint32_t>(z >> 48);
+  return static_cast<std::uint32_t>(splitmix64(key + index * kSplitMixIncrement) >> 48);
 }
 
 }  // namespace kept

@@ -12,6 +12,7 @@
 //                        stochastic_rounding)
 //   silu, sigmoid        in fp32 (double for the float64 reference)
 //   rope_inv_freq/angle  the angle p * theta^(-2i/D) formed in fp32 as transformers does
+//   splitmix64           the counter-based 64-bit hash kept::Random and stochastic rounding use
 //   mul_rounded          a product rounded on its own, which nvcc may not fuse into a following
 //                        add (g++ for x86-64 never fuses; nvcc does by default, on the GPU only)
 //   adamw_element        one torch-exact AdamW update of one element (kept/train/adamw.hpp
@@ -81,6 +82,16 @@ KEPT_HOST_DEVICE inline float rope_inv_freq(std::int64_t i, std::int64_t head_di
 }
 KEPT_HOST_DEVICE inline float rope_angle(std::int64_t position, float inv_freq) {
   return static_cast<float>(position) * inv_freq;
+}
+
+// SplitMix64 as a stateless hash: the value its generator returns from state `counter`
+// (kept::Random is built on it; the stochastic-rounding bits of kept/core/dynamic_code.hpp too).
+inline constexpr std::uint64_t kSplitMixIncrement = 0x9e3779b97f4a7c15ull;
+KEPT_HOST_DEVICE inline std::uint64_t splitmix64(std::uint64_t counter) {
+  std::uint64_t z = counter + kSplitMixIncrement;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
 }
 
 template <class T>

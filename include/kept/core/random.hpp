@@ -11,6 +11,7 @@
 #include <numbers>
 #include <string_view>
 
+#include "kept/core/element_math.hpp"
 #include "kept/core/hash.hpp"
 
 namespace kept {
@@ -19,17 +20,12 @@ class Random {
  public:
   explicit Random(std::uint64_t seed) : state_(seed) {}
 
-  // SplitMix64 as a stateless hash: the value next_u64() returns from state `counter`. Loops
-  // that fill data in parallel use it to get the same numbers in any order.
-  static std::uint64_t hash(std::uint64_t counter) {
-    std::uint64_t z = counter + 0x9e3779b97f4a7c15ull;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  }
+  // SplitMix64 as a stateless hash (kept::splitmix64): the value next_u64() returns from state
+  // `counter`. Loops that fill data in parallel use it to get the same numbers in any order.
+  static std::uint64_t hash(std::uint64_t counter) { return splitmix64(counter); }
   std::uint64_t next_u64() {
     const std::uint64_t value = hash(state_);
-    state_ += 0x9e3779b97f4a7c15ull;
+    state_ += kSplitMixIncrement;
     return value;
   }
   // Uniform in [0, 1) with 53 random bits.
