@@ -14,29 +14,6 @@
 namespace kept::cli {
 namespace {
 
-// Sets json[a][b][c] = value for "a.b.c=value"; the value is JSON when it parses as JSON,
-// else a string.
-void apply_override(nlohmann::json& json, const std::string& assignment) {
-  const std::size_t equals = assignment.find('=');
-  KEPT_CHECK(equals != std::string::npos && equals > 0, "--set ", assignment,
-             ": expected field=value");
-  const std::string path = assignment.substr(0, equals), text = assignment.substr(equals + 1);
-  nlohmann::json* node = &json;
-  std::size_t start = 0;
-  while (true) {
-    const std::size_t dot = path.find('.', start);
-    const std::string key =
-        path.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
-    KEPT_CHECK(!key.empty(), "--set ", assignment, ": empty field name");
-    if (!node->is_object()) *node = nlohmann::json::object();
-    node = &(*node)[key];
-    if (dot == std::string::npos) break;
-    start = dot + 1;
-  }
-  nlohmann::json value = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
-  *node = value.is_discarded() ? nlohmann::json(text) : value;
-}
-
 struct Options {
   std::string job;
   std::vector<std::string> overrides;
@@ -66,7 +43,7 @@ void register_train(CLI::App& app) {
     const std::string text = detail::read_text_file(options->job, 16ull << 20);
     nlohmann::json json = detail::parse_json_strict(text, options->job, 16);
     for (const std::string& assignment : options->overrides)
-      apply_override(json, assignment);
+      apply_job_override(json, assignment);
     if (options->steps) json["steps"] = options->steps;
     if (!options->output.empty()) json["output"] = options->output;
     if (!options->device.empty()) json["device"] = options->device;

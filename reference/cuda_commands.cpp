@@ -38,12 +38,20 @@ void choose_attention(cuda::Cuda& context) {
 
 }  // namespace
 
+bool cuda_emulated() {
+  return cuda::kEmulated;
+}
+
 TrainResult run_training_cuda(const TrainJob& job, const TrainOptions& options) {
   announce_device(job.file.string());
   cuda::Cuda context;
   choose_attention(context);
   cuda::CudaBackend backend(context);
-  return training::train_on(backend, job, options);
+  TrainOptions with_memory = options;
+  std::size_t free = 0, total = 0;
+  KEPT_CUDA_CHECK(cudaMemGetInfo(&free, &total));
+  with_memory.device_memory_bytes = static_cast<double>(total);
+  return training::train_on(backend, job, with_memory);
 }
 
 EvalReport score_on_cuda(const EvalOptions& options) {

@@ -18,6 +18,10 @@ namespace {
 
 }  // namespace
 
+bool cuda_emulated() {
+  return false;
+}
+
 TrainResult run_training_cuda(const TrainJob& job, const TrainOptions&) {
   unavailable(job.file.string());
 }

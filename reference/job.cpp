@@ -46,7 +46,11 @@ class Fields {
     auto found = object_.find(key);
     if (found == object_.end() || found->is_null()) return;
     const std::string field = where_ + ": field \"" + key + "\"";
-    if constexpr (std::is_same_v<T, bool>) {
+    if constexpr (std::is_same_v<T, std::optional<bool>>) {
+      KEPT_CHECK(found->is_boolean(), field, " must be true or false, got ",
+                 detail::describe_json(*found));
+      target = found->get<bool>();
+    } else if constexpr (std::is_same_v<T, bool>) {
       KEPT_CHECK(found->is_boolean(), field, " must be true or false, got ",
                  detail::describe_json(*found));
       target = found->get<bool>();
@@ -93,6 +97,9 @@ class JsonWriter {
   void get(const char* key, const T& value) {
     object_[key] = value;
   }
+  void get(const char* key, const std::optional<bool>& value) {
+    object_[key] = value ? nlohmann::json(*value) : nlohmann::json();
+  }
   template <class Write>
   void object(const char* key, Write&& write) {
     nlohmann::json nested = nlohmann::json::object();
@@ -135,10 +142,18 @@ void job_fields(Job& job, IO& io) {
     optimizer.get("weight_decay", job.weight_decay);
     optimizer.get("decay_norms", job.decay_norms);
     optimizer.get("decay_biases", job.decay_biases);
-    optimizer.get("master_weights", job.master_weights);
-    optimizer.get("moment_bits", job.moment_bits);
     optimizer.get("min_8bit_size", job.min_8bit_size);
   });
+  io.object("memory", [&](auto& memory) {
+    memory.get("activation_checkpointing", job.activation_checkpointing);
+    memory.get("teacher", job.memory_teacher);
+    memory.get("teacher_logits", job.teacher_logits);
+    memory.get("optimizer_states", job.optimizer_states);
+    memory.get("master_weights", job.master_weights);
+    memory.get("states_on", job.states_on);
+    memory.get("gradients", job.gradients);
+  });
+  io.get("model_config", job.model_config);
   io.object("schedule", [&](auto& schedule) {
     schedule.get("warmup_steps", job.warmup_steps);
     schedule.get("min_lr", job.min_lr);
@@ -176,11 +191,41 @@ TrainJob parse_job(const nlohmann::json& json, const std::string& where) {
   KEPT_CHECK(parsed, where, ": field \"objective\": unknown objective \"", objective, "\" (",
              enum_name_list(kObjectiveNames), ")");
   job.objective = *parsed;
+  if (const auto optimizer = json.find("optimizer");
+      optimizer != json.end() && optimizer->is_object())
+    for (const auto& [old_name, new_name] :
+         {std::pair{"moment_bits", "memory.optimizer_states (\"fp32\", \"bf16\" or \"int8\")"},
+          std::pair{"master_weights", "memory.master_weights (\"fp32\" or \"none\")"}})
+      KEPT_CHECK(!optimizer->contains(old_name), where, ": field \"optimizer.", old_name,
+                 "\" has moved to ", new_name);
   job_fields(job, fields);
   KEPT_CHECK(job.device == "cpu" || job.device == "cuda", where,
              ": field \"device\": unknown device \"", job.device, "\" (cpu, cuda)");
   fields.refuse_unknown();
   return job;
+}
+
+// Sets json[a][b][c] = value for "a.b.c=value"; the value is JSON when it parses as JSON,
+// else a string.
+void apply_job_override(nlohmann::json& json, const std::string& assignment) {
+  const std::size_t equals = assignment.find('=');
+  KEPT_CHECK(equals != std::string::npos && equals > 0, "--set ", assignment,
+             ": expected field=value");
+  const std::string path = assignment.substr(0, equals), text = assignment.substr(equals + 1);
+  nlohmann::json* node = &json;
+  std::size_t start = 0;
+  while (true) {
+    const std::size_t dot = path.find('.', start);
+    const std::string key =
+        path.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
+    KEPT_CHECK(!key.empty(), "--set ", assignment, ": empty field name");
+    if (!node->is_object()) *node = nlohmann::json::object();
+    node = &(*node)[key];
+    if (dot == std::string::npos) break;
+    start = dot + 1;
+  }
+  nlohmann::json value = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  *node = value.is_discarded() ? nlohmann::json(text) : value;
 }
 
 TrainJob read_job(const std::filesystem::path& path) {
@@ -212,8 +257,36 @@ void validate_job(const TrainJob& job) {
              ": field \"schedule.min_lr\" must be in [0, lr], got ", job.min_lr);
   KEPT_CHECK(job.warmup_steps >= 0 && job.warmup_steps <= job.steps, where,
              ": field \"schedule.warmup_steps\" must be in [0, steps], got ", job.warmup_steps);
-  KEPT_CHECK(job.moment_bits == 32 || job.moment_bits == 8, where,
-             ": field \"optimizer.moment_bits\" must be 32 or 8, got ", job.moment_bits);
+  auto one_of = [&](const std::string& value, const char* field,
+                    std::initializer_list<const char*> allowed) {
+    if (value.empty()) return;
+    std::string list;
+    for (const char* option : allowed) {
+      if (value == option) return;
+      list += (list.empty() ? "" : ", ") + std::string(option);
+    }
+    fail(where, ": field \"", field, "\" must be one of ", list, ", got \"", value, "\"");
+  };
+  one_of(job.memory_teacher, "memory.teacher", {"resident", "streamed", "offline"});
+  one_of(job.optimizer_states, "memory.optimizer_states", {"fp32", "bf16", "int8"});
+  one_of(job.master_weights, "memory.master_weights", {"fp32", "none"});
+  one_of(job.states_on, "memory.states_on", {"device", "host"});
+  one_of(job.gradients, "memory.gradients", {"buffer", "none"});
+  KEPT_CHECK(job.memory_teacher.empty() || needs_teacher(job.objective), where,
+             ": field \"memory.teacher\" is set, but objective \"", objective_name(job.objective),
+             "\" has no teacher");
+  KEPT_CHECK(job.memory_teacher != "offline" || job.objective == Objective::XkdLogit, where,
+             ": memory.teacher \"offline\" stores the teacher's top-k log-probs, which only the "
+             "xkd-logit objective reads; objective \"",
+             objective_name(job.objective), "\" needs the teacher itself");
+  KEPT_CHECK(job.memory_teacher != "streamed" ||
+                 !(job.objective == Objective::NormOnly && job.norm_only_loss == "opm-l2"),
+             where,
+             ": memory.teacher \"streamed\" cannot serve norm_only.loss \"opm-l2\", which reads "
+             "every teacher norm at once; keep the teacher resident");
+  KEPT_CHECK(job.memory_teacher != "offline" || !job.teacher_logits.empty(), where,
+             ": memory.teacher \"offline\" needs \"memory.teacher_logits\", the directory "
+             "`kept teacher-logits` wrote");
   KEPT_CHECK(job.min_8bit_size >= 0, where,
              ": field \"optimizer.min_8bit_size\" must be >= 0, got ", job.min_8bit_size);
   KEPT_CHECK(job.temperature > 0, where, ": field \"temperature\" must be positive, got ",

@@ -4,7 +4,8 @@
 //   {
 //     "objective": "xkd-logit",              // xkd-logit | xkd-logit-mse | xkd-hidden | ce | norm-only
 //     "device": "cpu",                       // cpu (fp32) | cuda (bf16 weights and activations,
-//                                            //   fp32 master weights unless master_weights is false;
+//                                            //   fp32 master weights unless memory.master_weights
+//                                            //   is "none";
 //                                            //   the GPU, or its host emulation in a
 //                                            //   KEPT_CUDA_EMULATION build)
 //     "student": "runs/converted",           // checkpoint to train, or "init" to start from scratch:
@@ -17,9 +18,19 @@
 //     "steps": 1000,
 //     "optimizer": {"lr": 3e-4, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1,
 //                   "decay_norms": false, "decay_biases": false,
-//                   "master_weights": true,    // cuda: false = bf16 weights, stochastic rounding
-//                   "moment_bits": 32,         // 8 = 8-bit blockwise m and v (kept/train/adamw.hpp)
-//                   "min_8bit_size": 4096},    //   for parameters of at least this many elements
+//                   "min_8bit_size": 4096},    // int8 states: for parameters of at least this size
+//     "memory": {                            // each field optional: unset = `kept plan`'s choice
+//       "activation_checkpointing": false,   // keep layer inputs only, recompute in backward
+//       "teacher": "resident",               // resident | streamed | offline
+//       "teacher_logits": "runs/logits",     // offline: what `kept teacher-logits` wrote
+//       "optimizer_states": "fp32",          // fp32 | bf16 | int8 (blockwise, kept/train/adamw.hpp)
+//       "master_weights": "fp32",            // fp32 | none (cuda: bf16 weights, stochastic rounding)
+//       "states_on": "device",               // device | host
+//       "gradients": "buffer"},              // buffer | none (each layer's update inside backward)
+//     "model_config": "shapes.json",         // HF config.json of the student's shapes, for
+//                                            //   `kept plan` and `kept train --synthetic` when the
+//                                            //   checkpoints are not at hand (relative paths:
+//                                            //   from the job file's directory)
 //     "schedule": {"warmup_steps": 50, "min_lr": 3e-5},
 //     "clip_grad_norm": 1.0,
 //     "temperature": 1.0,                    // xkd-logit
@@ -68,9 +79,16 @@ struct TrainJob {
   std::int64_t steps = 100;
   double lr = 3e-4, beta1 = 0.9, beta2 = 0.95, adam_eps = 1e-8, weight_decay = 0.1;
   bool decay_norms = false, decay_biases = false;
-  bool master_weights = true;
-  std::int64_t moment_bits = 32;
   std::int64_t min_8bit_size = 4096;
+  // "memory": unset fields (nullopt, "") are chosen by the planner (reference/plan.hpp).
+  std::optional<bool> activation_checkpointing;
+  std::string memory_teacher;    // resident | streamed | offline
+  std::string teacher_logits;    // offline: the directory `kept teacher-logits` wrote
+  std::string optimizer_states;  // fp32 | bf16 | int8
+  std::string master_weights;    // fp32 | none
+  std::string states_on;         // device | host
+  std::string gradients;         // buffer | none
+  std::string model_config;      // resolved against the job file's directory
   std::int64_t warmup_steps = 0;
   double min_lr = 0.0;
   double clip_grad_norm = 1.0;  // 0 = off
@@ -91,6 +109,9 @@ struct TrainJob {
   nlohmann::json to_json() const;
 };
 
+// Sets json[a][b][c] = value for "a.b.c=value" (`--set`); the value is JSON when it parses as
+// JSON, else a string.
+void apply_job_override(nlohmann::json& json, const std::string& assignment);
 // Reads and validates a job file.
 TrainJob read_job(const std::filesystem::path& path);
 // Parses a job from JSON (`where` names its source in errors).

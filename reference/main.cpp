@@ -25,6 +25,7 @@ int main(int argc, char** argv) {
   kept::cli::register_eval(app);
   kept::cli::register_tokenizer(app);
   kept::cli::register_demo(app);
+  kept::cli::register_plan(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& error) {

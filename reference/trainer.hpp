@@ -19,6 +19,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <string>
 #include <vector>
 
 #include "evaluate.hpp"
@@ -30,6 +31,10 @@ struct TrainOptions {
   bool resume = false;  // continue from the newest checkpoint in the output directory
   bool force = false;   // start over even if the output directory has a run in it
   bool quiet = false;   // no per-step lines (the demo prints its own)
+  // `--gpu NAME`: plan for that GPU kind and cap kept's device memory at its budget
+  // (reference/plan.hpp), so a larger GPU behaves like the smaller one.
+  std::string gpu;
+  double device_memory_bytes = 0;  // the device's total memory (set by run_training_cuda)
 };
 
 struct TrainResult {
@@ -45,6 +50,9 @@ struct TrainResult {
 // Runs the job on its "device": the CPU (fp32), or the CUDA backend (bf16; a GPU, or its host
 // emulation in a KEPT_CUDA_EMULATION build, which says so on its first line).
 TrainResult run_training(const TrainJob& job, const TrainOptions& options = {});
+
+// Whether "cuda" is the host emulation (a KEPT_CUDA_EMULATION build).
+bool cuda_emulated();
 
 // The "cuda" device (trainer_cuda.cpp; without a CUDA build, a clear error).
 TrainResult run_training_cuda(const TrainJob& job, const TrainOptions& options);

@@ -14,15 +14,18 @@
 #include <map>
 
 #include "corpus.hpp"
+#include "kept/core/memory_meter.hpp"
 #include "kept/io/atomic_file.hpp"
 #include "kept/io/hf_tokenizer.hpp"
 #include "kept/model/init.hpp"
+#include "kept/model/streamed_layers.hpp"
 #include "kept/train/adamw.hpp"
 #include "kept/train/checkpoint_state.hpp"
 #include "kept/train/data.hpp"
 #include "kept/train/schedule.hpp"
 #include "kept/xkd/xkd.hpp"
 #include "models.hpp"
+#include "plan.hpp"
 #include "plot.hpp"
 #include "progress.hpp"
 #include "train_metrics.hpp"
@@ -41,11 +44,12 @@ class Run {
   using Act = typename Backend::Activation;
 
  public:
-  Run(const TrainJob& job, const TrainOptions& options, Backend& backend, Student& student,
-      Teacher* teacher, const ModelConfig& student_config, DataLoader& loader,
+  Run(const TrainJob& job, const TrainOptions& options, const Plan& plan, Backend& backend,
+      Student& student, Teacher* teacher, const ModelConfig& student_config, DataLoader& loader,
       const Tokenizer& tokenizer)
       : job_(job),
         options_(options),
+        plan_(plan),
         backend_(backend),
         student_(student),
         teacher_(teacher),
@@ -56,6 +60,16 @@ class Run {
 
   TrainResult run() {
     configure_trainable();
+    student_.set_activation_checkpointing(plan_.strategy.checkpointing);
+    if (teacher_ && plan_.strategy.teacher == "streamed") {
+      // Before the student's arena, so the teacher's released layers make room for it.
+      streamed_ = StreamedLayers<Backend>(backend_, *teacher_);
+      teacher_->set_before_layer(
+          [this](std::size_t layer) { streamed_.bring(backend_, *teacher_, layer); });
+      if (!options_.quiet)
+        std::fprintf(stderr, "teacher: streamed, %zu layers (%.1f MiB) in host memory\n",
+                     streamed_.layers(), static_cast<double>(streamed_.host_bytes()) / (1 << 20));
+    }
     // Values, gradients and optimizer state in one flat buffer each
     // (kept/model/parameter_arena.hpp).
     AdamWConfig adam;
@@ -65,8 +79,9 @@ class Run {
     adam.weight_decay = job_.weight_decay;
     adam.decay.norm_weight = adam.decay.norm_bias = job_.decay_norms;
     adam.decay.bias = job_.decay_biases;
-    adam.master_weights = job_.master_weights;
-    adam.moment_bits = static_cast<int>(job_.moment_bits);
+    const Strategy& strategy = plan_.strategy;
+    adam.master_weights = strategy.master;
+    adam.moment_bits = strategy.states == "int8" ? 8 : 32;
     adam.min_8bit_size = job_.min_8bit_size;
     AdamW optimizer(adam);
     ParameterArena arena(backend_, student_, optimizer.arena_layout());
@@ -74,15 +89,15 @@ class Run {
     optimizer.use_arena(&arena);
     {
       using Precision = typename Backend::Precision;
-      const bool master = Precision::separate_master && job_.master_weights;
+      const bool master = Precision::separate_master && strategy.master;
       const char* weights = !Precision::separate_master ? "weights are their own masters"
                             : master                    ? "fp32 master weights"
                                      : "bf16 weights rounded stochastically (no masters)";
       const double bytes_per_element =
           (master ? 4.0 : 0.0) +
-          (job_.moment_bits == 8 ? 2.0 + 8.0 / kQuantBlock : 2.0 * dtype_size(Precision::master));
+          (adam.moment_bits == 8 ? 2.0 + 8.0 / kQuantBlock : 2.0 * dtype_size(Precision::master));
       std::fprintf(stderr, "optimizer: AdamW, %s, %lld-bit moments: about %.1f MiB of state\n",
-                   weights, static_cast<long long>(job_.moment_bits),
+                   weights, static_cast<long long>(adam.moment_bits),
                    bytes_per_element * static_cast<double>(arena.elements()) / (1 << 20));
     }
     CosineSchedule schedule{job_.lr, job_.warmup_steps, job_.steps, job_.min_lr, 0.0};
@@ -111,6 +126,9 @@ class Run {
     const std::vector<Batch> held_out = loader_.held_out_batches();
 
     ProgressLine progress(objective_name(job_.objective));
+    MemoryMeter& meter =
+        Backend::space == MemorySpace::Host ? host_memory_meter() : device_memory_meter();
+    meter.reset_peak();
     const auto start = Clock::now();
     std::int64_t tokens_this_session = 0;
     double loss = 0;
@@ -189,6 +207,7 @@ class Run {
       }
     }
     progress.finish();
+    report_memory(metrics, meter);
 
     TrainResult result;
     result.steps = state.step;
@@ -337,6 +356,22 @@ class Run {
     return loss;
   }
 
+  // The peak of kept's allocations during training against the plan's prediction.
+  void report_memory(MetricsLog& metrics, const MemoryMeter& meter) {
+    const double measured = static_cast<double>(meter.peak());
+    // On a host backend the plan's host terms (a streamed teacher's layers) share the meter.
+    const double predicted =
+        plan_.device_bytes + (Backend::space == MemorySpace::Host ? plan_.host_bytes : 0.0);
+    metrics.write({{"type", "memory"},
+                   {"peak_bytes", meter.peak()},
+                   {"predicted_bytes", predicted},
+                   {"plan", plan_.strategy.describe()}});
+    if (!options_.quiet)
+      std::fprintf(stderr, "memory: peak %.1f MiB measured, %.1f MiB planned (%+.1f%%)\n",
+                   measured / (1 << 20), predicted / (1 << 20),
+                   100 * (measured - predicted) / std::max(predicted, 1.0));
+  }
+
   EvalReport evaluate_now(const std::vector<Batch>& held_out) {
     return evaluate(backend_, student_, teacher_, held_out, job_.eval_max_batches);
   }
@@ -397,6 +432,7 @@ class Run {
 
   const TrainJob& job_;
   const TrainOptions& options_;
+  const Plan& plan_;
   Backend& backend_;
   Student& student_;
   Teacher* teacher_;
@@ -409,8 +445,50 @@ class Run {
   Tensor d_hidden_;
   std::vector<Tensor> d_states_;
   xkd::OpmL2Workspace<Backend> opm_workspace_;
+  StreamedLayers<Backend> streamed_;
   std::vector<double> train_steps_, train_losses_, eval_steps_, eval_perplexity_, eval_kl_;
 };
+
+// The job's memory plan on this target, before anything is loaded: the strategy (the job's
+// "memory" fields, the rest the planner's choice), refused when kept train cannot run it or
+// when it does not fit; with --gpu, the device's allocations are capped at that GPU's budget.
+inline Plan plan_training(const TrainJob& job, const TrainOptions& options, bool cuda) {
+  const std::string where = job.file.string();
+  const PlanJob input = plan_job(job, cuda && cuda_emulated());
+  TargetSpec target = cpu_spec();
+  if (cuda) {
+    target = gpu_spec(options.gpu.empty() ? "h100-80g" : options.gpu);
+    if (options.gpu.empty() && options.device_memory_bytes > 0) {
+      target.name = "this GPU";
+      target.description = "the GPU in use";
+      target.memory_bytes = options.device_memory_bytes;
+    }
+  }
+  const double host_memory = cpu_spec().memory_bytes;
+  const Strategy strategy = resolve_strategy(job, input, target, host_memory);
+  Plan plan = estimate(input, strategy, target, host_memory);
+  if (!plan.not_runnable.empty()) {
+    std::string missing;
+    for (const std::string& what : plan.not_runnable)
+      missing += (missing.empty() ? "" : ", ") + what;
+    fail(where, ": the memory plan (", strategy.describe(), ") needs ", missing,
+         ", which kept train cannot do yet; `kept plan ", where, "` lists the plans it can run");
+  }
+  char shortfall[160];
+  std::snprintf(shortfall, sizeof shortfall, "%.2f GiB predicted for %.2f GiB available",
+                plan.device_bytes / (1 << 30), plan.device_budget / (1 << 30));
+  KEPT_CHECK(plan.fits, where, ": the job does not fit on ", target.description, ": ", shortfall,
+             " with ", strategy.describe(), "; nothing was loaded. `kept plan ", where,
+             cuda ? " --gpu " + target.name : std::string(),
+             "` shows every buffer and what would fit");
+  if (cuda && !options.gpu.empty())
+    device_memory_meter().set_cap(static_cast<std::int64_t>(plan.device_budget),
+                                  "--gpu " + options.gpu);
+  if (!options.quiet)
+    std::fprintf(stderr, "memory plan: %s; %.1f MiB planned on %s\n", strategy.describe().c_str(),
+                 plan.device_bytes / (1 << 20), target.name.c_str());
+  return plan;
+}
 
 // Loads (or initialises) the models on `backend` and runs the job; run_training has validated it.
 template <class B>
@@ -420,6 +498,7 @@ TrainResult train_on(B& backend, const TrainJob& job, const TrainOptions& option
              job.file.string(),
              ": norm_only.loss \"opm-l2\" runs on the CPU only; use device \"cpu\" "
              "or norm_only.loss \"xkd-logit\"");
+  const Plan plan = plan_training(job, options, /*cuda=*/B::space == MemorySpace::Cuda);
   std::optional<LoadedModelOn<B>> teacher;
   if (!job.teacher.empty()) teacher.emplace(load_model(backend, job.teacher));
   ModelConfig student_config;
@@ -458,13 +537,13 @@ TrainResult train_on(B& backend, const TrainJob& job, const TrainOptions& option
   return with_decoder(student->model, [&](auto& student_model) {
     if (teacher) {
       return with_decoder(teacher->model, [&](auto& teacher_model) {
-        Run run(job, options, backend, student_model, &teacher_model, student_config, loader,
+        Run run(job, options, plan, backend, student_model, &teacher_model, student_config, loader,
                 tokenizer);
         return run.run();
       });
     }
     using StudentType = std::remove_reference_t<decltype(student_model)>;
-    Run<B, StudentType, StudentType> run(job, options, backend, student_model, nullptr,
+    Run<B, StudentType, StudentType> run(job, options, plan, backend, student_model, nullptr,
                                          student_config, loader, tokenizer);
     return run.run();
   });

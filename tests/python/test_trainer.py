@@ -908,8 +908,9 @@ CUDA_CHANGES = {**RESUME_CHANGES, "device": "cuda", "steps": 8,
 # The optimizer's compact states (kept/train/adamw.hpp): bf16 weights rounded stochastically
 # without fp32 masters, 8-bit blockwise moments (min_8bit_size 256 so that the tiny model's
 # matrices are quantised too, not only its embedding).
-COMPACT_OPTIMIZER = {"optimizer": {**RESUME_CHANGES["optimizer"], "master_weights": False,
-                                   "moment_bits": 8, "min_8bit_size": 256}}
+COMPACT_OPTIMIZER = {"memory": {"master_weights": "none", "optimizer_states": "int8"},
+                     "optimizer": {**RESUME_CHANGES["optimizer"],
+                                   "min_8bit_size": 256}}
 
 
 def cuda_job(world: World, name: str, changes: dict) -> tuple[Path, Path]:

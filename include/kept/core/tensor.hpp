@@ -21,6 +21,7 @@
 
 #include "kept/core/dtype.hpp"
 #include "kept/core/error.hpp"
+#include "kept/core/memory_meter.hpp"
 #include "kept/core/shape.hpp"
 
 namespace kept {
@@ -43,11 +44,26 @@ class Storage {
   }
 
   // 64-byte aligned host memory (a cache line, and enough for AVX-512 loads).
+  // Counted by host_memory_meter() (kept/core/memory_meter.hpp) for as long as it lives.
   static std::shared_ptr<Storage> allocate_host(std::size_t bytes) {
     std::size_t rounded = (bytes + 63) / 64 * 64;
+    MemoryMeter& meter = host_memory_meter();
+    meter.allocate(bytes);
     void* data = rounded ? std::aligned_alloc(64, rounded) : nullptr;
-    if (rounded && !data) throw std::bad_alloc();
-    return std::make_shared<Storage>(data, bytes, MemorySpace::Host, [](void* p) { std::free(p); });
+    if (rounded && !data) {
+      meter.release(bytes);
+      throw std::bad_alloc();
+    }
+    try {
+      return std::make_shared<Storage>(data, bytes, MemorySpace::Host, [bytes](void* p) {
+        std::free(p);
+        host_memory_meter().release(bytes);
+      });
+    } catch (...) {
+      std::free(data);
+      meter.release(bytes);
+      throw;
+    }
   }
 
   void* data() const { return data_; }

@@ -12,9 +12,17 @@
 // never needs all [tokens x vocab] logits at once); logits() is the convenience for small jobs.
 // Backward takes dL/d(hidden) and optional dL/dh_l for each residual-stream slot, and
 // accumulates every trainable parameter's gradient (call zero_grad() between steps).
+//
+// Activation checkpointing (set_activation_checkpointing): a Training forward then keeps the
+// L+1 residual-stream states (each layer's input) and one block cache, reused layer after
+// layer; backward runs each block's forward again from its input into that cache just before
+// the block's backward. Every forward kernel is deterministic, so the recomputed cache is the
+// first one bit for bit and the gradients do not change; the price is one more forward of the
+// stack (about a third more GEMM work) for L - 1 fewer block caches.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <string>
 #include <vector>
@@ -47,6 +55,7 @@ class Decoder {
     Tensor tokens;  // I32 [batch * seq] in the backend's memory
     ForwardMode mode = ForwardMode::Inference;
     bool keep_states = false;
+    bool recompute = false;      // Training with activation checkpointing: one cache, recomputed
     std::vector<Tensor> states;  // Training or keep_states: L+1 slots; else two, ping-pong
     std::vector<typename Block::Cache> blocks;  // Training: one per layer; else one, reused
     typename NormType::Cache final_norm;
@@ -74,6 +83,11 @@ class Decoder {
   }
 
   const ModelConfig& config() const { return config_; }
+  void set_activation_checkpointing(bool on) { checkpointing_ = on; }
+  // Called with l before layer l runs forward: where a streamed model brings the layer's
+  // weights in (kept/model/streamed_layers.hpp).
+  void set_before_layer(std::function<void(std::size_t)> hook) { before_layer_ = std::move(hook); }
+  bool activation_checkpointing() const { return checkpointing_; }
   std::int64_t num_layers() const { return config_.num_layers; }
 
   // Runs the stack on `batch` sequences of `seq` tokens (row-major [batch, seq]).
@@ -91,9 +105,11 @@ class Decoder {
     backend.upload_tokens(tokens, acts.tokens);
     acts.mode = mode;
     acts.keep_states = keep_states;
+    acts.recompute = mode == ForwardMode::Training && checkpointing_;
     const bool all_states = mode == ForwardMode::Training || keep_states;
+    const bool cache_per_layer = mode == ForwardMode::Training && !acts.recompute;
     acts.states.resize(all_states ? num_layers + 1 : 2);
-    acts.blocks.resize(mode == ForwardMode::Training ? num_layers : 1);
+    acts.blocks.resize(cache_per_layer ? num_layers : 1);
     for (Tensor& state : acts.states)
       backend.ensure(state, kAct, {count, hidden});
     backend.ensure(acts.hidden, kAct, {count, hidden});
@@ -102,7 +118,8 @@ class Decoder {
     for (std::size_t l = 0; l < num_layers; ++l) {
       Tensor& input = acts.states[all_states ? l : l % 2];
       Tensor& output = acts.states[all_states ? l + 1 : (l + 1) % 2];
-      auto& cache = acts.blocks[mode == ForwardMode::Training ? l : 0];
+      auto& cache = acts.blocks[cache_per_layer ? l : 0];
+      if (before_layer_) before_layer_(l);
       layers[l].forward(backend, as_matrix<const Act>(input), batch, seq, rope_,
                         as_matrix<Act>(output), cache, observer);
     }
@@ -143,9 +160,16 @@ class Decoder {
         backend.accumulate((*d_states)[l].template data<Act>(), grad_[cur].template data<Act>(),
                            count * hidden);
       if (l == 0) break;
-      layers[l - 1].backward(backend, as_matrix<const Act>(acts.states[l - 1]), acts.batch,
-                             acts.seq, rope_, as_matrix<const Act>(grad_[cur]),
-                             as_matrix<Act>(grad_[1 - cur]), acts.blocks[l - 1], scratch_);
+      const auto input = as_matrix<const Act>(acts.states[l - 1]);
+      if (acts.recompute) {
+        if (before_layer_) before_layer_(l - 1);
+        backend.ensure(recomputed_, kAct, {count, hidden});
+        layers[l - 1].forward(backend, input, acts.batch, acts.seq, rope_,
+                              as_matrix<Act>(recomputed_), acts.blocks[0]);
+      }
+      layers[l - 1].backward(backend, input, acts.batch, acts.seq, rope_,
+                             as_matrix<const Act>(grad_[cur]), as_matrix<Act>(grad_[1 - cur]),
+                             acts.blocks[acts.recompute ? 0 : l - 1], scratch_);
       cur = 1 - cur;
     }
     embed_tokens.backward(backend, acts.tokens, as_matrix<const Act>(grad_[cur]));
@@ -190,7 +214,10 @@ class Decoder {
   ModelConfig config_;
   typename Backend::RopeTable rope_;
   Tensor grad_[2];
+  Tensor recomputed_;  // a recomputed block's output (checkpointing), not needed by backward
   typename Block::Scratch scratch_;
+  bool checkpointing_ = false;
+  std::function<void(std::size_t)> before_layer_;
 };
 
 template <class Backend>

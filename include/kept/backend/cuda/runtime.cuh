@@ -138,15 +138,20 @@ auto device_ptr(T* pointer) {
 // ---- device memory ------------------------------------------------------------------------------
 
 // A cudaMalloc'd block owned by a kept::Storage (MemorySpace::Cuda, released with cudaFree).
+// Counted by device_memory_meter() (kept/core/memory_meter.hpp), which also enforces a cap.
 inline std::shared_ptr<Storage> allocate_device(std::size_t bytes) {
+  MemoryMeter& meter = device_memory_meter();
+  meter.allocate(bytes);
   void* data = nullptr;
-  if (bytes) KEPT_CUDA_CHECK(cudaMalloc(&data, bytes));
   try {
-    return std::make_shared<Storage>(data, bytes, MemorySpace::Cuda, [](void* pointer) {
+    if (bytes) KEPT_CUDA_CHECK(cudaMalloc(&data, bytes));
+    return std::make_shared<Storage>(data, bytes, MemorySpace::Cuda, [bytes](void* pointer) {
       if (pointer) (void)cudaFree(pointer);  // a destructor cannot throw; the error is sticky
+      device_memory_meter().release(bytes);
     });
   } catch (...) {
     if (data) (void)cudaFree(data);
+    meter.release(bytes);
     throw;
   }
 }
@@ -216,7 +221,13 @@ class DeviceBuffer {
   void reserve(std::size_t bytes) {
     if (bytes <= bytes_) return;
     release();
-    KEPT_CUDA_CHECK(cudaMalloc(&data_, bytes));
+    device_memory_meter().allocate(bytes);
+    const cudaError_t status = cudaMalloc(&data_, bytes);
+    if (status != cudaSuccess) {
+      data_ = nullptr;
+      device_memory_meter().release(bytes);
+      ::kept::cuda::check(status, "cudaMalloc of a device buffer", __FILE__, __LINE__);
+    }
     bytes_ = bytes;
   }
   void* data() const { return data_; }
@@ -224,7 +235,10 @@ class DeviceBuffer {
 
  private:
   void release() noexcept {
-    if (data_) (void)cudaFree(data_);
+    if (data_) {
+      (void)cudaFree(data_);
+      device_memory_meter().release(bytes_);
+    }
     data_ = nullptr;
     bytes_ = 0;
   }

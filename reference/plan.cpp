@@ -1,0 +1,648 @@
+#include "plan.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+
+#include "kept/core/dynamic_code.hpp"
+#include "kept/core/error.hpp"
+#include "kept/io/hf_config.hpp"
+#include "kept/model/parameter_arena.hpp"
+
+namespace kept::cli {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+constexpr double kMiB = 1024.0 * 1024.0;
+
+// Efficiencies of the time model (see plan.hpp): fractions of the data-sheet peaks. They are
+// assumptions until bench/RESULTS.md holds GPU measurements of kept's own kernels.
+constexpr double kGemmEfficiency = 0.75;       // cuBLASLt bf16 GEMMs at 4096-token shapes
+constexpr double kAttentionEfficiency = 0.45;  // flash-style causal attention, forward + backward
+constexpr double kBandwidthEfficiency = 0.80;  // memory-bound kernels, of HBM bandwidth
+constexpr double kLinkEfficiency = 0.78;       // pinned host <-> device copies, of the PCIe link
+// The device memory the CUDA runtime, cuBLAS/cuDNN handles and fragmentation take outside kept's
+// own allocations: left out of the budget.
+constexpr double kRuntimeReserve = 2.0 * kGiB;
+constexpr double kGemmWorkspace = 32.0 * kMiB;  // Cuda::kDefaultWorkspaceBytes
+
+// clang-format off
+const TargetSpec kGpus[] = {
+  // name         description                          memory (as reported)   bf16 dense  HBM       PCIe
+  {"h100-80g",  "NVIDIA H100 SXM 80 GB (HBM3)",        81559.0 * kMiB,        989.4e12,   3.35e12,  64e9,  false},
+  {"h200-141g", "NVIDIA H200 SXM 141 GB (HBM3e)",      143771.0 * kMiB,       989.4e12,   4.8e12,   64e9,  false},
+  {"a100-80g",  "NVIDIA A100 SXM 80 GB (HBM2e)",       81920.0 * kMiB,        312e12,     2.039e12, 32e9,  false},
+  {"a100-40g",  "NVIDIA A100 SXM 40 GB (HBM2)",        40960.0 * kMiB,        312e12,     1.555e12, 32e9,  false},
+};
+// clang-format on
+
+double host_memory_total() {
+  std::ifstream meminfo("/proc/meminfo");
+  std::string key;
+  double kib = 0;
+  while (meminfo >> key >> kib) {
+    if (key == "MemTotal:") return kib * 1024.0;
+    meminfo.ignore(256, '\n');
+  }
+  return 0;
+}
+
+// Every parameter tensor's element count, in visiting order.
+std::vector<std::int64_t> parameter_sizes(const ModelConfig& c) {
+  const bool ln = c.norm_kind() == NormKind::LayerNorm;
+  const std::int64_t h = c.hidden_size, i = c.intermediate_size, v = c.vocab_size;
+  std::vector<std::int64_t> sizes{v * h};
+  auto norm = [&] {
+    sizes.push_back(h);
+    if (ln) sizes.push_back(h);
+  };
+  auto linear = [&](std::int64_t in, std::int64_t out, bool bias) {
+    sizes.push_back(in * out);
+    if (bias) sizes.push_back(out);
+  };
+  for (std::int64_t l = 0; l < c.num_layers; ++l) {
+    norm();
+    for (int p = 0; p < 4; ++p)
+      linear(h, h, c.attention_bias);
+    norm();
+    linear(h, i, c.mlp_bias);
+    linear(h, i, c.mlp_bias);
+    linear(i, h, c.mlp_bias);
+  }
+  norm();
+  linear(h, v, false);
+  return sizes;
+}
+
+double sum(const std::vector<std::int64_t>& sizes) {
+  double total = 0;
+  for (std::int64_t n : sizes)
+    total += static_cast<double>(n);
+  return total;
+}
+
+// One decoder layer's parameters.
+double layer_parameters(const ModelConfig& c) {
+  const double h = static_cast<double>(c.hidden_size), i = static_cast<double>(c.intermediate_size);
+  const double ln = c.norm_kind() == NormKind::LayerNorm ? 1 : 0;
+  return 2 * h * (1 + ln) + 4 * h * h + (c.attention_bias ? 4 * h : 0) + 3 * h * i +
+         (c.mlp_bias ? 2 * i + h : 0);
+}
+
+struct Bytes {
+  double act, param, grad, master, stat;
+  bool separate_master;
+};
+
+Bytes backend_bytes(bool cuda) {
+  return cuda ? Bytes{2, 2, 4, 4, 4, true} : Bytes{4, 4, 4, 4, 4, false};
+}
+
+// What one block's forward cache holds (kept/model/block.hpp, kept/layers/*.hpp): the two norm
+// outputs and the residual mid-point, q/k/v/o, the MLP's gate/up/product (Activation); rstd (and
+// mean, LayerNorm) per norm and the attention's log-sum-exp (Stat).
+double block_cache_bytes(const ModelConfig& c, const Bytes& b, double tokens) {
+  const double h = static_cast<double>(c.hidden_size), i = static_cast<double>(c.intermediate_size);
+  const double ln = c.norm_kind() == NormKind::LayerNorm ? 1 : 0;
+  return b.act * tokens * (7 * h + 3 * i) +
+         b.stat * tokens * (2 * (1 + ln) + static_cast<double>(c.num_heads));
+}
+
+std::string bytes_text(double bytes) {
+  char text[32];
+  if (bytes >= kGiB)
+    std::snprintf(text, sizeof text, "%.2f GiB", bytes / kGiB);
+  else
+    std::snprintf(text, sizeof text, "%.1f MiB", bytes / kMiB);
+  return text;
+}
+
+}  // namespace
+
+const TargetSpec& gpu_spec(const std::string& name) {
+  for (const TargetSpec& spec : kGpus)
+    if (spec.name == name) return spec;
+  fail("unknown GPU \"", name, "\" (", gpu_names(), ")");
+}
+
+std::string gpu_names() {
+  std::string names;
+  for (const TargetSpec& spec : kGpus)
+    names += (names.empty() ? "" : ", ") + spec.name;
+  return names;
+}
+
+TargetSpec cpu_spec() {
+  // OpenBLAS sgemm on this project's 2-core VM: 240-306 GFLOP/s, copy ~25 GB/s
+  // (bench/RESULTS.md).
+  return {"cpu", "this machine's CPU (fp32)", host_memory_total(), 250e9, 25e9, 0, true};
+}
+
+// ---- strategies -------------------------------------------------------------------------------
+
+std::string Strategy::describe() const {
+  std::string text = std::string(checkpointing ? "checkpointing" : "no checkpointing");
+  if (teacher != "none") text += ", teacher " + teacher;
+  text += ", " + states + " states";
+  text += master ? ", fp32 masters" : ", no masters";
+  if (states_on_host) text += " on host";
+  text += gradient_buffer ? ", gradient buffer" : ", no gradient buffer";
+  return text;
+}
+
+int Strategy::approximations() const {
+  return (states != "fp32") + !master + (teacher == "offline");
+}
+
+std::vector<std::string> Strategy::not_runnable(bool on_cuda) const {
+  std::vector<std::string> missing;
+  if (teacher == "offline") missing.push_back("teacher offline");
+  if (states == "bf16") missing.push_back("bf16 states");
+  if (states_on_host && on_cuda) missing.push_back("states on host");
+  if (!gradient_buffer) missing.push_back("no gradient buffer");
+  return missing;
+}
+
+// ---- the job ----------------------------------------------------------------------------------
+
+PlanJob plan_job(const TrainJob& job, bool emulated) {
+  PlanJob plan;
+  plan.objective = job.objective;
+  plan.batch = job.batch_size;
+  plan.seq = job.seq_len;
+  plan.grad_accum = job.grad_accum;
+  plan.steps = job.steps;
+  plan.min_8bit_size = job.min_8bit_size;
+  plan.cuda = job.device == "cuda";
+  plan.emulated = emulated && plan.cuda;
+  std::error_code error;
+  fs::path student_config;
+  if (!job.model_config.empty()) {
+    student_config = job.model_config;
+    if (student_config.is_relative()) student_config = job.file.parent_path() / student_config;
+  } else if (!job.init_config.empty()) {
+    student_config = job.init_config;
+  } else {
+    student_config = fs::path(job.student) / "config.json";
+  }
+  KEPT_CHECK(fs::is_regular_file(student_config, error), job.file.string(),
+             ": the planner needs the student's shapes, and ", student_config.string(),
+             " does not exist; set \"model_config\" to a config.json of the student's shapes");
+  plan.student = read_hf_config(student_config);
+  plan.source = student_config.string();
+  plan.has_teacher = needs_teacher(job.objective);
+  if (plan.has_teacher) {
+    const fs::path teacher_config = fs::path(job.teacher) / "config.json";
+    if (!job.teacher.empty() && fs::is_regular_file(teacher_config, error)) {
+      plan.teacher = read_hf_config(teacher_config);
+    } else {
+      plan.teacher = plan.student;  // the converted student has the teacher's shapes
+      plan.teacher.architecture = Architecture::Orion;
+      plan.teacher.attention_bias = plan.teacher.mlp_bias = false;
+    }
+  }
+  return plan;
+}
+
+// ---- the estimate -----------------------------------------------------------------------------
+
+Plan estimate(const PlanJob& job, const Strategy& s, const TargetSpec& target,
+              double host_memory_bytes) {
+  Plan plan;
+  plan.strategy = s;
+  const Bytes b = backend_bytes(job.cuda);
+  const ModelConfig& c = job.student;
+  const double tokens = static_cast<double>(job.batch * job.seq);
+  const double h = static_cast<double>(c.hidden_size), i = static_cast<double>(c.intermediate_size);
+  const double v = static_cast<double>(c.vocab_size), layers = static_cast<double>(c.num_layers);
+  const bool ln_student = c.norm_kind() == NormKind::LayerNorm;
+  auto add = [&](std::string name, double bytes, std::string detail, bool host = false) {
+    if (bytes > 0) plan.terms.push_back({std::move(name), bytes, host, std::move(detail)});
+  };
+
+  // Parameters: the arena's buffers (kept/model/parameter_arena.hpp), one slot per tensor padded to
+  // kArenaAlignment elements.
+  const std::vector<std::int64_t> sizes = parameter_sizes(c);
+  double aligned = 0, small = 0;
+  for (std::int64_t n : sizes) {
+    aligned += static_cast<double>((n + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment);
+    if (n < job.min_8bit_size) small += static_cast<double>(n);
+  }
+  const double n_student = sum(sizes);
+  const double n_layer = layer_parameters(c);
+  add("student weights", b.param * aligned,
+      std::to_string(static_cast<long long>(n_student)) + " parameters");
+  const bool per_layer_update = !s.gradient_buffer;
+  if (s.gradient_buffer) {
+    add("gradients", b.grad * aligned, "fp32, the whole model");
+  } else {
+    // The LM head's and the embedding's gradients accumulate over the step (the loss and the
+    // embedding come first and last); each layer's gradient lives only during its update.
+    const double v_h = v * h;
+    add("gradients (per layer)", b.grad * (2 * v_h + n_layer),
+        "LM head + embedding + one layer, fp32");
+  }
+  const bool masters = b.separate_master && s.master;
+  double state_bytes = 0;
+  if (masters) state_bytes += b.master * aligned;
+  if (s.states == "int8")
+    state_bytes += 2 * aligned + 2 * 4 * aligned / kQuantBlock + 2 * b.master * small;
+  else if (s.states == "bf16")
+    state_bytes += 2 * 2 * aligned;
+  else
+    state_bytes += 2 * b.master * aligned;
+  const std::string state_detail =
+      (masters ? std::string("fp32 masters + ") : std::string()) + s.states + " m and v" +
+      (s.states == "int8" ? " (absmax per 256; small tensors fp32)" : "");
+  if (s.states_on_host) {
+    add("optimizer states (host)", state_bytes, state_detail, true);
+    // Streamed through the device in two chunks of one layer's state each.
+    add("optimizer state chunks", 2 * state_bytes / std::max(1.0, layers + 2), "two layers' worth");
+  } else {
+    add("optimizer states", state_bytes, state_detail);
+  }
+
+  // The teacher: frozen weights, a forward in Inference mode (two residual slots, one block cache).
+  const bool teacher_runs = job.has_teacher && s.teacher != "offline" && s.teacher != "none";
+  double n_teacher = 0, n_teacher_layer = 0;
+  if (job.has_teacher) {
+    const ModelConfig& t = job.teacher;
+    n_teacher = sum(parameter_sizes(t));
+    n_teacher_layer = layer_parameters(t);
+    const double resident_part = n_teacher - static_cast<double>(t.num_layers) * n_teacher_layer;
+    if (s.teacher == "resident") {
+      add("teacher weights", b.param * n_teacher,
+          "frozen, " + std::string(b.param == 2 ? "bf16" : "fp32"));
+    } else if (s.teacher == "streamed") {
+      add("teacher embedding + head", b.param * resident_part, "resident");
+      add("teacher layer slots", 2 * b.param * n_teacher_layer, "two layers: in use + prefetch");
+      add("teacher layers (pinned host)", b.param * (n_teacher - resident_part), "", true);
+    }
+    if (teacher_runs) {
+      const double tln = t.norm_kind() == NormKind::LayerNorm ? 1 : 0;
+      const double slots =
+          job.objective == Objective::XkdHidden ? static_cast<double>(t.num_layers) + 1 : 2;
+      add("teacher activations",
+          4 * tokens + b.act * tokens * static_cast<double>(t.hidden_size) * (slots + 1) +
+              b.stat * tokens * (1 + tln) + block_cache_bytes(t, b, tokens),
+          "residual slots, one block's cache, the final norm");
+    } else if (s.teacher == "offline") {
+      const double k = static_cast<double>(job.offline_k);
+      add("offline teacher rows", tokens * (k * 6 + 4), std::to_string(job.offline_k) + "-best");
+    }
+  }
+
+  // The student's activations (Training mode): L+1 residual slots and every block's cache, or
+  // with checkpointing the slots and one cache reused by the recompute.
+  const double accum_in_flight = per_layer_update ? static_cast<double>(job.grad_accum) : 1;
+  const double slots = (layers + 1) * b.act * tokens * h;
+  const double caches = (s.checkpointing ? 1 : layers) * block_cache_bytes(c, b, tokens);
+  add("student activations",
+      accum_in_flight *
+              (4 * tokens + slots + b.stat * tokens * (1 + ln_student) + b.act * tokens * h) +
+          caches,
+      s.checkpointing ? "layer inputs + one block recomputed" : "every block's cache");
+  // Backward buffers, allocated once and kept (kept/model/decoder.hpp, block.hpp): d_hidden, two
+  // residual gradients, the attention's d_o/dq/dk/dv, the MLP's three, d_normed and d_mid.
+  add("backward buffers", b.act * tokens * ((s.checkpointing ? 10 : 9) * h + 3 * i),
+      s.checkpointing ? "residual-stream gradients, scratch, the recomputed output"
+                      : "residual-stream gradients, scratch");
+
+  // The loss: two [token_chunk x vocab] logit buffers (kept/xkd/chunked_logits.hpp).
+  const double chunk = std::min(static_cast<double>(job.token_chunk), tokens);
+  const bool two_buffers = job.has_teacher && job.objective != Objective::XkdHidden;
+  if (job.objective != Objective::XkdHidden)
+    add("logit chunks", (two_buffers ? 2 : 1) * b.stat * chunk * v,
+        std::to_string(static_cast<long long>(chunk)) + " tokens x vocab, fp32");
+  if (job.cuda) {
+    // A mixed fp32 x bf16 GEMM widens its bf16 operand in scratch (kept/backend/cuda/gemm.cuh):
+    // for dL/dhidden = dlogits . W_head that is the whole LM head in fp32.
+    double scratch = 4 * v * h;
+    if (!job.emulated) scratch += kGemmWorkspace;
+    add("CUDA scratch", scratch,
+        job.emulated ? "LM head widened to fp32" : "LM head widened to fp32, GEMM workspace");
+  }
+
+  for (const MemoryTerm& term : plan.terms)
+    (term.host ? plan.host_bytes : plan.device_bytes) += term.bytes;
+  plan.device_budget = target.cpu ? std::max(0.0, target.memory_bytes - 2 * kGiB)
+                                  : target.memory_bytes - kRuntimeReserve;
+  if (target.cpu) {
+    plan.fits = plan.device_bytes + plan.host_bytes <= plan.device_budget;
+  } else {
+    plan.fits = plan.device_bytes <= plan.device_budget &&
+                (plan.host_bytes == 0 || plan.host_bytes <= host_memory_bytes);
+  }
+  plan.not_runnable = s.not_runnable(job.cuda && !target.cpu);
+
+  // ---- time -----------------------------------------------------------------------------------
+  const double step_tokens = static_cast<double>(job.tokens_per_step());
+  const double seq = static_cast<double>(job.seq);
+  const double n_matmul = layers * (4 * h * h + 3 * h * i) + v * h;
+  const double attention_fwd = 2 * layers * h * seq;  // causal: QK^T and PV, per token
+  const double student_flops = step_tokens * (6 * n_matmul + 3 * attention_fwd);
+  double teacher_matmul = 0, teacher_attention = 0;
+  if (job.has_teacher) {
+    const ModelConfig& t = job.teacher;
+    const double th = static_cast<double>(t.hidden_size),
+                 ti = static_cast<double>(t.intermediate_size);
+    teacher_matmul = static_cast<double>(t.num_layers) * (4 * th * th + 3 * th * ti) +
+                     static_cast<double>(t.vocab_size) * th;
+    teacher_attention = 2 * static_cast<double>(t.num_layers) * th * seq;
+  }
+  const double teacher_flops =
+      teacher_runs ? step_tokens * (2 * teacher_matmul + teacher_attention) : 0;
+  const double recompute_flops =
+      s.checkpointing ? step_tokens * (2 * (n_matmul - v * h) + attention_fwd) : 0;
+  plan.model_flops_per_step = student_flops + teacher_flops;
+  const double gemm_rate = target.peak_flops * (target.cpu ? 1.0 : kGemmEfficiency);
+  const double attention_rate = target.peak_flops * (target.cpu ? 0.3 : kAttentionEfficiency);
+  const double bandwidth = target.memory_bandwidth * kBandwidthEfficiency;
+  const double link = target.host_link * kLinkEfficiency;
+  auto attention_part = [&](double flops_per_token_attention, double multiplier) {
+    return step_tokens * flops_per_token_attention * multiplier / attention_rate;
+  };
+  const double student_gemm = step_tokens * 6 * n_matmul / gemm_rate;
+  const double student_attention = attention_part(attention_fwd, 3);
+  // Memory-bound passes: ~14 hidden-wide and 3 intermediate-wide activation passes a layer forward,
+  // 2.5 times that in backward; the softmax over the logits reads and writes each logit ~6 times.
+  const double elementwise_bytes = step_tokens * layers * (14 * h + 3 * i) * b.act * 3.5 +
+                                   step_tokens * v * b.stat * 6 * (two_buffers ? 2 : 1);
+  double teacher_seconds = 0;
+  if (teacher_runs) {
+    teacher_seconds = step_tokens * 2 * teacher_matmul / gemm_rate +
+                      attention_part(teacher_attention, 1) +
+                      step_tokens * static_cast<double>(job.teacher.num_layers) *
+                          (14 * static_cast<double>(job.teacher.hidden_size) +
+                           3 * static_cast<double>(job.teacher.intermediate_size)) *
+                          b.act / bandwidth;
+    if (s.teacher == "streamed" && link > 0) {
+      // Micro-batches of a step run the teacher layer-major, so each layer crosses the link once
+      // a step, overlapped with the compute on the layer before.
+      const double transfer =
+          b.param * n_teacher_layer * static_cast<double>(job.teacher.num_layers) / link;
+      plan.time_terms.push_back({"teacher transfer (overlapped)", transfer});
+      teacher_seconds = std::max(teacher_seconds, transfer);
+    }
+  }
+  // The optimizer reads the gradient and the weight and reads and writes the states.
+  const double optimizer_bytes = aligned * (b.grad + 2 * b.param) + 2 * state_bytes;
+  const double optimizer_seconds = optimizer_bytes / bandwidth;
+  const double host_state_seconds = s.states_on_host && link > 0 ? 2 * state_bytes / link : 0;
+  plan.time_terms.push_back({"student GEMMs", student_gemm});
+  plan.time_terms.push_back({"student attention", student_attention});
+  if (recompute_flops > 0)
+    plan.time_terms.push_back({"recompute", step_tokens * 2 * (n_matmul - v * h) / gemm_rate +
+                                                attention_part(attention_fwd, 1)});
+  if (teacher_runs) plan.time_terms.push_back({"teacher forward", teacher_seconds});
+  plan.time_terms.push_back({"memory-bound ops", elementwise_bytes / bandwidth});
+  plan.time_terms.push_back({"optimizer", optimizer_seconds});
+  if (host_state_seconds > 0)
+    plan.time_terms.push_back({"states over the link", host_state_seconds});
+  plan.step_seconds = 0;
+  for (const auto& [name, seconds] : plan.time_terms)
+    if (name != "teacher transfer (overlapped)") plan.step_seconds += seconds;
+  plan.mfu = plan.model_flops_per_step / (plan.step_seconds * target.peak_flops);
+  plan.job_hours = plan.step_seconds * static_cast<double>(job.steps) / 3600.0;
+  if (job.has_teacher && s.teacher == "offline")
+    plan.offline_precompute_hours = static_cast<double>(job.steps) * step_tokens *
+                                    (2 * teacher_matmul + teacher_attention) / gemm_rate / 3600.0;
+  return plan;
+}
+
+std::vector<Plan> all_plans(const PlanJob& job, const TargetSpec& target,
+                            double host_memory_bytes) {
+  std::vector<Plan> plans;
+  std::vector<std::string> teachers{"none"};
+  if (job.has_teacher) {
+    teachers = {"resident", "streamed"};
+    if (job.objective == Objective::XkdLogit) teachers.push_back("offline");
+  }
+  const std::vector<bool> masters =
+      job.cuda ? std::vector<bool>{true, false} : std::vector<bool>{true};
+  for (bool checkpointing : {false, true})
+    for (const std::string& teacher : teachers)
+      for (const char* states : {"fp32", "bf16", "int8"})
+        for (bool master : masters)
+          for (bool host : {false, true})
+            for (bool buffer : {true, false}) {
+              if (target.cpu && (host || teacher == "streamed")) continue;  // one memory
+              if (!job.cuda && std::string(states) == "bf16") continue;     // fp32 backend
+              Strategy s{checkpointing, teacher, states, master, host, buffer};
+              plans.push_back(estimate(job, s, target, host_memory_bytes));
+            }
+  return plans;
+}
+
+const Plan* choose_plan(const std::vector<Plan>& plans, bool runnable_only) {
+  // Exactness is worth some time, not any: among the plans within kSlack of the fastest that
+  // fits, the fewest approximations, then the fastest.
+  constexpr double kSlack = 1.25;
+  double fastest = 0;
+  for (const Plan& plan : plans)
+    if (plan.fits && (!runnable_only || plan.not_runnable.empty()) &&
+        (fastest == 0 || plan.step_seconds < fastest))
+      fastest = plan.step_seconds;
+  const Plan* best = nullptr;
+  for (const Plan& plan : plans) {
+    if (!plan.fits || (runnable_only && !plan.not_runnable.empty()) ||
+        plan.step_seconds > kSlack * fastest)
+      continue;
+    if (!best) {
+      best = &plan;
+      continue;
+    }
+    const int a = plan.strategy.approximations(), b = best->strategy.approximations();
+    if (a < b || (a == b && plan.step_seconds < best->step_seconds * (1 - 1e-9))) best = &plan;
+  }
+  return best;
+}
+
+Strategy resolve_strategy(const TrainJob& job, const PlanJob& plan_job, const TargetSpec& target,
+                          double host_memory_bytes) {
+  auto keeps = [&](const Strategy& s) {
+    return (!job.activation_checkpointing || *job.activation_checkpointing == s.checkpointing) &&
+           (job.memory_teacher.empty() || job.memory_teacher == s.teacher) &&
+           (job.optimizer_states.empty() || job.optimizer_states == s.states) &&
+           (job.master_weights.empty() || (job.master_weights == "fp32") == s.master) &&
+           (job.states_on.empty() || (job.states_on == "host") == s.states_on_host) &&
+           (job.gradients.empty() || (job.gradients == "buffer") == s.gradient_buffer);
+  };
+  std::vector<Plan> plans;
+  for (Plan& plan : all_plans(plan_job, target, host_memory_bytes))
+    if (keeps(plan.strategy)) plans.push_back(std::move(plan));
+  if (const Plan* best = choose_plan(plans, /*runnable_only=*/true)) return best->strategy;
+  // Nothing fits (or nothing runnable does): the job's own choices over the reference strategy.
+  Strategy s;
+  s.teacher = plan_job.has_teacher ? "resident" : "none";
+  if (job.activation_checkpointing) s.checkpointing = *job.activation_checkpointing;
+  if (!job.memory_teacher.empty()) s.teacher = job.memory_teacher;
+  if (!job.optimizer_states.empty()) s.states = job.optimizer_states;
+  if (!job.master_weights.empty()) s.master = job.master_weights == "fp32";
+  if (!job.states_on.empty()) s.states_on_host = job.states_on == "host";
+  if (!job.gradients.empty()) s.gradient_buffer = job.gradients == "buffer";
+  return s;
+}
+
+// ---- reports ----------------------------------------------------------------------------------
+
+nlohmann::json plan_json(const Plan& plan) {
+  const Strategy& s = plan.strategy;
+  nlohmann::json terms = nlohmann::json::array();
+  for (const MemoryTerm& term : plan.terms)
+    terms.push_back({{"name", term.name},
+                     {"bytes", term.bytes},
+                     {"where", term.host ? "host" : "device"},
+                     {"detail", term.detail}});
+  nlohmann::json time = nlohmann::json::object();
+  for (const auto& [name, seconds] : plan.time_terms)
+    time[name] = seconds;
+  return {{"memory",
+           {{"activation_checkpointing", s.checkpointing},
+            {"teacher", s.teacher},
+            {"optimizer_states", s.states},
+            {"master_weights", s.master ? "fp32" : "none"},
+            {"states_on", s.states_on_host ? "host" : "device"},
+            {"gradients", s.gradient_buffer ? "buffer" : "none"}}},
+          {"terms", terms},
+          {"device_bytes", plan.device_bytes},
+          {"host_bytes", plan.host_bytes},
+          {"device_budget", plan.device_budget},
+          {"fits", plan.fits},
+          {"runnable", plan.not_runnable.empty()},
+          {"not_runnable", plan.not_runnable},
+          {"approximations", s.approximations()},
+          {"step_seconds", plan.step_seconds},
+          {"time_terms", time},
+          {"model_flops_per_step", plan.model_flops_per_step},
+          {"mfu", plan.mfu},
+          {"job_hours", plan.job_hours},
+          {"offline_precompute_hours", plan.offline_precompute_hours}};
+}
+
+std::string format_plan_report(const PlanJob& job, const TargetSpec& target,
+                               const std::vector<Plan>& plans, const Plan* chosen,
+                               const Plan* chosen_runnable, const Plan* job_plan) {
+  std::ostringstream out;
+  char line[256];
+  const ModelConfig& c = job.student;
+  std::snprintf(line, sizeof line,
+                "model: %lld layers, hidden %lld, intermediate %lld, vocab %lld (%s)\n",
+                static_cast<long long>(c.num_layers), static_cast<long long>(c.hidden_size),
+                static_cast<long long>(c.intermediate_size), static_cast<long long>(c.vocab_size),
+                job.source.c_str());
+  out << line;
+  std::snprintf(line, sizeof line,
+                "step: %lld x %lld tokens x %lld micro-batches = %lld tokens; %lld steps = %.1fM "
+                "tokens; objective %s on %s\n",
+                static_cast<long long>(job.batch), static_cast<long long>(job.seq),
+                static_cast<long long>(job.grad_accum),
+                static_cast<long long>(job.tokens_per_step()), static_cast<long long>(job.steps),
+                static_cast<double>(job.tokens_per_step() * job.steps) / 1e6,
+                objective_name(job.objective), job.cuda ? "cuda (bf16)" : "cpu (fp32)");
+  out << line;
+  std::snprintf(line, sizeof line, "target: %s, %s of which kept may use %s\n\n",
+                target.description.c_str(), bytes_text(target.memory_bytes).c_str(),
+                bytes_text(plans.empty() ? 0 : plans.front().device_budget).c_str());
+  out << line;
+
+  auto table = [&](const Plan& plan, const char* title) {
+    out << title << ": " << plan.strategy.describe() << "\n";
+    for (const MemoryTerm& term : plan.terms) {
+      std::snprintf(line, sizeof line, "  %-30s %12s  %s%s\n", term.name.c_str(),
+                    bytes_text(term.bytes).c_str(), term.host ? "[host] " : "",
+                    term.detail.c_str());
+      out << line;
+    }
+    std::snprintf(line, sizeof line, "  %-30s %12s  of %s: %s\n", "device peak",
+                  bytes_text(plan.device_bytes).c_str(), bytes_text(plan.device_budget).c_str(),
+                  plan.fits ? "fits" : "does NOT fit");
+    out << line;
+    if (plan.host_bytes > 0) {
+      std::snprintf(line, sizeof line, "  %-30s %12s\n", "pinned host memory",
+                    bytes_text(plan.host_bytes).c_str());
+      out << line;
+    }
+    out << "  time per step (projected):";
+    for (const auto& [name, seconds] : plan.time_terms) {
+      std::snprintf(line, sizeof line, " %s %.3g s;", name.c_str(), seconds);
+      out << line;
+    }
+    std::snprintf(line, sizeof line,
+                  "\n  step %.3g s, %.0f tokens/s, MFU %.1f%%, %.2f h for the job's %.1fM tokens",
+                  plan.step_seconds, static_cast<double>(job.tokens_per_step()) / plan.step_seconds,
+                  100 * plan.mfu, plan.job_hours,
+                  static_cast<double>(job.tokens_per_step() * job.steps) / 1e6);
+    out << line;
+    if (plan.offline_precompute_hours > 0) {
+      std::snprintf(line, sizeof line, " (+%.2f h once for kept teacher-logits)",
+                    plan.offline_precompute_hours);
+      out << line;
+    }
+    out << "\n";
+    if (!plan.not_runnable.empty()) {
+      out << "  not yet runnable by kept train:";
+      for (const std::string& what : plan.not_runnable)
+        out << " " << what << ";";
+      out << "\n";
+    }
+    out << "\n";
+  };
+  if (job_plan) table(*job_plan, "the job's own memory fields");
+  if (chosen) {
+    table(*chosen, "plan (fits; within 25% of the fastest, the fewest approximations)");
+    if (chosen_runnable && chosen_runnable != chosen)
+      table(*chosen_runnable, "best plan kept train runs today");
+    else if (!chosen_runnable)
+      out << "no plan kept train can run today fits this target.\n\n";
+  } else {
+    // Nothing fits: say by how much, and what would.
+    const Plan* smallest = nullptr;
+    for (const Plan& plan : plans)
+      if (!smallest || plan.device_bytes < smallest->device_bytes) smallest = &plan;
+    out << "NOTHING FITS on " << target.name << ".\n";
+    if (smallest) {
+      table(*smallest, "the smallest plan");
+      std::snprintf(line, sizeof line, "It needs %s more device memory than %s leaves.\n",
+                    bytes_text(smallest->device_bytes - smallest->device_budget).c_str(),
+                    target.name.c_str());
+      out << line;
+    }
+    out << "What would fit: a GPU with more memory (kept plan --gpu " << gpu_names()
+        << "), several GPUs sharding the states and weights (ZeRO, kept plan --gpus N when it "
+           "lands), or a shorter sequence / smaller batch (activations scale with them).\n";
+  }
+  // The other candidates, one line each, for comparison.
+  out << "strategies compared (device peak, fits, step time, approximations, runnable by kept "
+         "train):\n";
+  std::vector<const Plan*> sorted;
+  for (const Plan& plan : plans)
+    sorted.push_back(&plan);
+  std::sort(sorted.begin(), sorted.end(), [](const Plan* a, const Plan* b) {
+    if (a->fits != b->fits) return a->fits;
+    if (a->strategy.approximations() != b->strategy.approximations())
+      return a->strategy.approximations() < b->strategy.approximations();
+    return a->step_seconds < b->step_seconds;
+  });
+  constexpr std::size_t kListed = 12;
+  for (std::size_t index = 0; index < sorted.size(); ++index) {
+    const Plan* plan = sorted[index];
+    if (index == kListed) {
+      out << "  ... " << sorted.size() - kListed << " more (kept plan --json lists all)\n";
+      break;
+    }
+    std::snprintf(line, sizeof line, "  %10s %-4s %8.3g s  %d  %-3s %s\n",
+                  bytes_text(plan->device_bytes).c_str(), plan->fits ? "fits" : "no",
+                  plan->step_seconds, plan->strategy.approximations(),
+                  plan->not_runnable.empty() ? "yes" : "no", plan->strategy.describe().c_str());
+    out << line;
+  }
+  return out.str();
+}
+
+}  // namespace kept::cli
