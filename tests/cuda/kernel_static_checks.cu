@@ -8,6 +8,7 @@
 #include "kept/backend/cuda/optimizer.cuh"
 #include "kept/backend/cuda/rope.cuh"
 #include "kept/backend/cuda/softmax_losses.cuh"
+#include "kept/backend/cuda/sparse_kl.cuh"
 #include "kept/backend/cuda/swiglu.cuh"
 
 namespace kc = kept::cuda;
@@ -51,4 +52,6 @@ void kept_static_check_instantiations() {
   (void)kc::launch_cross_entropy_gradient(f, 0, 0, 0, tokens, 1.0f, states, s);
   (void)kc::launch_squared_error(f, f, 0, 0, f, 1.0f, true, states, s);
   (void)kc::launch_hidden_squared_error<bf>(h, h, h, 0, 0, true, f, 1.0f, d, s);
+  (void)kc::launch_sparse_kl_update(f, 0, 0, 0, 1.0f, tokens, f, 1, states, s);
+  (void)kc::launch_sparse_kl_gradient(f, 0, 0, 0, 1.0f, f, 1.0f, tokens, f, f, 1, f, states, s);
 }

@@ -276,6 +276,26 @@ struct LossKernels<CpuBf16> {
     Cpu cpu;
     Fp32::squared_error(cpu, buffers, teacher, student, weights, scale, write_gradient);
   }
+  static void sparse_kl_begin(Backend&, RowBuffers& buffers,
+                              const SparseTeacherChunk<float>& chunk) {
+    Cpu cpu;
+    Fp32::sparse_kl_begin(cpu, buffers, chunk);
+  }
+  static void sparse_kl_update(Backend&, RowBuffers& buffers, MatrixView<const float> student,
+                               std::int64_t offset, float inv_temperature) {
+    Cpu cpu;
+    Fp32::sparse_kl_update(cpu, buffers, student, offset, inv_temperature);
+  }
+  static void sparse_kl_gradient(Backend&, const RowBuffers& buffers, MatrixView<float> student,
+                                 std::int64_t offset, float temperature, const float* weights,
+                                 float scale) {
+    Cpu cpu;
+    Fp32::sparse_kl_gradient(cpu, buffers, student, offset, temperature, weights, scale);
+  }
+  static ChunkSums sparse_kl_reduce(Backend&, const RowBuffers& buffers, const float* weights) {
+    Cpu cpu;
+    return Fp32::sparse_kl_reduce(cpu, buffers, weights);
+  }
   static double hidden_squared_error(Backend&, RowBuffers& buffers, MatrixView<const bf16> teacher,
                                      MatrixView<const bf16> student, MatrixView<bf16> grad,
                                      bool centre_teacher, const float* weights, float scale) {

@@ -17,8 +17,14 @@
 //  - RowBuffers is the per-chunk row state (running max, exponential sums, argmax, lse); it
 //    lives wherever the kernels want it and is only ever handed back to them.
 //  - reduce() returns host sums (ChunkSums) and writes per-row CE to host arrays when asked.
+//  - The sparse-teacher KL (xkd/sparse_kl.hpp) adds sparse_kl_begin / sparse_kl_update /
+//    sparse_kl_gradient / sparse_kl_reduce: sparse_kl_begin receives the chunk's teacher rows
+//    (SparseTeacherChunk, host memory; a device backend uploads them once per chunk), the other
+//    three use what it received. The student's own max / sum / argmax come from update() with
+//    no teacher, as for cross-entropy; sparse_kl_update adds the tail statistics.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 
@@ -104,6 +110,59 @@ inline ChunkSums softmax_rows_reduce(const SoftmaxRowState<T>* states, std::int6
         if (state.teacher_argmax == targets[r]) ++sums.teacher_correct;
       }
     }
+  }
+  return sums;
+}
+
+// One token chunk of a sparse teacher as the kernels take it (prepared on the host by
+// xkd::sparse_logit_kl): per row the k kept ids in ascending order (distinct, so a kernel walks
+// them beside the vocabulary), each one's probability p_i at the temperature, and the tail mass
+// r, renormalised so that sum_i p_i + r = 1 in double.
+template <class T>
+struct SparseTeacherChunk {
+  const std::int32_t* ids = nullptr;  // [rows, k], ascending within a row
+  const T* probs = nullptr;           // [rows, k]
+  const T* tail = nullptr;            // [rows]
+  std::int64_t rows = 0, k = 0;
+};
+
+// The sparse KL's row statistics share SoftmaxRowState, whose teacher slots are free (there are
+// no teacher logits), so reset / finish / download are the softmax ones:
+//   student_max, student_sum, student_lse, student_argmax: the whole row, from update();
+//   teacher_max, teacher_sum, teacher_lse: the student's scaled logits outside K (the tail),
+//     from sparse_kl_update; teacher_lse = log sum_{v not in K} exp(a_v) (-inf for an empty tail);
+//   cross: sum_{i in K} p_i a_i.
+// Per counted row (a = s / T, lse_a = student_lse, log Q = teacher_lse - lse_a):
+//   KL = sum_i p_i log p_i - cross + (sum_i p_i) lse_a + r (log r - log Q)   (0 log 0 = 0)
+// The teacher's argmax is the kept id of the largest p (ties to the lowest id: ids ascend).
+template <class T>
+inline ChunkSums sparse_kl_rows_reduce(const SoftmaxRowState<T>* states,
+                                       const SparseTeacherChunk<T>& teacher, const float* weights) {
+  ChunkSums sums;
+  for (std::int64_t r = 0; r < teacher.rows; ++r) {
+    const SoftmaxRowState<T>& state = states[r];
+    const double w = weights ? weights[r] : 1.0;
+    if (w == 0) continue;
+    sums.weight += w;
+    ++sums.rows;
+    const std::int32_t* ids = teacher.ids + r * teacher.k;
+    const T* probs = teacher.probs + r * teacher.k;
+    double entropy_term = 0, kept_mass = 0, best = -1;
+    std::int64_t teacher_argmax = -1;
+    for (std::int64_t i = 0; i < teacher.k; ++i) {
+      const double p = static_cast<double>(probs[i]);
+      if (p > 0) entropy_term += p * std::log(p);
+      kept_mass += p;
+      if (p > best) {
+        best = p;
+        teacher_argmax = ids[i];
+      }
+    }
+    const double tail = static_cast<double>(teacher.tail[r]);
+    double kl = entropy_term - state.cross + kept_mass * state.student_lse;
+    if (tail > 0) kl += tail * (std::log(tail) - (state.teacher_lse - state.student_lse));
+    sums.kl += w * kl;
+    if (teacher_argmax == state.student_argmax) ++sums.agree;
   }
   return sums;
 }

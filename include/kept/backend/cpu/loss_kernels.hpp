@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "kept/backend/cpu/softmax_losses.hpp"
+#include "kept/backend/cpu/sparse_kl.hpp"
 #include "kept/backend/loss_kernels.hpp"
 #include "kept/core/error.hpp"
 #include "kept/core/tensor.hpp"
@@ -23,6 +24,7 @@ struct LossKernels<CpuBackend<T>> {
   struct RowBuffers {
     std::vector<cpu::SoftmaxRowState<T>> states;
     std::vector<double> row_values;  // scratch for hidden_squared_error's per-row sums
+    SparseTeacherChunk<T> sparse;    // the chunk given to sparse_kl_begin (host memory)
   };
 
   static void reset(Backend&, RowBuffers& buffers, std::int64_t rows) {
@@ -76,6 +78,33 @@ struct LossKernels<CpuBackend<T>> {
                               scale, write_gradient, buffers.states.data());
   }
 
+  // The sparse-teacher KL (contract: kept/backend/loss_kernels.hpp; kernels:
+  // backend/cpu/sparse_kl.hpp). The chunk stays the caller's until the chunk's last call.
+  static void sparse_kl_begin(Backend&, RowBuffers& buffers, const SparseTeacherChunk<T>& chunk) {
+    KEPT_CHECK(static_cast<std::int64_t>(buffers.states.size()) == chunk.rows,
+               "sparse KL: a teacher chunk of ", chunk.rows, " rows for row states reset for ",
+               buffers.states.size());
+    buffers.sparse = chunk;
+  }
+  static void sparse_kl_update(Backend&, RowBuffers& buffers, MatrixView<const T> student,
+                               std::int64_t offset, T inv_temperature) {
+    check_contiguous(student, "student logits");
+    check_sparse_rows(buffers, student.rows);
+    cpu::sparse_kl_rows_update(student.data, student.cols, offset, inv_temperature, buffers.sparse,
+                               buffers.states.data());
+  }
+  static void sparse_kl_gradient(Backend&, const RowBuffers& buffers, MatrixView<T> student,
+                                 std::int64_t offset, T temperature, const float* weights,
+                                 T scale) {
+    check_contiguous(MatrixView<const T>(student), "student logits");
+    check_sparse_rows(buffers, student.rows);
+    cpu::sparse_kl_logits_gradient(student.data, student.cols, offset, temperature, weights, scale,
+                                   buffers.sparse, buffers.states.data());
+  }
+  static ChunkSums sparse_kl_reduce(Backend&, const RowBuffers& buffers, const float* weights) {
+    return sparse_kl_rows_reduce(buffers.states.data(), buffers.sparse, weights);
+  }
+
   // Returns sum_r w_r ||s_r - t'_r||^2 and overwrites `grad` (when its data is not null).
   static double hidden_squared_error(Backend&, RowBuffers& buffers, MatrixView<const T> teacher,
                                      MatrixView<const T> student, MatrixView<T> grad,
@@ -90,6 +119,11 @@ struct LossKernels<CpuBackend<T>> {
   }
 
  private:
+  static void check_sparse_rows(const RowBuffers& buffers, std::int64_t rows) {
+    KEPT_CHECK(buffers.sparse.ids && buffers.sparse.rows == rows, "sparse KL: a logit chunk of ",
+               rows, " rows for a teacher chunk of ", buffers.sparse.rows,
+               " rows (sparse_kl_begin first)");
+  }
   static void check_contiguous(MatrixView<const T> view, const char* what) {
     KEPT_CHECK(!view.data || view.contiguous(), "loss kernels need contiguous ", what,
                ", got a view with row stride ", view.stride, " for ", view.cols, " columns");

@@ -27,6 +27,7 @@
 #include "kept/backend/cuda/rope.cuh"
 #include "kept/backend/cuda/runtime.cuh"
 #include "kept/backend/cuda/softmax_losses.cuh"
+#include "kept/backend/cuda/sparse_kl.cuh"
 #include "kept/backend/cuda/swiglu.cuh"
 #include "kept/backend/loss_kernels.hpp"
 #include "kept/core/rope_table.hpp"
@@ -348,6 +349,10 @@ struct LossKernels<cuda::CudaBackend> {
 
   struct RowBuffers {
     Tensor states, targets, weights, row_sums;
+    // The sparse KL's chunk: the host view (for reduce) and its device copy, plus the gradient's
+    // [rows, k] scratch for the kept columns.
+    SparseTeacherChunk<float> sparse;
+    Tensor sparse_ids, sparse_probs, sparse_tails, sparse_scratch;
     std::int64_t rows = 0;
     State* state_data() const { return static_cast<State*>(const_cast<void*>(states.raw())); }
   };
@@ -420,6 +425,50 @@ struct LossKernels<cuda::CudaBackend> {
                                                   write_gradient, buffers.state_data(), b.stream()),
                        "squared_error_logits");
   }
+  // The sparse-teacher KL (kept/backend/loss_kernels.hpp; kernels: cuda/sparse_kl.cuh).
+  static void sparse_kl_begin(Backend& b, RowBuffers& buffers,
+                              const SparseTeacherChunk<float>& chunk) {
+    check_rows(buffers, chunk.rows);
+    buffers.sparse = chunk;
+    const std::int64_t entries = chunk.rows * chunk.k;
+    upload(b, buffers.sparse_ids, DType::I32, chunk.ids, entries);
+    upload(b, buffers.sparse_probs, DType::F32, chunk.probs, entries);
+    upload(b, buffers.sparse_tails, DType::F32, chunk.tail, chunk.rows);
+    b.ensure(buffers.sparse_scratch, DType::F32, {std::max<std::int64_t>(1, entries)});
+  }
+  static void sparse_kl_update(Backend& b, RowBuffers& buffers, MatrixView<const float> student,
+                               std::int64_t offset, float inv_temperature) {
+    check_contiguous(student, "student logits");
+    check_sparse_rows(buffers, student.rows);
+    cuda::check_launch(
+        cuda::launch_sparse_kl_update(student.data, student.rows, student.cols, offset,
+                                      inv_temperature, buffers.sparse_ids.data<std::int32_t>(),
+                                      buffers.sparse_probs.data<float>(), buffers.sparse.k,
+                                      buffers.state_data(), b.stream()),
+        "sparse_kl_rows_update");
+  }
+  static void sparse_kl_gradient(Backend& b, const RowBuffers& buffers, MatrixView<float> student,
+                                 std::int64_t offset, float temperature, const float* weights,
+                                 float scale) {
+    check_sparse_rows(buffers, student.rows);
+    const float* device_weights =
+        chunk_weights(b, buffers, MatrixView<const float>(), student, weights);
+    auto& mutable_buffers = const_cast<RowBuffers&>(buffers);
+    cuda::check_launch(
+        cuda::launch_sparse_kl_gradient(
+            student.data, student.rows, student.cols, offset, temperature, device_weights, scale,
+            buffers.sparse_ids.data<std::int32_t>(), buffers.sparse_probs.data<float>(),
+            buffers.sparse_tails.data<float>(), buffers.sparse.k,
+            mutable_buffers.sparse_scratch.data<float>(), buffers.state_data(), b.stream()),
+        "sparse_kl_logits_gradient");
+  }
+  static ChunkSums sparse_kl_reduce(Backend&, const RowBuffers& buffers, const float* weights) {
+    std::vector<State> host(static_cast<std::size_t>(buffers.rows));
+    if (!host.empty())
+      KEPT_CUDA_CHECK(cudaMemcpy(host.data(), buffers.states.raw(), host.size() * sizeof(State),
+                                 cudaMemcpyDeviceToHost));
+    return sparse_kl_rows_reduce(host.data(), buffers.sparse, weights);
+  }
   static double hidden_squared_error(Backend& b, RowBuffers& buffers,
                                      MatrixView<const bf16> teacher, MatrixView<const bf16> student,
                                      MatrixView<bf16> grad, bool centre_teacher,
@@ -459,6 +508,12 @@ struct LossKernels<cuda::CudaBackend> {
   static void check_contiguous(MatrixView<const float> view, const char* what) {
     KEPT_CHECK(!view.data || view.contiguous(), "loss kernels need contiguous ", what,
                ", got a view with row stride ", view.stride, " for ", view.cols, " columns");
+  }
+  static void check_sparse_rows(const RowBuffers& buffers, std::int64_t rows) {
+    check_rows(buffers, rows);
+    KEPT_CHECK(buffers.sparse.ids && buffers.sparse.rows == rows, "sparse KL: a logit chunk of ",
+               rows, " rows for a teacher chunk of ", buffers.sparse.rows,
+               " rows (sparse_kl_begin first)");
   }
   static void check_rows(const RowBuffers& buffers, std::int64_t rows) {
     KEPT_CHECK(rows == buffers.rows, "loss kernels: a chunk of ", rows,
