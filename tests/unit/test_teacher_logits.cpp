@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -121,6 +122,13 @@ TEST_CASE("teacher top-k matches a brute-force sort, with the tail summed direct
   peaked[5] = std::numeric_limits<float>::quiet_NaN();
   CHECK_THAT(error_of([&] { teacher_top_k(peaked.data(), 20, 1.0, 1, &id, &lp, &tail, 42); }),
              ContainsAll({"teacher row 42", "id 5"}));
+  // Rows run in parallel: the error still names the first bad row, after 3 rows already held.
+  std::vector<float> matrix(40 * 20, 0.5f);
+  matrix[17 * 20 + 4] = std::numeric_limits<float>::infinity();
+  matrix[30 * 20 + 2] = std::numeric_limits<float>::quiet_NaN();
+  SparseTeacherRows held(3, 2);
+  CHECK_THAT(error_of([&] { append_teacher_top_k(matrix.data(), 40, 20, 1.0, 2, held); }),
+             ContainsAll({"teacher row 20", "id 4"}));
 }
 
 TEST_CASE("teacher logits round-trip through sharded files", "[io]") {

@@ -193,11 +193,25 @@ void append_teacher_top_k(const T* logits, std::int64_t rows, std::int64_t vocab
   out.ids.resize(static_cast<std::size_t>(out.rows * k));
   out.logprobs.resize(static_cast<std::size_t>(out.rows * k));
   out.tail_mass.resize(static_cast<std::size_t>(out.rows));
+  // Rows are independent (each thread owns its rows' outputs; the result does not depend on the
+  // thread count). An exception may not leave an OpenMP region: the first row's error (in row
+  // order) is kept and rethrown after it.
+  std::vector<std::string> errors(static_cast<std::size_t>(rows));
+  bool failed = false;
+#pragma omp parallel for schedule(dynamic, 8) reduction(|| : failed)
   for (std::int64_t r = 0; r < rows; ++r) {
     const std::int64_t at = first + r;
-    teacher_top_k(logits + r * vocab, vocab, temperature, k, out.ids.data() + at * k,
-                  out.logprobs.data() + at * k, out.tail_mass.data() + at, at);
+    try {
+      teacher_top_k(logits + r * vocab, vocab, temperature, k, out.ids.data() + at * k,
+                    out.logprobs.data() + at * k, out.tail_mass.data() + at, at);
+    } catch (const Error& error) {
+      errors[static_cast<std::size_t>(r)] = error.what();
+      failed = true;
+    }
   }
+  if (failed)
+    for (const std::string& error : errors)
+      if (!error.empty()) throw Error(error);
 }
 
 // ---- the writer ------------------------------------------------------------------------------
