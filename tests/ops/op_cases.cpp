@@ -67,6 +67,28 @@ void add_cases(std::vector<OpCase>& cases) {
   }
 }
 
+// fill_uniform: p[i] = uniform_symmetric(seed, i, bound), an fp32 value every backend computes
+// exactly (kept/core/element_math.hpp) and then stores: one rounding, n = 1, M = |p|.
+void fill_uniform_cases(std::vector<OpCase>& cases) {
+  for (std::int64_t n : {1, 1000, 4099}) {
+    OpCase c{"fill_uniform", shape_text({{"n", n}}), {}, {"values"}, {}, {}, {}, {}};
+    c.generate = [n](Random& r, Buffers& in, Buffers& out) {
+      in = {};
+      out = {draw(r, n, 1.0)};
+    };
+    set_runners(c, [n](auto& b, const auto&, const auto& out) {
+      b.fill_uniform(out[0], n, std::uint64_t{1234567} + static_cast<std::uint64_t>(n), 0.5f);
+    });
+    c.bound = [](const Buffers&, const Buffers&, const Buffers& ref) {
+      std::vector<double> m(ref[0].size());
+      for (std::size_t i = 0; i < m.size(); ++i)
+        m[i] = std::abs(ref[0][i]);
+      return Buffers{scaled_bound(m, 1, ref[0])};
+    };
+    cases.push_back(c);
+  }
+}
+
 // add_bias: out[r, c] += bias[c]: n = 1, M = |out0| + |bias|.
 // bias_backward: d_bias[c] += sum_r d_out[r, c]: n = R + 1, M = |d_bias0| + sum_r |d_out|.
 void bias_cases(std::vector<OpCase>& cases) {
@@ -657,6 +679,7 @@ void attention_cases(std::vector<OpCase>& cases) {
 std::vector<OpCase> all_op_cases() {
   std::vector<OpCase> cases;
   add_cases(cases);
+  fill_uniform_cases(cases);
   bias_cases(cases);
   gemm_cases(cases);
   norm_cases(cases);

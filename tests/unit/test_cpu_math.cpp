@@ -1,5 +1,6 @@
 // The CPU backend's vectorisable elementwise math (kept/backend/cpu/vector_math.hpp) against
-// double-precision std::exp: the error bounds its header states, and the special values.
+// double-precision std::exp: the error bounds its header states, and the special values; the
+// seeded uniform fill against the moments of a uniform distribution.
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -10,6 +11,7 @@
 #include <vector>
 
 #include "kept/backend/cpu/vector_math.hpp"
+#include "kept/backend/cpu_bf16.hpp"
 
 using namespace kept::cpu;
 
@@ -97,4 +99,40 @@ TEST_CASE("row_max(float) is the largest element, negative values and infinities
     long_row[i] = -static_cast<float>((i * 7919) % 1031) / 3.0f;
   long_row[517] = 5.5f;
   CHECK(row_max(long_row.data(), static_cast<std::int64_t>(long_row.size())) == 5.5f);
+}
+
+// fill_uniform (the synthetic runs' weights): the moments of a uniform distribution on
+// [-b, b) (mean 0, variance b^2 / 3, no value outside), seeds that differ give other values, the
+// same seed the same ones, and the CPU backends agree (fp32 exactly, bf16 within one rounding).
+TEST_CASE("fill_uniform draws uniform values from a seed", "[cpu][random]") {
+  constexpr std::int64_t n = 200000;
+  constexpr float bound = 0.5f;
+  kept::Cpu cpu;
+  std::vector<float> a(n), b(n), c(n);
+  cpu.fill_uniform(a.data(), n, 42, bound);
+  cpu.fill_uniform(b.data(), n, 42, bound);
+  cpu.fill_uniform(c.data(), n, 43, bound);
+  CHECK(a == b);
+  std::int64_t same = 0;
+  double sum = 0, squares = 0;
+  for (std::int64_t i = 0; i < n; ++i) {
+    REQUIRE(a[i] >= -bound);
+    REQUIRE(a[i] < bound);
+    same += a[i] == c[i];
+    sum += a[i];
+    squares += static_cast<double>(a[i]) * a[i];
+  }
+  CHECK(same < 10);
+  const double variance = bound * bound / 3.0;
+  // The mean of n draws has standard deviation sqrt(variance / n); 5 sigma.
+  CHECK(std::abs(sum / n) < 5 * std::sqrt(variance / n));
+  // The sample second moment: its standard deviation is sqrt((E x^4 - var^2) / n), E x^4 = b^4/5.
+  const double fourth = std::pow(bound, 4) / 5.0;
+  CHECK(std::abs(squares / n - variance) < 5 * std::sqrt((fourth - variance * variance) / n));
+
+  kept::CpuBf16 bf16;
+  std::vector<kept::bf16> rounded(n);
+  bf16.fill_uniform(rounded.data(), n, 42, bound);
+  for (std::int64_t i = 0; i < n; i += 997)
+    CHECK(kept::to_float(rounded[i]) == kept::to_float(kept::to_bf16(a[i])));
 }

@@ -61,6 +61,7 @@
 // embedding_*                | gather rows of a table by token id; scatter-add of the gradient
 // grad_sum_squares           | sum of g^2 over a gradient range, in double (clipping)
 // scale_grad, grad_finite    | g *= s; whether every g is finite
+// fill_uniform               | p[i] = uniform_symmetric(seed, i, bound) (kept/core/element_math.hpp)
 // adamw_update               | one AdamW update of a range (kept/train/adamw.hpp): torch-exact
 //                            | with fp32 moments; or 8-bit blockwise moments; with fp32 master
 //                            | weights, or bf16 weights rounded stochastically (master null)
@@ -228,6 +229,8 @@ concept Backend = requires {
   b.scale_grad(grad, n, 1.0f);
   { b.grad_finite(cgrad, n) } -> std::convertible_to<bool>;
   b.adamw_update(param, master, cgrad, moments, n, adamw);
+  // seeded uniform values of a parameter range: (values, count, seed, bound)
+  b.fill_uniform(param, n, std::uint64_t{0}, 1.0f);
 };
 // clang-format on
 

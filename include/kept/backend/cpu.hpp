@@ -25,6 +25,7 @@
 #include "kept/backend/cpu/optimizer.hpp"
 #include "kept/backend/cpu/rope.hpp"
 #include "kept/backend/cpu/swiglu.hpp"
+#include "kept/core/element_math.hpp"
 #include "kept/core/rope_table.hpp"
 #include "kept/core/tensor.hpp"
 
@@ -163,6 +164,10 @@ struct CpuBackend : UsesPrecision<Precision<T, T, T, T, T>> {
   }
   bool grad_finite(const T* grad, std::int64_t count) {
     return cpu::all_finite(grad, count);
+  }
+  void fill_uniform(T* values, std::int64_t count, std::uint64_t seed, float bound) {
+    for (std::int64_t i = 0; i < count; ++i)
+      values[i] = static_cast<T>(uniform_symmetric(seed, static_cast<std::uint64_t>(i), bound));
   }
   // master is null: the value is its own master copy.
   void adamw_update(T* value, T* master, const T* grad, const AdamWMoments<T>& moments,

@@ -180,6 +180,10 @@ class CpuBf16 : public UsesPrecision<Precision<bf16, bf16, float, float, float>>
     fp32_.scale_grad(grad, count, factor);
   }
   bool grad_finite(const float* grad, std::int64_t count) { return fp32_.grad_finite(grad, count); }
+  void fill_uniform(bf16* values, std::int64_t count, std::uint64_t seed, float bound) {
+    for (std::int64_t i = 0; i < count; ++i)
+      values[i] = to_bf16(uniform_symmetric(seed, static_cast<std::uint64_t>(i), bound));
+  }
   // master null: the bf16 value takes the update rounded stochastically.
   void adamw_update(bf16* value, float* master, const float* grad,
                     const AdamWMoments<float>& moments, std::int64_t count,

@@ -94,6 +94,16 @@ KEPT_HOST_DEVICE inline std::uint64_t splitmix64(std::uint64_t counter) {
   return z ^ (z >> 31);
 }
 
+// Element `index` of a seeded uniform draw on [-bound, bound): 24 bits of the hash, scaled in
+// fp32 (exact: a 24-bit integer times a power of two, then one multiply by the bound), so every
+// backend draws the same values (fill_uniform, the synthetic runs' weights).
+KEPT_HOST_DEVICE inline float uniform_symmetric(std::uint64_t seed, std::uint64_t index,
+                                                float bound) {
+  const std::uint64_t bits = splitmix64(seed + index * kSplitMixIncrement) >> 40;
+  const float unit = static_cast<float>(bits) * (1.0f / 16777216.0f);  // [0, 1)
+  return bound * (2.0f * unit - 1.0f);
+}
+
 template <class T>
 KEPT_HOST_DEVICE inline T mul_rounded(T a, T b) {
 #if defined(__CUDA_ARCH__)

@@ -283,6 +283,11 @@ class CudaBackend : public UsesPrecision<Precision<bf16, bf16, float, float, flo
     check_count("scale_grad", count);
     check_launch(launch_scale(grad, count, factor, stream()), "scale_grad");
   }
+  void fill_uniform(bf16* values, std::int64_t count, std::uint64_t seed, float bound) {
+    check_count("fill_uniform", count);
+    check_launch(launch_fill_uniform(device_ptr(values), count, seed, bound, stream()),
+                 "fill_uniform");
+  }
   // An fp32 square cannot overflow a double: the sum is finite iff every element is.
   bool grad_finite(const float* grad, std::int64_t count) {
     return std::isfinite(grad_sum_squares(grad, count));

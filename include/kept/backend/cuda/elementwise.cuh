@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "kept/backend/cuda/kernel_common.cuh"
+#include "kept/core/element_math.hpp"
 
 namespace kept::cuda::detail {
 
@@ -46,6 +47,12 @@ __global__ void scale_kernel(T* x, float factor, std::int64_t packs) {
     for (int k = 0; k < N; ++k)
       r.v[k] *= factor;
     store_pack<N>(x, p, r);
+  });
+}
+template <class T>
+__global__ void fill_uniform_kernel(T* x, std::int64_t count, std::uint64_t seed, float bound) {
+  grid_stride(count, [&](std::int64_t i) {
+    x[i] = from_f32<T>(uniform_symmetric(seed, static_cast<std::uint64_t>(i), bound));
   });
 }
 template <class From, class To>
@@ -90,6 +97,14 @@ inline cudaError_t launch_scale(float* x, std::int64_t count, float factor, cuda
   using namespace detail;
   return launch_elementwise<float>("scale", scale_kernel<kPackOf<float>, float>,
                                    scale_kernel<1, float>, count, {x}, stream, x, factor);
+}
+template <class T>
+cudaError_t launch_fill_uniform(T* x, std::int64_t count, std::uint64_t seed, float bound,
+                                cudaStream_t stream) {
+  if (count == 0) return cudaSuccess;
+  using namespace detail;
+  return launch("fill_uniform", fill_uniform_kernel<T>, dim3(blocks_for(count)),
+                dim3(kElementwiseThreads), 0, stream, x, count, seed, bound);
 }
 template <class From, class To>
 cudaError_t launch_convert(const From* src, std::int64_t rows, std::int64_t cols,
