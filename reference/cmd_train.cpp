@@ -9,6 +9,7 @@
 
 #include "commands.hpp"
 #include "kept/io/json.hpp"
+#include "plan.hpp"
 #include "trainer.hpp"
 
 namespace kept::cli {
@@ -39,16 +40,36 @@ void register_train(CLI::App& app) {
   command->add_option("--output", options->output, "Override \"output\"");
   command->add_option("--device", options->device, "Override \"device\": cpu or cuda")
       ->check(CLI::IsMember({"cpu", "cuda"}));
+  command
+      ->add_option(
+          "--gpu", options->train.gpu,
+          "Plan for this GPU kind and cap kept's device memory at its budget: " + gpu_names())
+      ->check([](const std::string& name) {
+        try {
+          (void)gpu_spec(name);
+          return std::string();
+        } catch (const Error& error) {
+          return std::string(error.what());
+        }
+      });
+  command->add_flag("--synthetic", options->train.synthetic,
+                    "Random weights and tokens of the job's shapes, no files: time --steps steps "
+                    "(default 5) and project the job's hours");
   command->callback([options] {
     const std::string text = detail::read_text_file(options->job, 16ull << 20);
     nlohmann::json json = detail::parse_json_strict(text, options->job, 16);
     for (const std::string& assignment : options->overrides)
       apply_job_override(json, assignment);
-    if (options->steps) json["steps"] = options->steps;
+    // A synthetic run times --steps steps and projects the job's own step count.
+    if (options->steps && options->train.synthetic)
+      options->train.synthetic_steps = options->steps;
+    else if (options->steps)
+      json["steps"] = options->steps;
     if (!options->output.empty()) json["output"] = options->output;
     if (!options->device.empty()) json["device"] = options->device;
     const TrainJob job = parse_job(json, options->job);
     const TrainResult result = run_training(job, options->train);
+    if (options->train.synthetic) return;
     std::printf("trained %lld steps, %lld tokens in %.1f s (%.0f tokens/s); final loss %.5f\n",
                 static_cast<long long>(result.steps), static_cast<long long>(result.tokens),
                 result.seconds, result.tokens_per_second, result.final_loss);

@@ -9,6 +9,7 @@
 #include "eval_run.hpp"
 #include "forward_run.hpp"
 #include "kept/backend/cuda/backend.cuh"
+#include "teacher_logits_run.hpp"
 #include "trainer.hpp"
 #include "trainer_run.hpp"
 
@@ -52,6 +53,15 @@ TrainResult run_training_cuda(const TrainJob& job, const TrainOptions& options) 
   KEPT_CUDA_CHECK(cudaMemGetInfo(&free, &total));
   with_memory.device_memory_bytes = static_cast<double>(total);
   return training::train_on(backend, job, with_memory);
+}
+
+TeacherLogitsSummary run_teacher_logits_cuda(const TrainJob& job,
+                                             const TeacherLogitsOptions& options) {
+  announce_device(job.file.string());
+  cuda::Cuda context;
+  choose_attention(context);
+  cuda::CudaBackend backend(context);
+  return precompute_teacher_logits(backend, job, options);
 }
 
 EvalReport score_on_cuda(const EvalOptions& options) {

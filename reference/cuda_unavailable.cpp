@@ -4,6 +4,7 @@
 
 #include "eval_run.hpp"
 #include "forward_run.hpp"
+#include "teacher_logits_run.hpp"
 #include "trainer.hpp"
 
 namespace kept::cli {
@@ -23,6 +24,9 @@ bool cuda_emulated() {
 }
 
 TrainResult run_training_cuda(const TrainJob& job, const TrainOptions&) {
+  unavailable(job.file.string());
+}
+TeacherLogitsSummary run_teacher_logits_cuda(const TrainJob& job, const TeacherLogitsOptions&) {
   unavailable(job.file.string());
 }
 EvalReport score_on_cuda(const EvalOptions&) {

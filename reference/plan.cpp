@@ -26,6 +26,10 @@ constexpr double kGemmEfficiency = 0.75;       // cuBLASLt bf16 GEMMs at 4096-to
 constexpr double kAttentionEfficiency = 0.45;  // flash-style causal attention, forward + backward
 constexpr double kBandwidthEfficiency = 0.80;  // memory-bound kernels, of HBM bandwidth
 constexpr double kLinkEfficiency = 0.78;       // pinned host <-> device copies, of the PCIe link
+// What one op costs beyond its bytes and FLOPs: a kernel launch (no CUDA graphs), or on the CPU
+// one op's dispatch and thread fork/join. It is what a small model's step is made of.
+constexpr double kLaunchSeconds = 5e-6;
+constexpr double kCpuOpSeconds = 2e-6;
 // The device memory the CUDA runtime, cuBLAS/cuDNN handles and fragmentation take outside kept's
 // own allocations: left out of the budget.
 constexpr double kRuntimeReserve = 2.0 * kGiB;
@@ -161,7 +165,6 @@ int Strategy::approximations() const {
 
 std::vector<std::string> Strategy::not_runnable(bool on_cuda) const {
   std::vector<std::string> missing;
-  if (teacher == "offline") missing.push_back("teacher offline");
   if (states == "bf16") missing.push_back("bf16 states");
   if (states_on_host && on_cuda) missing.push_back("states on host");
   if (!gradient_buffer) missing.push_back("no gradient buffer");
@@ -293,7 +296,10 @@ Plan estimate(const PlanJob& job, const Strategy& s, const TargetSpec& target,
           "residual slots, one block's cache, the final norm");
     } else if (s.teacher == "offline") {
       const double k = static_cast<double>(job.offline_k);
-      add("offline teacher rows", tokens * (k * 6 + 4), std::to_string(job.offline_k) + "-best");
+      // The file's rows of one logit chunk on the device (kept/io/teacher_logits.hpp: 8k + 4 B).
+      add("offline teacher rows",
+          std::min(tokens, static_cast<double>(job.token_chunk)) * (k * 8 + 4),
+          std::to_string(job.offline_k) + "-best log-probs of a chunk");
     }
   }
 
@@ -315,7 +321,7 @@ Plan estimate(const PlanJob& job, const Strategy& s, const TargetSpec& target,
 
   // The loss: two [token_chunk x vocab] logit buffers (kept/xkd/chunked_logits.hpp).
   const double chunk = std::min(static_cast<double>(job.token_chunk), tokens);
-  const bool two_buffers = job.has_teacher && job.objective != Objective::XkdHidden;
+  const bool two_buffers = teacher_runs && job.objective != Objective::XkdHidden;
   if (job.objective != Objective::XkdHidden)
     add("logit chunks", (two_buffers ? 2 : 1) * b.stat * chunk * v,
         std::to_string(static_cast<long long>(chunk)) + " tokens x vocab, fp32");
@@ -394,6 +400,15 @@ Plan estimate(const PlanJob& job, const Strategy& s, const TargetSpec& target,
   const double optimizer_bytes = aligned * (b.grad + 2 * b.param) + 2 * state_bytes;
   const double optimizer_seconds = optimizer_bytes / bandwidth;
   const double host_state_seconds = s.states_on_host && link > 0 ? 2 * state_bytes / link : 0;
+  // Ops per step: ~16 a block forward and ~30 backward (the student), ~16 a teacher block, ~8 a
+  // logit chunk, ~3 a parameter tensor in clipping and the update.
+  const double chunks = std::ceil(tokens / std::max(1.0, chunk));
+  const double ops =
+      static_cast<double>(job.grad_accum) *
+          (layers * (46 + (s.checkpointing ? 16 : 0)) +
+           (teacher_runs ? 16 * static_cast<double>(job.teacher.num_layers) : 0) + 8 * chunks) +
+      3 * static_cast<double>(sizes.size());
+  plan.time_terms.push_back({"op launches", ops * (target.cpu ? kCpuOpSeconds : kLaunchSeconds)});
   plan.time_terms.push_back({"student GEMMs", student_gemm});
   plan.time_terms.push_back({"student attention", student_attention});
   if (recompute_flops > 0)
@@ -407,11 +422,15 @@ Plan estimate(const PlanJob& job, const Strategy& s, const TargetSpec& target,
   plan.step_seconds = 0;
   for (const auto& [name, seconds] : plan.time_terms)
     if (name != "teacher transfer (overlapped)") plan.step_seconds += seconds;
+  plan.peak_flops = target.peak_flops;
   plan.mfu = plan.model_flops_per_step / (plan.step_seconds * target.peak_flops);
   plan.job_hours = plan.step_seconds * static_cast<double>(job.steps) / 3600.0;
   if (job.has_teacher && s.teacher == "offline")
     plan.offline_precompute_hours = static_cast<double>(job.steps) * step_tokens *
                                     (2 * teacher_matmul + teacher_attention) / gemm_rate / 3600.0;
+  plan.total_seconds_per_step =
+      plan.step_seconds + plan.offline_precompute_hours * 3600.0 /
+                              std::max<double>(1.0, static_cast<double>(job.steps));
   return plan;
 }
 
@@ -441,24 +460,27 @@ std::vector<Plan> all_plans(const PlanJob& job, const TargetSpec& target,
 
 const Plan* choose_plan(const std::vector<Plan>& plans, bool runnable_only) {
   // Exactness is worth some time, not any: among the plans within kSlack of the fastest that
-  // fits, the fewest approximations, then the fastest.
+  // fits (counting the offline teacher's precompute), the fewest approximations, then the
+  // fastest.
   constexpr double kSlack = 1.25;
+  auto eligible = [&](const Plan& plan) {
+    return plan.fits && (!runnable_only || plan.not_runnable.empty());
+  };
   double fastest = 0;
   for (const Plan& plan : plans)
-    if (plan.fits && (!runnable_only || plan.not_runnable.empty()) &&
-        (fastest == 0 || plan.step_seconds < fastest))
-      fastest = plan.step_seconds;
+    if (eligible(plan) && (fastest == 0 || plan.total_seconds_per_step < fastest))
+      fastest = plan.total_seconds_per_step;
   const Plan* best = nullptr;
   for (const Plan& plan : plans) {
-    if (!plan.fits || (runnable_only && !plan.not_runnable.empty()) ||
-        plan.step_seconds > kSlack * fastest)
-      continue;
+    if (!eligible(plan) || plan.total_seconds_per_step > kSlack * fastest) continue;
     if (!best) {
       best = &plan;
       continue;
     }
     const int a = plan.strategy.approximations(), b = best->strategy.approximations();
-    if (a < b || (a == b && plan.step_seconds < best->step_seconds * (1 - 1e-9))) best = &plan;
+    if (a < b ||
+        (a == b && plan.total_seconds_per_step < best->total_seconds_per_step * (1 - 1e-9)))
+      best = &plan;
   }
   return best;
 }
@@ -466,6 +488,8 @@ const Plan* choose_plan(const std::vector<Plan>& plans, bool runnable_only) {
 Strategy resolve_strategy(const TrainJob& job, const PlanJob& plan_job, const TargetSpec& target,
                           double host_memory_bytes) {
   auto keeps = [&](const Strategy& s) {
+    // The offline teacher needs its file made first: never a default without one.
+    if (s.teacher == "offline" && job.teacher_logits.empty()) return false;
     return (!job.activation_checkpointing || *job.activation_checkpointing == s.checkpointing) &&
            (job.memory_teacher.empty() || job.memory_teacher == s.teacher) &&
            (job.optimizer_states.empty() || job.optimizer_states == s.states) &&

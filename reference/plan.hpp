@@ -113,7 +113,9 @@ struct Plan {
   std::vector<std::string> not_runnable;
   // Time.
   double step_seconds = 0, model_flops_per_step = 0, mfu = 0, job_hours = 0;
+  double peak_flops = 0;                // the target's, for MFU
   double offline_precompute_hours = 0;  // teacher offline: the one-time pass over the data
+  double total_seconds_per_step = 0;    // step_seconds + the precompute spread over the steps
   std::vector<std::pair<std::string, double>> time_terms;  // seconds per step
 };
 
@@ -124,12 +126,14 @@ Plan estimate(const PlanJob& job, const Strategy& strategy, const TargetSpec& ta
 // Every valid strategy for the job, estimated.
 std::vector<Plan> all_plans(const PlanJob& job, const TargetSpec& target, double host_memory_bytes);
 
-// The best plan: fits, within 25% of the fastest that fits, fewest approximations, then fastest;
+// The best plan: fits, within 25% of the fastest that fits (wall time per step, the offline
+// teacher's precompute included), fewest approximations, then fastest;
 // among runnable plans only when `runnable_only`. Null when none fits.
 const Plan* choose_plan(const std::vector<Plan>& plans, bool runnable_only);
 
 // The strategy a job runs with: its "memory" fields, the rest from the best runnable plan that
 // keeps them (or the reference strategy when none fits: the trainer's own checks then refuse).
+// The offline teacher is a default only when the job names its file (memory.teacher_logits).
 Strategy resolve_strategy(const TrainJob& job, const PlanJob& plan_job, const TargetSpec& target,
                           double host_memory_bytes);
 

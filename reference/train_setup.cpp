@@ -46,9 +46,13 @@ void check_compatible(const TrainJob& job, const ModelConfig& student, const Mod
 nlohmann::json resume_identity(const TrainJob& job) {
   nlohmann::json json = job.to_json();
   json["optimizer"].erase("lr");
-  for (const char* key :
-       {"schedule", "steps", "output", "log_every", "eval", "checkpoint", "output_dtype"})
+  for (const char* key : {"schedule", "steps", "output", "log_every", "eval", "checkpoint",
+                          "output_dtype", "model_config"})
     json.erase(key);
+  // Where bytes live is not what is computed: a run may resume on another GPU with another
+  // plan. The optimizer's state format stays (the checkpoint holds it).
+  for (const char* key : {"activation_checkpointing", "teacher", "teacher_logits", "states_on"})
+    json["memory"].erase(key);
   return json;
 }
 

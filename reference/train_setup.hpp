@@ -24,7 +24,9 @@ void check_compatible(const TrainJob& job, const ModelConfig& student, const Mod
 // What a checkpoint's config_hash covers: the job less the fields a resumed run may change,
 // namely the learning-rate schedule (the advice after a non-finite loss is to resume with a
 // lower rate), the step budget, where the run lives, and bookkeeping (logging, evaluation and
-// checkpoint cadence, the final dtype). The model, the data order and the update rule stay in.
+// checkpoint cadence, the final dtype), and the memory plan's placement choices (checkpointing,
+// where the teacher and the states live), which change no number. The model,
+// the data order and the update rule (the optimizer state's format included) stay in.
 nlohmann::json resume_identity(const TrainJob& job);
 
 // Refuses to overwrite a run unless resuming or forced.

@@ -35,6 +35,10 @@ struct TrainOptions {
   // (reference/plan.hpp), so a larger GPU behaves like the smaller one.
   std::string gpu;
   double device_memory_bytes = 0;  // the device's total memory (set by run_training_cuda)
+  // `--synthetic`: random weights and tokens of the job's shapes, `synthetic_steps` timed steps,
+  // nothing read or written but the job file (reference/trainer_run.hpp, run_synthetic).
+  bool synthetic = false;
+  std::int64_t synthetic_steps = 5;
 };
 
 struct TrainResult {

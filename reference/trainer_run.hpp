@@ -28,6 +28,7 @@
 #include "plan.hpp"
 #include "plot.hpp"
 #include "progress.hpp"
+#include "teacher_logits_run.hpp"
 #include "train_metrics.hpp"
 #include "train_setup.hpp"
 
@@ -46,7 +47,7 @@ class Run {
  public:
   Run(const TrainJob& job, const TrainOptions& options, const Plan& plan, Backend& backend,
       Student& student, Teacher* teacher, const ModelConfig& student_config, DataLoader& loader,
-      const Tokenizer& tokenizer)
+      const Tokenizer* tokenizer)
       : job_(job),
         options_(options),
         plan_(plan),
@@ -102,6 +103,7 @@ class Run {
     }
     CosineSchedule schedule{job_.lr, job_.warmup_steps, job_.steps, job_.min_lr, 0.0};
     schedule.validate();
+    if (options_.synthetic) return run_synthetic(optimizer, arena, params, schedule);
 
     const std::string hash = config_hash(resume_identity(job_).dump());
     TrainerState state;
@@ -139,8 +141,9 @@ class Run {
       loss = 0;
       std::int64_t tokens = 0;
       for (std::int64_t micro = 0; micro < job_.grad_accum; ++micro) {
+        const std::int64_t first = loader_.state().batches_served * job_.batch_size * job_.seq_len;
         const Batch batch = loader_.next_batch();
-        loss += micro_step(batch);
+        loss += micro_step(batch, first);
         tokens += batch.target_count();
       }
       const double clip =
@@ -224,7 +227,7 @@ class Run {
     const ModelConfig final_config = output_config(student_config_, job_.output_dtype);
     save_pretrained(backend_, student_, final_config, result.final_model, /*force=*/true,
                     [&](const fs::path& directory) {
-                      write_hf_tokenizer(read_tokenizer_source(tokenizer_.path()), directory,
+                      write_hf_tokenizer(read_tokenizer_source(tokenizer_->path()), directory,
                                          tokenizer_options_for(final_config));
                     });
     write_plot();
@@ -258,7 +261,9 @@ class Run {
       });
   }
 
-  double micro_step(const Batch& batch) {
+  // `first`: the position of the batch's first token in the training stream (the offline
+  // teacher's file is indexed by it, kept/io/teacher_logits.hpp).
+  double micro_step(const Batch& batch, std::int64_t first) {
     const std::int64_t count = batch.batch * batch.seq;
     const double normalizer = static_cast<double>(batch.target_count() * job_.grad_accum);
     const auto hidden_shape = Shape{count, student_config_.hidden_size};
@@ -289,6 +294,20 @@ class Run {
       case Objective::XkdLogit:
       case Objective::NormOnly:
       case Objective::XkdLogitMse: {
+        if (plan_.strategy.teacher == "offline") {
+          // The teacher's top-k log-probs and tail mass from the file (or, in a synthetic run,
+          // made up), and the sparse KL (kept/xkd/sparse_kl.hpp).
+          const SparseTeacherRows rows =
+              offline_ ? offline_->read(first, count) : synthetic_sparse_rows(count);
+          xkd::SparseKlOptions options;
+          options.temperature = job_.temperature;
+          options.normalizer = static_cast<double>(count * job_.grad_accum);
+          loss = xkd::sparse_logit_kl(backend_, rows.view(), student_.lm_head, student_hidden,
+                                      &d_hidden, options)
+                     .loss;
+          student_.backward(backend_, student_acts_, d_hidden_);
+          break;
+        }
         teacher_->forward(backend_, batch.inputs, batch.batch, batch.seq, teacher_acts_,
                           ForwardMode::Inference);
         const auto teacher_hidden = as_matrix<const Act>(teacher_acts_.hidden);
@@ -326,6 +345,23 @@ class Run {
     return loss;
   }
 
+  // A synthetic run's stand-in for the offline file: k ids a row holding half the mass.
+  SparseTeacherRows synthetic_sparse_rows(std::int64_t count) const {
+    const std::int64_t vocab = student_config_.vocab_size;
+    const std::int64_t k = std::min<std::int64_t>(32, vocab);
+    SparseTeacherRows rows(count, k);
+    for (std::int64_t r = 0; r < count; ++r) {
+      for (std::int64_t j = 0; j < k; ++j) {
+        rows.ids[static_cast<std::size_t>(r * k + j)] =
+            static_cast<std::int32_t>((r * 7919 + j) % vocab);
+        rows.logprobs[static_cast<std::size_t>(r * k + j)] =
+            static_cast<float>(std::log(0.5 / static_cast<double>(k)));
+      }
+      rows.tail_mass[static_cast<std::size_t>(r)] = 0.5f;
+    }
+    return rows;
+  }
+
   // OPM's objective on the teacher's own pre-norm activations: per site,
   // sum_t ||LN_teacher(x_t) - RMS_w(x_t)||^2 / normalizer, and its gradient w.r.t. w.
   double norm_only_opm_step(const Batch& batch, double normalizer) {
@@ -354,6 +390,77 @@ class Run {
     teacher_->forward(backend_, batch.inputs, batch.batch, batch.seq, teacher_acts_,
                       ForwardMode::Inference, false, &observer);
     return loss;
+  }
+
+  // `kept train --synthetic`: the job's steps on random weights and tokens, timed; nothing is
+  // written. Prints the step time (the median after the first, which pays for one-time setup),
+  // tokens/s, MFU against the target's peak, the peak memory against the plan, and the hours
+  // the job's own step count would take at this rate.
+  TrainResult run_synthetic(AdamW& optimizer, ParameterArena& arena,
+                            const std::vector<Parameter*>& params, const CosineSchedule& schedule) {
+    MemoryMeter& meter =
+        Backend::space == MemorySpace::Host ? host_memory_meter() : device_memory_meter();
+    meter.reset_peak();
+    // The smallest parameter: downloading it waits for the device's queued work.
+    const Parameter* smallest = params.front();
+    for (const Parameter* p : params)
+      if (p->value.numel() < smallest->value.numel()) smallest = p;
+    const std::int64_t steps = std::max<std::int64_t>(1, options_.synthetic_steps);
+    std::vector<double> seconds;
+    TrainResult result;
+    const auto start = Clock::now();
+    for (std::int64_t step = 0; step < steps; ++step) {
+      const auto t0 = Clock::now();
+      arena.zero_grad(backend_, student_);
+      double loss = 0;
+      std::int64_t tokens = 0;
+      for (std::int64_t micro = 0; micro < job_.grad_accum; ++micro) {
+        const std::int64_t first = loader_.state().batches_served * job_.batch_size * job_.seq_len;
+        const Batch batch = loader_.next_batch();
+        loss += micro_step(batch, first);
+        tokens += batch.batch * batch.seq;
+      }
+      const double clip =
+          job_.clip_grad_norm > 0 ? job_.clip_grad_norm : std::numeric_limits<double>::infinity();
+      const double grad_norm = clip_grad_norm(backend_, params, clip);
+      optimizer.set_lr(schedule.lr(step));
+      optimizer.step(backend_, params);
+      (void)backend_.download(smallest->value);
+      seconds.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+      result.tokens += tokens;
+      result.final_loss = loss;
+      std::fprintf(stderr, "synthetic step %lld/%lld: %.3f s, loss %.4f, grad norm %.3g\n",
+                   static_cast<long long>(step + 1), static_cast<long long>(steps), seconds.back(),
+                   loss, grad_norm);
+    }
+    result.steps = steps;
+    result.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    std::vector<double> timed(seconds.size() > 1 ? seconds.begin() + 1 : seconds.begin(),
+                              seconds.end());
+    std::sort(timed.begin(), timed.end());
+    const double step_seconds = timed[timed.size() / 2];
+    const double step_tokens =
+        static_cast<double>(job_.batch_size * job_.seq_len * job_.grad_accum);
+    result.tokens_per_second = step_tokens / step_seconds;
+    const double mfu = plan_.model_flops_per_step / (step_seconds * plan_.peak_flops);
+    const double hours = step_seconds * static_cast<double>(job_.steps) / 3600.0;
+    std::printf(
+        "synthetic: %lld steps of %.0f tokens; step %.4g s (median of the %zu after the "
+        "first), %.0f tokens/s, MFU %.1f%% of %.4g TFLOP/s\n",
+        static_cast<long long>(steps), step_tokens, step_seconds, timed.size(),
+        result.tokens_per_second, 100 * mfu, plan_.peak_flops / 1e12);
+    std::printf("planned:   step %.4g s, MFU %.1f%%, %.2f h\n", plan_.step_seconds, 100 * plan_.mfu,
+                plan_.job_hours);
+    const double predicted =
+        plan_.device_bytes + (Backend::space == MemorySpace::Host ? plan_.host_bytes : 0.0);
+    std::printf("memory:    peak %.1f MiB measured, %.1f MiB planned (%+.1f%%) with %s\n",
+                static_cast<double>(meter.peak()) / (1 << 20), predicted / (1 << 20),
+                100 * (static_cast<double>(meter.peak()) - predicted) / std::max(predicted, 1.0),
+                plan_.strategy.describe().c_str());
+    std::printf("projected: %.2f h for the job's %lld steps (%.1fM tokens) at this step time\n",
+                hours, static_cast<long long>(job_.steps),
+                step_tokens * static_cast<double>(job_.steps) / 1e6);
+    return result;
   }
 
   // The peak of kept's allocations during training against the plan's prediction.
@@ -438,7 +545,7 @@ class Run {
   Teacher* teacher_;
   ModelConfig student_config_;
   DataLoader& loader_;
-  const Tokenizer& tokenizer_;
+  const Tokenizer* tokenizer_;  // null in a synthetic run, which saves nothing
   fs::path output_;
   typename Student::Activations student_acts_;
   typename Teacher::Activations teacher_acts_;
@@ -446,6 +553,13 @@ class Run {
   std::vector<Tensor> d_states_;
   xkd::OpmL2Workspace<Backend> opm_workspace_;
   StreamedLayers<Backend> streamed_;
+  TeacherLogitsReader* offline_ = nullptr;
+
+ public:
+  // The offline teacher's file (memory.teacher "offline"); null in a synthetic run.
+  void use_offline_teacher(TeacherLogitsReader* reader) { offline_ = reader; }
+
+ private:
   std::vector<double> train_steps_, train_losses_, eval_steps_, eval_perplexity_, eval_kl_;
 };
 
@@ -490,6 +604,74 @@ inline Plan plan_training(const TrainJob& job, const TrainOptions& options, bool
   return plan;
 }
 
+// Random weights for a synthetic run, drawn on the backend (fill_uniform: uniform with the
+// standard deviation of HF's init, 0.02); norm weights 1, biases 0.
+template <class B, class Model>
+void random_weights(B& backend, Model& model, std::uint64_t seed) {
+  const float bound = static_cast<float>(0.02 * std::sqrt(3.0));
+  model.visit_parameters([&](Parameter& p) {
+    if (p.role == ParamRole::Weight || p.role == ParamRole::Embedding) {
+      backend.fill_uniform(p.value.template data<typename B::Param>(), p.value.numel(),
+                           Random::derive(seed, p.name), bound);
+    } else if (p.role == ParamRole::NormWeight) {
+      Tensor ones = Tensor::empty(DType::F32, p.value.shape());
+      for (float& one : ones.span<float>())
+        one = 1.0f;
+      backend.upload(ones, p.value);
+    }
+  });
+}
+
+// `kept train --synthetic`: the job's shapes (its "model_config", else the student's or init
+// config), random weights drawn on the backend, random tokens; the teacher, when the objective
+// has one, an Orion-style LayerNorm decoder of the same shapes unless its config is at hand.
+template <class B>
+TrainResult train_synthetic(B& backend, const TrainJob& job, const TrainOptions& options,
+                            const Plan& plan) {
+  const PlanJob shapes = plan_job(job, B::space == MemorySpace::Cuda && cuda_emulated());
+  std::fprintf(stderr, "synthetic: random weights and tokens of %s's shapes; nothing is written\n",
+               job.file.string().c_str());
+  std::optional<LoadedModelOn<B>> teacher;
+  if (shapes.has_teacher) {
+    teacher.emplace(LoadedModelOn<B>{"", shapes.teacher, make_decoder(backend, shapes.teacher)});
+    with_decoder(teacher->model, [&](auto& model) { random_weights(backend, model, 2); });
+  }
+  LoadedModelOn<B> student{"", shapes.student, make_decoder(backend, shapes.student)};
+  with_decoder(student.model, [&](auto& model) { random_weights(backend, model, 1); });
+  // Enough random tokens for every step's batches, in documents of one window each.
+  const std::int64_t windows =
+      job.batch_size * job.grad_accum * (std::max<std::int64_t>(1, options.synthetic_steps) + 1);
+  Random random(Random::derive(job.data_seed, "synthetic/tokens"));
+  std::vector<TokenDocument> documents(static_cast<std::size_t>(windows));
+  for (TokenDocument& document : documents) {
+    document.resize(static_cast<std::size_t>(job.seq_len));
+    for (std::int32_t& token : document)
+      token = static_cast<std::int32_t>(
+          3 + random.below(static_cast<std::uint64_t>(shapes.student.vocab_size - 3)));
+  }
+  DataConfig data;
+  data.seq_len = job.seq_len;
+  data.batch_size = job.batch_size;
+  data.eos_id = 2;
+  data.seed = job.data_seed;
+  data.held_out_fraction = 0;
+  data.vocab_size = static_cast<std::int32_t>(shapes.student.vocab_size);
+  DataLoader loader(std::move(documents), data);
+  return with_decoder(student.model, [&](auto& student_model) {
+    if (teacher) {
+      return with_decoder(teacher->model, [&](auto& teacher_model) {
+        Run run(job, options, plan, backend, student_model, &teacher_model, shapes.student, loader,
+                nullptr);
+        return run.run();
+      });
+    }
+    using StudentType = std::remove_reference_t<decltype(student_model)>;
+    Run<B, StudentType, StudentType> run(job, options, plan, backend, student_model, nullptr,
+                                         shapes.student, loader, nullptr);
+    return run.run();
+  });
+}
+
 // Loads (or initialises) the models on `backend` and runs the job; run_training has validated it.
 template <class B>
 TrainResult train_on(B& backend, const TrainJob& job, const TrainOptions& options) {
@@ -499,8 +681,10 @@ TrainResult train_on(B& backend, const TrainJob& job, const TrainOptions& option
              ": norm_only.loss \"opm-l2\" runs on the CPU only; use device \"cpu\" "
              "or norm_only.loss \"xkd-logit\"");
   const Plan plan = plan_training(job, options, /*cuda=*/B::space == MemorySpace::Cuda);
+  if (options.synthetic) return train_synthetic(backend, job, options, plan);
+  const bool offline = plan.strategy.teacher == "offline";
   std::optional<LoadedModelOn<B>> teacher;
-  if (!job.teacher.empty()) teacher.emplace(load_model(backend, job.teacher));
+  if (!job.teacher.empty() && !offline) teacher.emplace(load_model(backend, job.teacher));
   ModelConfig student_config;
   std::optional<LoadedModelOn<B>> student;
   if (!job.student.empty()) {
@@ -518,33 +702,37 @@ TrainResult train_on(B& backend, const TrainJob& job, const TrainOptions& option
   const Tokenizer tokenizer = find_tokenizer(job.tokenizer, {job.student, job.teacher});
   tokenizer.check_fits(student_config.vocab_size,
                        job.student.empty() ? job.init_config : job.student + "/config.json");
-  std::vector<TokenDocument> documents;
-  for (const std::string& text : read_documents(job.train_data)) {
-    TokenDocument ids = tokenizer.encode(text);
-    if (!ids.empty()) documents.push_back(std::move(ids));
+  // One loader recipe for the trainer and `kept teacher-logits` (reference/teacher_logits_run.hpp).
+  DataLoader loader = make_training_loader(job, tokenizer, student_config.vocab_size);
+  std::optional<TeacherLogitsReader> offline_logits;
+  if (offline) {
+    offline_logits.emplace(TeacherLogitsReader::open(
+        job.teacher_logits, offline_teacher_header(job, loader, tokenizer, /*k: the file's=*/0,
+                                                   student_config.vocab_size)));
+    const std::int64_t needed = job.steps * job.grad_accum * job.batch_size * job.seq_len;
+    KEPT_CHECK(offline_logits->total_positions() >= needed, job.teacher_logits,
+               ": holds the teacher for ", offline_logits->total_positions(),
+               " positions, the job needs ", needed,
+               " (steps x grad_accum x batch_size x seq_len); run `kept teacher-logits` for "
+               "this job again");
+    if (!options.quiet)
+      std::fprintf(stderr, "teacher: offline, top-%lld log-probs from %s\n",
+                   static_cast<long long>(offline_logits->header().k), job.teacher_logits.c_str());
   }
-  KEPT_CHECK(!documents.empty(), job.train_data, ": no document gives any token");
-  DataConfig data;
-  data.seq_len = job.seq_len;
-  data.batch_size = job.batch_size;
-  data.eos_id = tokenizer.eos_id();
-  data.seed = job.data_seed;
-  data.held_out_fraction = job.held_out_fraction;
-  data.vocab_size = static_cast<std::int32_t>(student_config.vocab_size);
-  DataLoader loader(std::move(documents), data);
   prepare_output(job.output, options);
 
   return with_decoder(student->model, [&](auto& student_model) {
     if (teacher) {
       return with_decoder(teacher->model, [&](auto& teacher_model) {
         Run run(job, options, plan, backend, student_model, &teacher_model, student_config, loader,
-                tokenizer);
+                &tokenizer);
         return run.run();
       });
     }
     using StudentType = std::remove_reference_t<decltype(student_model)>;
     Run<B, StudentType, StudentType> run(job, options, plan, backend, student_model, nullptr,
-                                         student_config, loader, tokenizer);
+                                         student_config, loader, &tokenizer);
+    if (offline_logits) run.use_offline_teacher(&*offline_logits);
     return run.run();
   });
 }

@@ -18,6 +18,7 @@ The tiny models, tokenizer and corpus come from test_trainer.py's `world` fixtur
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,182 @@ def test_exact_strategies_give_identical_losses(world, kept_bin, tmp_path, devic
     for name, run in runs.items():
         assert run[0] == reference[0], name
         assert run[1] == reference[1], name
+
+
+# ---------------------------------------------------------------------------------------------
+# kept plan on the 14B job, and bad input
+# ---------------------------------------------------------------------------------------------
+
+
+def plan_json(kept_bin, *args) -> dict:
+    proc = run_kept(kept_bin, "plan", *args, "--json")
+    return json.loads(proc.stdout)
+
+
+def device_terms(plan: dict) -> float:
+    return sum(t["bytes"] for t in plan["terms"] if t["where"] == "device")
+
+
+@pytest.mark.parametrize("gpu", ["h100-80g", "h200-141g"])
+def test_14b_job_has_a_fitting_plan(kept_bin, gpu):
+    out = plan_json(kept_bin, JOB_14B, "--gpu", gpu, "--host-memory", "512")
+    assert out["fits"] and out["tokens_per_step"] == 4096 and out["steps"] == 30000
+    plan = out["plan"]
+    assert plan["fits"] and plan["device_bytes"] <= plan["device_budget"]
+    assert abs(device_terms(plan) - plan["device_bytes"]) < 1
+    weights = next(t["bytes"] for t in plan["terms"] if t["name"] == "student weights")
+    # Orion-14B: 14.5e9 parameters, bf16, padded to 256-element slots.
+    assert 2 * 14.45e9 < weights < 2 * 14.55e9
+    assert 0 < plan["mfu"] < 1 and plan["job_hours"] > 0
+    # Every plan listed is judged against the same budget, and the chosen one is the best.
+    fitting = [p for p in out["all"] if p["fits"]]
+    assert fitting and all(p["device_bytes"] <= p["device_budget"] for p in fitting)
+    assert len(out["all"]) > 50
+
+
+def test_14b_job_on_a100_40g_is_planned_honestly(kept_bin):
+    # With host memory for host states: a plan that truly fits both memories.
+    out = plan_json(kept_bin, JOB_14B, "--gpu", "a100-40g", "--host-memory", "512")
+    if out["fits"]:
+        plan = out["plan"]
+        assert plan["device_bytes"] <= plan["device_budget"]
+        assert plan["host_bytes"] <= out["host_memory_bytes"]
+    # Without it: nothing fits, and the report says by how much and what would.
+    out = plan_json(kept_bin, JOB_14B, "--gpu", "a100-40g", "--host-memory", "1")
+    assert not out["fits"] and out["plan"] is None
+    text = run_kept(kept_bin, "plan", JOB_14B, "--gpu", "a100-40g", "--host-memory", "1").stdout
+    assert "NOTHING FITS" in text and "more device memory" in text and "What would fit" in text
+
+
+def small_job(tmp_path: Path, **changes) -> Path:
+    """The 14B job scaled down: the same fields, a tiny model_config, on the CPU."""
+    config = json.loads((REPO / "reference" / "jobs" / "orion14b-llama-config.json").read_text())
+    config.update(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4)
+    (tmp_path / "small-config.json").write_text(json.dumps(config))
+    job = json.loads(JOB_14B.read_text())
+    job.update(model_config="small-config.json", device="cpu", batch_size=2,
+               output=str(tmp_path / "never-written"))
+    job["data"]["seq_len"] = 64
+    job = merged(job, changes)
+    return write_job(tmp_path / "small-job.json", job)
+
+
+def test_synthetic_run_on_the_cpu(kept_bin, tmp_path):
+    job = small_job(tmp_path)
+    proc = run_kept(kept_bin, "train", job, "--synthetic", "--steps", 3, threads=KEPT_THREADS)
+    out = proc.stdout
+    for needle in ("synthetic: 3 steps of 128 tokens", "tokens/s", "MFU", "projected:",
+                   "for the job's 30000 steps"):
+        assert needle in out, out
+    measured, planned = (float(x) for x in
+                         re.search(r"memory: +peak ([\d.]+) MiB measured, ([\d.]+) MiB planned",
+                                   out).groups())
+    assert abs(measured / planned - 1) <= PEAK_TOLERANCE, out
+    assert not (tmp_path / "never-written").exists()  # nothing written
+
+
+def test_a_job_that_cannot_fit_is_refused_before_loading(kept_bin, tmp_path):
+    # A CPU job whose model would need far more memory than the machine has; its checkpoints
+    # do not even exist, so anything loaded first would fail differently.
+    job = small_job(tmp_path)
+    config = json.loads((tmp_path / "small-config.json").read_text())
+    config.update(hidden_size=65536, intermediate_size=262144, num_attention_heads=512,
+                  num_key_value_heads=512, num_hidden_layers=64)
+    (tmp_path / "small-config.json").write_text(json.dumps(config))
+    expect_failure(kept_bin, "train", job, needles=["does not fit", "GiB predicted",
+                                                    "nothing was loaded", "kept plan"])
+    assert not (tmp_path / "never-written").exists()
+
+
+BAD_JOBS = {
+    "unknown-teacher-placement": ({"memory": {"teacher": "sideways"}},
+                                  ["memory.teacher", "resident, streamed, offline", "sideways"]),
+    "moved-moment-bits": ({"optimizer": {"moment_bits": 8}},
+                          ["optimizer.moment_bits", "memory.optimizer_states"]),
+    "not-yet-runnable": ({"memory": {"gradients": "none"}},
+                         ["no gradient buffer", "cannot do yet", "kept plan"]),
+    "offline-without-file": ({"memory": {"teacher": "offline"}}, ["memory.teacher_logits"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_JOBS))
+def test_bad_memory_fields_are_refused(kept_bin, tmp_path, case):
+    changes, needles = BAD_JOBS[case]
+    job = small_job(tmp_path, **changes)
+    expect_failure(kept_bin, "train", job, "--synthetic", needles=needles)
+
+
+def test_plan_bad_flags(kept_bin, tmp_path):
+    expect_failure(kept_bin, "plan", JOB_14B, "--gpu", "h100-94g",
+                   needles=["unknown GPU", "h100-94g", "h200-141g"])
+    expect_failure(kept_bin, "plan", JOB_14B, "--gpus", 2, needles=["--gpus 2", "one GPU"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the offline teacher: kept teacher-logits, then training from the file
+# ---------------------------------------------------------------------------------------------
+
+OFFLINE_COMMON = {"steps": 4, "grad_accum": 2}
+
+
+def offline_files(world, kept_bin, tmp_path: Path, k: int, name: str, **changes) -> Path:
+    job = write_job(tmp_path / f"{name}-logits-job.json",
+                    merged(merged(base_job(world, tmp_path / "unused"), OFFLINE_COMMON), changes))
+    directory = tmp_path / name
+    proc = run_kept(kept_bin, "teacher-logits", job, "--k", k, "--output", directory,
+                    threads=KEPT_THREADS)
+    assert "tail mass" in proc.stdout + proc.stderr
+    return directory
+
+
+def offline(directory: Path) -> dict:
+    return {"memory": {"teacher": "offline", "teacher_logits": str(directory)}}
+
+
+def test_offline_teacher_matches_the_online_one(world, kept_bin, tmp_path):
+    online, _ = train(world, kept_bin, tmp_path, "online", OFFLINE_COMMON)
+    online_losses = [float(x) for _, x in train_trace(online)]
+    full = offline_files(world, kept_bin, tmp_path, 400, "full")  # k = the vocabulary
+    output, proc = train(world, kept_bin, tmp_path, "offline-full",
+                         merged(OFFLINE_COMMON, offline(full)))
+    assert "teacher: offline, top-400" in proc.stderr
+    losses = [float(x) for _, x in train_trace(output)]
+    assert len(losses) == len(online_losses) == 4
+    # k = vocab: the same KL, summed by other kernels (fp32 rounding; the first step shares
+    # every weight, later ones follow updates made from those rounded gradients).
+    for a, b in zip(losses, online_losses):
+        assert abs(a - b) <= 1e-5 * abs(b), (losses, online_losses)
+    record = memory_record(output)
+    assert abs(record["peak_bytes"] / record["predicted_bytes"] - 1) <= PEAK_TOLERANCE, record
+
+    # k = 8: the coarse-grained KL is never above the dense one (kept/xkd/sparse_kl.hpp), and at
+    # the first step (same weights) it sits below it by at most the tail's share.
+    small = offline_files(world, kept_bin, tmp_path, 8, "k8")
+    output, _ = train(world, kept_bin, tmp_path, "offline-k8", merged(OFFLINE_COMMON, offline(small)))
+    first = float(train_trace(output)[0][1])
+    assert 0 < first <= online_losses[0] * (1 + 1e-6), (first, online_losses[0])
+
+
+def test_bad_offline_files_are_refused(world, kept_bin, tmp_path):
+    directory = offline_files(world, kept_bin, tmp_path, 8, "k8")
+    job = merged(base_job(world, tmp_path / "bad-run"), merged(OFFLINE_COMMON, offline(directory)))
+    # Another data order (seed): the file was made for other positions.
+    path = write_job(tmp_path / "other-seed.json", merged(job, {"data": {"seed": 99}}))
+    expect_failure(kept_bin, "train", path, needles=["index.json", "data_identity"])
+    # A longer run than the file covers.
+    path = write_job(tmp_path / "longer.json", merged(job, {"steps": 40}))
+    expect_failure(kept_bin, "train", path, needles=[str(directory), "kept teacher-logits"])
+    # A truncated shard: named at open, before the run starts.
+    shard = sorted(p for p in directory.iterdir() if p.name != "index.json")[0]
+    data = bytearray(shard.read_bytes())
+    shard.write_bytes(bytes(data[: len(data) // 3]))
+    path = write_job(tmp_path / "truncated.json", job)
+    expect_failure(kept_bin, "train", path, needles=[shard.name, "truncated"])
+    assert not (tmp_path / "bad-run").exists()
+    # A corrupted one: its checksum is verified when it is first read (reading a 30 GB file
+    # through at start would cost minutes), so the run stops there, naming the shard.
+    data[len(data) // 2] ^= 0x40
+    shard.write_bytes(bytes(data))
+    expect_failure(kept_bin, "train", path, needles=[shard.name])
+    assert not (tmp_path / "bad-run" / "final").exists()

@@ -166,3 +166,36 @@ TEST_CASE("Random is SplitMix64: the published sequence for seed 0, and hash(cou
   CHECK(kept::Random::hash(0) == 0xe220a8397b1dcdafull);
   CHECK(kept::Random::hash(0x9e3779b97f4a7c15ull) == 0x6e789e6aa1b965f4ull);
 }
+
+// The memory meter (kept/core/memory_meter.hpp): host tensors are counted for as long as they
+// live, the peak holds the largest total since the last reset, and a cap refuses an allocation
+// that would pass it before taking any memory, naming the request, the total and the reason.
+TEST_CASE("the host memory meter counts tensors, keeps a peak and enforces a cap", "[core]") {
+  kept::MemoryMeter& meter = kept::host_memory_meter();
+  const std::int64_t before = meter.current();
+  meter.reset_peak();
+  {
+    kept::Tensor a = kept::Tensor::empty(kept::DType::F32, {1000});
+    CHECK(meter.current() == before + 4000);
+    {
+      kept::Tensor b = kept::Tensor::zeros(kept::DType::BF16, {500});
+      CHECK(meter.current() == before + 5000);
+    }
+    CHECK(meter.current() == before + 4000);
+    CHECK(meter.peak() == before + 5000);
+  }
+  CHECK(meter.current() == before);
+  meter.reset_peak();
+  CHECK(meter.peak() == before);
+
+  meter.set_cap(before + 4096, "--gpu test-4k");
+  kept::Tensor fits = kept::Tensor::empty(kept::DType::F32, {1024});
+  CHECK(meter.current() == before + 4096);
+  CHECK_THROWS_WITH(kept::Tensor::empty(kept::DType::F32, {1}),
+                    Catch::Contains("memory cap") && Catch::Contains("over the cap") &&
+                        Catch::Contains("--gpu test-4k"));
+  CHECK(meter.current() == before + 4096);  // the refused request took nothing
+  meter.set_cap(0, "");
+  fits = kept::Tensor();
+  CHECK(meter.current() == before);
+}
