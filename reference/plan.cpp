@@ -163,11 +163,12 @@ int Strategy::approximations() const {
   return (states != "fp32") + !master + (teacher == "offline");
 }
 
-std::vector<std::string> Strategy::not_runnable(bool on_cuda) const {
+std::vector<std::string> Strategy::not_runnable(bool on_cuda, std::int64_t grad_accum) const {
   std::vector<std::string> missing;
+  if (!gradient_buffer && grad_accum > 1)
+    missing.push_back("no gradient buffer with grad_accum > 1 (layer-major micro-batches)");
   if (states == "bf16") missing.push_back("bf16 states");
   if (states_on_host && on_cuda) missing.push_back("states on host");
-  if (!gradient_buffer) missing.push_back("no gradient buffer");
   return missing;
 }
 
@@ -237,18 +238,26 @@ Plan estimate(const PlanJob& job, const Strategy& s, const TargetSpec& target,
     if (n < job.min_8bit_size) small += static_cast<double>(n);
   }
   const double n_student = sum(sizes);
-  const double n_layer = layer_parameters(c);
   add("student weights", b.param * aligned,
       std::to_string(static_cast<long long>(n_student)) + " parameters");
   const bool per_layer_update = !s.gradient_buffer;
   if (s.gradient_buffer) {
     add("gradients", b.grad * aligned, "fp32, the whole model");
   } else {
-    // The LM head's and the embedding's gradients accumulate over the step (the loss and the
-    // embedding come first and last); each layer's gradient lives only during its update.
-    const double v_h = v * h;
-    add("gradients (per layer)", b.grad * (2 * v_h + n_layer),
-        "LM head + embedding + one layer, fp32");
+    // The parameters outside the layers (embedding, final norm, LM head) keep their slots; the
+    // layers share one layer's span (kept/model/parameter_arena.hpp, gradient_buffer false).
+    auto slot = [](std::int64_t n) {
+      return static_cast<double>((n + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment);
+    };
+    const std::size_t per_layer = (sizes.size() - 2 - (ln_student ? 2 : 1)) /
+                                  static_cast<std::size_t>(std::max<std::int64_t>(1, c.num_layers));
+    double layer_span = 0, outside = slot(sizes.front()) + slot(sizes.back());
+    for (std::size_t k = 1; k <= per_layer; ++k)
+      layer_span += slot(sizes[k]);
+    for (std::size_t k = sizes.size() - 1 - (ln_student ? 2 : 1); k < sizes.size() - 1; ++k)
+      outside += slot(sizes[k]);
+    add("gradients (per layer)", b.grad * (outside + layer_span),
+        "embedding + LM head + final norm + one layer's, fp32");
   }
   const bool masters = b.separate_master && s.master;
   double state_bytes = 0;
@@ -344,7 +353,7 @@ Plan estimate(const PlanJob& job, const Strategy& s, const TargetSpec& target,
     plan.fits = plan.device_bytes <= plan.device_budget &&
                 (plan.host_bytes == 0 || plan.host_bytes <= host_memory_bytes);
   }
-  plan.not_runnable = s.not_runnable(job.cuda && !target.cpu);
+  plan.not_runnable = s.not_runnable(job.cuda && !target.cpu, job.grad_accum);
 
   // ---- time -----------------------------------------------------------------------------------
   const double step_tokens = static_cast<double>(job.tokens_per_step());

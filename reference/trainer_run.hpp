@@ -85,9 +85,12 @@ class Run {
     adam.moment_bits = strategy.states == "int8" ? 8 : 32;
     adam.min_8bit_size = job_.min_8bit_size;
     AdamW optimizer(adam);
-    ParameterArena arena(backend_, student_, optimizer.arena_layout());
+    ArenaLayout layout = optimizer.arena_layout();
+    layout.gradient_buffer = strategy.gradient_buffer;
+    ParameterArena arena(backend_, student_, layout);
     const std::vector<Parameter*> params = parameters_of(student_);
     optimizer.use_arena(&arena);
+    if (!strategy.gradient_buffer) prepare_layer_updates(optimizer);
     {
       using Precision = typename Backend::Precision;
       const bool master = Precision::separate_master && strategy.master;
@@ -136,20 +139,15 @@ class Run {
     double loss = 0;
     std::optional<fs::path> last_checkpoint =
         options_.resume ? latest_checkpoint(checkpoints) : std::nullopt;
+    if (state.extra.contains("clip_coefficient"))
+      clip_coefficient_ = state.extra["clip_coefficient"].get<double>();
     while (state.step < job_.steps) {
-      arena.zero_grad(backend_, student_);
-      loss = 0;
-      std::int64_t tokens = 0;
-      for (std::int64_t micro = 0; micro < job_.grad_accum; ++micro) {
-        const std::int64_t first = loader_.state().batches_served * job_.batch_size * job_.seq_len;
-        const Batch batch = loader_.next_batch();
-        loss += micro_step(batch, first);
-        tokens += batch.target_count();
-      }
-      const double clip =
-          job_.clip_grad_norm > 0 ? job_.clip_grad_norm : std::numeric_limits<double>::infinity();
-      const double grad_norm = clip_grad_norm(backend_, params, clip);
-      if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
+      const double lr = schedule.lr(state.step);
+      const StepResult step = train_step(optimizer, arena, params, lr, state.step);
+      loss = step.loss;
+      const double grad_norm = step.grad_norm;
+      const std::int64_t tokens = step.targets;
+      if (!step.updated) {
         progress.finish();
         fail("step ", state.step + 1, ": the ", std::isfinite(loss) ? "gradient norm" : "loss",
              " is ", std::isfinite(loss) ? grad_norm : loss, " (objective ",
@@ -163,9 +161,6 @@ class Run {
                  : std::string("No checkpoint was saved before it; lower the learning "
                                "rate and start again"));
       }
-      const double lr = schedule.lr(state.step);
-      optimizer.set_lr(lr);
-      optimizer.step(backend_, params);
       ++state.step;
       state.tokens_seen += tokens;
       tokens_this_session += tokens;
@@ -196,6 +191,7 @@ class Run {
         log_eval(metrics, state.step, evaluate_now(held_out), /*print=*/!options_.quiet);
       if (job_.checkpoint_every > 0 && state.step % job_.checkpoint_every == 0) {
         state.loader = loader_.state();
+        if (!plan_.strategy.gradient_buffer) state.extra["clip_coefficient"] = clip_coefficient_;
         try {
           last_checkpoint = save_checkpoint(backend_, checkpoints, state, params, optimizer,
                                             static_cast<std::size_t>(job_.checkpoint_keep));
@@ -392,6 +388,97 @@ class Run {
     return loss;
   }
 
+  struct StepResult {
+    double loss = 0, grad_norm = 0;
+    std::int64_t tokens = 0, targets = 0;
+    bool updated = false;  // false: the loss or the gradient norm is not finite, nothing applied
+  };
+
+  // One optimizer step: the micro-batches, then clipping and AdamW. With a gradient buffer the
+  // update waits for every gradient and is skipped when one is not finite. Without one
+  // (memory.gradients "none") each layer is updated inside backward (update_layer) and the
+  // embedding, final norm and LM head after it; the global gradient norm is only known once
+  // every layer has been updated, so clipping scales this step's gradients by the coefficient
+  // of the previous step's norm (torch's max_norm / (norm + 1e-6), when below 1). That is the
+  // one place the two differ: with clipping off, or never triggered, the updates are the same
+  // bit for bit (tests/python/test_memory_plan.py).
+  StepResult train_step(AdamW& optimizer, ParameterArena& arena,
+                        const std::vector<Parameter*>& params, double lr, std::int64_t step) {
+    StepResult result;
+    arena.zero_grad(backend_, student_);
+    optimizer.set_lr(lr);
+    layer_grad_squares_ = 0;
+    current_step_ = step;
+    for (std::int64_t micro = 0; micro < job_.grad_accum; ++micro) {
+      const std::int64_t first = loader_.state().batches_served * job_.batch_size * job_.seq_len;
+      const Batch batch = loader_.next_batch();
+      result.loss += micro_step(batch, first);
+      result.tokens += batch.batch * batch.seq;
+      result.targets += batch.target_count();
+    }
+    const double clip =
+        job_.clip_grad_norm > 0 ? job_.clip_grad_norm : std::numeric_limits<double>::infinity();
+    if (plan_.strategy.gradient_buffer) {
+      result.grad_norm = clip_grad_norm(backend_, params, clip);
+      if (!std::isfinite(result.loss) || !std::isfinite(result.grad_norm)) return result;
+      optimizer.step(backend_, params);
+      result.updated = true;
+      return result;
+    }
+    double squares = layer_grad_squares_;
+    for (Parameter* p : outside_layers_)
+      if (p->has_grad())
+        squares += backend_.grad_sum_squares(p->grad.template data<typename Backend::Grad>(),
+                                             p->grad.numel());
+    result.grad_norm = std::sqrt(squares);
+    if (!std::isfinite(result.loss) || !std::isfinite(result.grad_norm)) return result;
+    if (clip_coefficient_ < 1.0)
+      scale_gradients(backend_, std::span<Parameter* const>(outside_layers_),
+                      static_cast<float>(clip_coefficient_));
+    optimizer.step(backend_, outside_layers_);
+    clip_coefficient_ = std::min(1.0, clip / (result.grad_norm + 1e-6));
+    result.updated = true;
+    return result;
+  }
+
+  // memory.gradients "none": the parameters of each layer and of the rest, and the hook that
+  // updates a layer as soon as backward has finished it.
+  void prepare_layer_updates(AdamW& optimizer) {
+    KEPT_CHECK(job_.grad_accum == 1, job_.file.string(),
+               ": memory.gradients \"none\" updates each layer inside backward, which needs "
+               "grad_accum 1 (micro-batches processed layer-major are not implemented yet); use "
+               "a larger batch_size, or memory.gradients \"buffer\"");
+    layer_params_.assign(student_.layers.size(), {});
+    for (std::size_t l = 0; l < student_.layers.size(); ++l)
+      student_.layers[l].visit([&](Parameter& p) { layer_params_[l].push_back(&p); });
+    outside_layers_.clear();
+    student_.embed_tokens.visit([&](Parameter& p) { outside_layers_.push_back(&p); });
+    student_.norm.visit([&](Parameter& p) { outside_layers_.push_back(&p); });
+    student_.lm_head.visit([&](Parameter& p) { outside_layers_.push_back(&p); });
+    optimizer_ = &optimizer;
+    student_.set_after_layer_backward([this](std::size_t layer) { update_layer(layer); });
+  }
+
+  void update_layer(std::size_t layer) {
+    using Grad = typename Backend::Grad;
+    std::vector<Parameter*>& layer_params = layer_params_[layer];
+    double squares = 0;
+    for (Parameter* p : layer_params)
+      if (p->has_grad())
+        squares += backend_.grad_sum_squares(p->grad.template data<Grad>(), p->grad.numel());
+    KEPT_CHECK(std::isfinite(squares), "step ", current_step_ + 1, ": layer ", layer,
+               "'s gradient is not finite. With memory.gradients \"none\" the layers above it "
+               "were already updated in this step, so resume from the last checkpoint (--resume) "
+               "with a lower learning rate");
+    layer_grad_squares_ += squares;
+    if (clip_coefficient_ < 1.0)
+      scale_gradients(backend_, std::span<Parameter* const>(layer_params),
+                      static_cast<float>(clip_coefficient_));
+    optimizer_->step_parameters(backend_, std::span<Parameter* const>(layer_params));
+    for (Parameter* p : layer_params)
+      if (p->has_grad()) backend_.fill_zero(p->grad);  // the next layer's region
+  }
+
   // `kept train --synthetic`: the job's steps on random weights and tokens, timed; nothing is
   // written. Prints the step time (the median after the first, which pays for one-time setup),
   // tokens/s, MFU against the target's peak, the peak memory against the plan, and the hours
@@ -411,20 +498,10 @@ class Run {
     const auto start = Clock::now();
     for (std::int64_t step = 0; step < steps; ++step) {
       const auto t0 = Clock::now();
-      arena.zero_grad(backend_, student_);
-      double loss = 0;
-      std::int64_t tokens = 0;
-      for (std::int64_t micro = 0; micro < job_.grad_accum; ++micro) {
-        const std::int64_t first = loader_.state().batches_served * job_.batch_size * job_.seq_len;
-        const Batch batch = loader_.next_batch();
-        loss += micro_step(batch, first);
-        tokens += batch.batch * batch.seq;
-      }
-      const double clip =
-          job_.clip_grad_norm > 0 ? job_.clip_grad_norm : std::numeric_limits<double>::infinity();
-      const double grad_norm = clip_grad_norm(backend_, params, clip);
-      optimizer.set_lr(schedule.lr(step));
-      optimizer.step(backend_, params);
+      const StepResult result_of_step =
+          train_step(optimizer, arena, params, schedule.lr(step), step);
+      const double loss = result_of_step.loss, grad_norm = result_of_step.grad_norm;
+      const std::int64_t tokens = result_of_step.tokens;
       (void)backend_.download(smallest->value);
       seconds.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
       result.tokens += tokens;
@@ -554,6 +631,13 @@ class Run {
   xkd::OpmL2Workspace<Backend> opm_workspace_;
   StreamedLayers<Backend> streamed_;
   TeacherLogitsReader* offline_ = nullptr;
+  // memory.gradients "none" (train_step, update_layer).
+  std::vector<std::vector<Parameter*>> layer_params_;
+  std::vector<Parameter*> outside_layers_;
+  AdamW* optimizer_ = nullptr;
+  double layer_grad_squares_ = 0;
+  double clip_coefficient_ = 1.0;  // from the previous step's norm
+  std::int64_t current_step_ = 0;
 
  public:
   // The offline teacher's file (memory.teacher "offline"); null in a synthetic run.

@@ -29,6 +29,9 @@
 #      when the build found it, the line "attention: ..." says)              -> train.txt
 #   9. a 1B-class `kept train --device cuda` run, 12 steps with the compact optimizer states:
 #      tokens/s and MFU                                                     -> train-1b.txt
+#  10. the 14B job (reference/jobs/orion14b-llamion.json) as `kept train --synthetic`: random
+#      weights and tokens of its real shapes, 4 steps, under the 80 GB cap (--gpu h100-80g) and
+#      uncapped, next to `kept plan`'s prediction                          -> synthetic-14b.txt
 # cuDNN: the frontend headers travel in the dependency folder; libcudnn is the CUDA toolkit's,
 # else the one in torch's nvidia-cudnn wheel (CUDNN_ROOT). Without it the build uses kept's
 # attention kernels and says so in build.log.
@@ -271,7 +274,7 @@ PY
   cat >"$big/job.json" <<JSON
 {"objective": "ce", "device": "cuda", "init": {"config": "$big/config.json"},
  "tokenizer": "$work/tok/tokenizer.model", "data": {"train": "$work/corpus.txt", "seq_len": 1024},
- "batch_size": 8, "steps": 12, "optimizer": {"master_weights": false, "moment_bits": 8},
+ "batch_size": 8, "steps": 12, "memory": {"master_weights": "none", "optimizer_states": "int8"},
  "eval": {"every": 0, "max_batches": 1}, "output": "$big/run"}
 JSON
   timeout 150 "$BUILD/reference/kept" train "$big/job.json"
@@ -290,6 +293,27 @@ if [[ $REFERENCE == ON && -f "$OUT/train/tok/tokenizer.model" ]]; then
   grep -E "^attention:|^optimizer:|1B-class step" "$OUT/train-1b.txt" | tee -a "$SUMMARY" || true
 else
   skip "1B-class training step: needs the kept command and step 8's tokenizer"
+fi
+
+# ---- 10. the 14B job, synthetic: step time, MFU, peak memory, hours, against the plan ----------------
+synthetic_14b() {
+  local job="$ROOT/reference/jobs/orion14b-llamion.json"
+  for gpu in h100-80g h200-141g; do
+    echo "== kept plan --gpu $gpu"
+    "$BUILD/reference/kept" plan "$job" --gpu "$gpu" --host-memory 120 | head -30
+  done
+  echo "== kept train --synthetic --gpu h100-80g (kept's allocator capped at the H100's budget)"
+  timeout 90 "$BUILD/reference/kept" train "$job" --synthetic --steps 4 --gpu h100-80g || true
+  echo "== kept train --synthetic (uncapped)"
+  timeout 90 "$BUILD/reference/kept" train "$job" --synthetic --steps 4
+}
+if [[ $REFERENCE == ON ]]; then
+  step "kept train --synthetic: the 14B job's real shapes (capped at 80 GB, and uncapped)" \
+    "$OUT/synthetic-14b.txt" synthetic_14b
+  grep -E "^memory plan|^synthetic:|^planned:|^memory:|^projected:|does not fit" \
+    "$OUT/synthetic-14b.txt" | tee -a "$SUMMARY" || true
+else
+  skip "14B synthetic step: needs the kept command"
 fi
 
 say "done in $((SECONDS - T0)) s, status $STATUS"

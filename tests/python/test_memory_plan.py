@@ -44,6 +44,9 @@ STRATEGY_CHANGES = {
     "checkpointing": {"memory": {"activation_checkpointing": True}},
     "streamed": {"memory": {"teacher": "streamed"}},
     "both": {"memory": {"activation_checkpointing": True, "teacher": "streamed"}},
+    # Each layer updated inside backward (needs grad_accum 1).
+    "no-buffer": {"memory": {"gradients": "none", "activation_checkpointing": True},
+                  "grad_accum": 1},
 }
 OBJECTIVE_CHANGES = {
     "xkd-logit": {},
@@ -78,15 +81,15 @@ def train(world, kept_bin, tmp_path: Path, name: str, changes: dict):
 # Every strategy on the CPU; on the (emulated, slower) CUDA backend the two extremes.
 PEAK_CASES = [(device, strategy, objective)
               for device, strategies in (("cpu", sorted(STRATEGY_CHANGES)),
-                                         ("cuda", ["resident", "both"]))
+                                         ("cuda", ["resident", "both", "no-buffer"]))
               for strategy in strategies for objective in sorted(OBJECTIVE_CHANGES)
               if not (objective == "ce" and strategy in ("streamed", "both"))]
 
 
 @pytest.mark.parametrize("device,strategy,objective", PEAK_CASES)
 def test_planned_peak_matches_measured(world, kept_bin, tmp_path, device, strategy, objective):
-    changes = merged(merged(OBJECTIVE_CHANGES[objective], STRATEGY_CHANGES[strategy]),
-                     {"device": device, "grad_accum": 2})
+    changes = merged(merged(OBJECTIVE_CHANGES[objective], {"device": device, "grad_accum": 2}),
+                     STRATEGY_CHANGES[strategy])
     output, proc = train(world, kept_bin, tmp_path, f"{device}-{strategy}-{objective}", changes)
     record = memory_record(output)
     measured, planned = record["peak_bytes"], record["predicted_bytes"]
@@ -114,6 +117,29 @@ def test_exact_strategies_give_identical_losses(world, kept_bin, tmp_path, devic
     for name, run in runs.items():
         assert run[0] == reference[0], name
         assert run[1] == reference[1], name
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_layer_updates_inside_backward_equal_the_buffer(world, kept_bin, tmp_path, device):
+    """memory.gradients "none": the same updates as with a gradient buffer where the math is the
+    same (clipping off); with clipping on, the previous step's coefficient (documented)."""
+    common = {"device": device, "grad_accum": 1, "steps": 4, "clip_grad_norm": 0,
+              "checkpoint": {"every": 2, "keep": 1}}
+    runs = {}
+    for name, memory in (("buffer", {}), ("none", {"gradients": "none"}),
+                         ("none-checkpointing",
+                          {"gradients": "none", "activation_checkpointing": True})):
+        output, _ = train(world, kept_bin, tmp_path, f"{device}-{name}",
+                          merged(common, {"memory": memory}))
+        runs[name] = (train_trace(output), final_bytes(output))
+    assert len(runs["buffer"][0]) == 4
+    assert runs["none"] == runs["buffer"]
+    assert runs["none-checkpointing"] == runs["buffer"]
+    # grad_accum > 1 is refused before anything runs, naming the field.
+    job = write_job(tmp_path / "accum.json", merged(base_job(world, tmp_path / "accum"),
+                                                    merged(common, {"grad_accum": 2, "memory": {
+                                                        "gradients": "none"}})))
+    expect_failure(kept_bin, "train", job, needles=["grad_accum", "kept plan"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,8 +233,8 @@ BAD_JOBS = {
                                   ["memory.teacher", "resident, streamed, offline", "sideways"]),
     "moved-moment-bits": ({"optimizer": {"moment_bits": 8}},
                           ["optimizer.moment_bits", "memory.optimizer_states"]),
-    "not-yet-runnable": ({"memory": {"gradients": "none"}},
-                         ["no gradient buffer", "cannot do yet", "kept plan"]),
+    "not-yet-runnable": ({"memory": {"gradients": "none"}, "grad_accum": 2},
+                         ["no gradient buffer with grad_accum > 1", "cannot do yet", "kept plan"]),
     "offline-without-file": ({"memory": {"teacher": "offline"}}, ["memory.teacher_logits"]),
 }
 

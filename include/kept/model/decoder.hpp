@@ -87,6 +87,12 @@ class Decoder {
   // Called with l before layer l runs forward: where a streamed model brings the layer's
   // weights in (kept/model/streamed_layers.hpp).
   void set_before_layer(std::function<void(std::size_t)> hook) { before_layer_ = std::move(hook); }
+  // Called with l once backward has finished layer l (its parameters' gradients are complete):
+  // where a trainer without a whole-model gradient buffer updates the layer and frees the
+  // gradient for the next one.
+  void set_after_layer_backward(std::function<void(std::size_t)> hook) {
+    after_layer_backward_ = std::move(hook);
+  }
   bool activation_checkpointing() const { return checkpointing_; }
   std::int64_t num_layers() const { return config_.num_layers; }
 
@@ -170,6 +176,7 @@ class Decoder {
       layers[l - 1].backward(backend, input, acts.batch, acts.seq, rope_,
                              as_matrix<const Act>(grad_[cur]), as_matrix<Act>(grad_[1 - cur]),
                              acts.blocks[acts.recompute ? 0 : l - 1], scratch_);
+      if (after_layer_backward_) after_layer_backward_(l - 1);
       cur = 1 - cur;
     }
     embed_tokens.backward(backend, acts.tokens, as_matrix<const Act>(grad_[cur]));
@@ -217,7 +224,7 @@ class Decoder {
   Tensor recomputed_;  // a recomputed block's output (checkpointing), not needed by backward
   typename Block::Scratch scratch_;
   bool checkpointing_ = false;
-  std::function<void(std::size_t)> before_layer_;
+  std::function<void(std::size_t)> before_layer_, after_layer_backward_;
 };
 
 template <class Backend>

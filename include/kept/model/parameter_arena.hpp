@@ -21,6 +21,7 @@
 // parameter keeps its slot but its `grad` stays undefined, as the layers expect.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -42,6 +43,11 @@ struct ArenaLayout {
   bool optimizer_state = true;     // AdamW's moments (and master weights, below)
   bool master_weights = true;      // fp32 masters, where the backend's Param is not its Master
   bool quantized_moments = false;  // 8-bit moments (codes + absmax) instead of Master ones
+  // false: no gradient for every parameter at once (memory.gradients "none"). The parameters
+  // outside the decoder layers keep their own gradient slots; every layer's gradients share one
+  // layer-sized region, which the trainer consumes (updates, then zeroes) after each layer's
+  // backward. Needs a model with `layers`.
+  bool gradient_buffer = true;
 };
 
 struct ArenaSlot {
@@ -68,8 +74,54 @@ class ParameterArena {
       slots_.push_back({p->name, p->value.shape(), total_, p->value.numel()});
       total_ += (p->value.numel() + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;
     }
+    // The values first, each parameter's own allocation released as it moves in, so that
+    // setting up holds at most the weights twice, not the weights twice plus every other buffer.
     values_ = backend.zeros(Precision::param, {total_});
-    grads_ = backend.zeros(Precision::grad, {total_});
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      Parameter& p = *params[i];
+      KEPT_CHECK(p.value.dtype() == Precision::param, "parameter arena: ", p.name, " is ",
+                 dtype_name(p.value.dtype()), ", the backend's parameters are ",
+                 dtype_name(Precision::param));
+      Tensor value = view(values_, slots_[i]);
+      backend.upload(backend.download(p.value), value);
+      p.value = value;
+    }
+    grad_offsets_.resize(slots_.size());
+    std::int64_t grad_total = total_;
+    if (layout.gradient_buffer) {
+      for (std::size_t i = 0; i < slots_.size(); ++i)
+        grad_offsets_[i] = slots_[i].offset;
+    } else {
+      // Which slots belong to a layer, and each layer's span from its first slot.
+      std::map<std::string, std::pair<std::size_t, std::int64_t>, std::less<>> in_layer;
+      std::int64_t span = 0;
+      if constexpr (!requires { model.layers.size(); })
+        KEPT_CHECK(false, "parameter arena: per-layer gradients need a model with layers");
+      else
+        for (std::size_t l = 0; l < model.layers.size(); ++l) {
+          std::int64_t first = -1;
+          model.layers[l].visit([&](Parameter& p) {
+            const ArenaSlot& slot = slots_[index_.at(p.name)];
+            if (first < 0) first = slot.offset;
+            const std::int64_t end = slot.offset + (slot.count + kArenaAlignment - 1) /
+                                                       kArenaAlignment * kArenaAlignment;
+            span = std::max(span, end - first);
+            in_layer[p.name] = {l, slot.offset - first};
+          });
+        }
+      grad_total = 0;
+      for (std::size_t i = 0; i < slots_.size(); ++i) {
+        if (in_layer.count(slots_[i].name)) continue;
+        grad_offsets_[i] = grad_total;
+        grad_total += (slots_[i].count + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;
+      }
+      for (std::size_t i = 0; i < slots_.size(); ++i)
+        if (auto found = in_layer.find(slots_[i].name); found != in_layer.end())
+          grad_offsets_[i] = grad_total + found->second.second;
+      grad_total += span;
+      shared_layer_grads_ = true;
+    }
+    grads_ = backend.zeros(Precision::grad, {grad_total});
     if (layout.optimizer_state) {
       if (Precision::separate_master && layout.master_weights)
         master_ = backend.zeros(Precision::master, {total_});
@@ -83,16 +135,8 @@ class ParameterArena {
         exp_avg_sq_ = backend.zeros(Precision::master, {total_});
       }
     }
-    for (std::size_t i = 0; i < params.size(); ++i) {
-      Parameter& p = *params[i];
-      KEPT_CHECK(p.value.dtype() == Precision::param, "parameter arena: ", p.name, " is ",
-                 dtype_name(p.value.dtype()), ", the backend's parameters are ",
-                 dtype_name(Precision::param));
-      Tensor value = view(values_, slots_[i]);
-      backend.upload(backend.download(p.value), value);
-      p.value = value;
-      p.grad = p.trainable ? view(grads_, slots_[i]) : Tensor();
-    }
+    for (std::size_t i = 0; i < params.size(); ++i)
+      params[i]->grad = params[i]->trainable ? grad_view(i) : Tensor();
   }
 
   const std::vector<ArenaSlot>& slots() const { return slots_; }
@@ -136,10 +180,13 @@ class ParameterArena {
     backend.fill_zero(grads_);
     std::size_t i = 0;
     model.visit_parameters([&](Parameter& p) {
-      p.grad = p.trainable ? view(grads_, slots_[i]) : Tensor();
+      p.grad = p.trainable ? grad_view(i) : Tensor();
       ++i;
     });
   }
+  // Whether the layers' gradients share one region (ArenaLayout::gradient_buffer false).
+  bool shared_layer_gradients() const { return shared_layer_grads_; }
+  std::int64_t gradient_elements() const { return grads_.numel(); }
 
  private:
   static Tensor view(const Tensor& buffer, const ArenaSlot& slot) {
@@ -154,7 +201,15 @@ class ParameterArena {
         static_cast<std::size_t>(slot.offset / kQuantBlock) * sizeof(float));
   }
 
+  Tensor grad_view(std::size_t i) const {
+    ArenaSlot slot = slots_[i];
+    slot.offset = grad_offsets_[i];
+    return view(grads_, slot);
+  }
+
   std::vector<ArenaSlot> slots_;
+  std::vector<std::int64_t> grad_offsets_;  // each slot's place in the gradient buffer
+  bool shared_layer_grads_ = false;
   std::map<std::string, std::size_t, std::less<>> index_;
   std::int64_t total_ = 0;
   Tensor values_, grads_, master_, exp_avg_, exp_avg_sq_, exp_avg_absmax_, exp_avg_sq_absmax_;

@@ -222,6 +222,14 @@ class AdamW {
   // range (Backend::adamw_update), with fp32 master weights where its policy keeps them.
   template <class Backend>
   void step(Backend& backend, std::span<Parameter* const> params) {
+    step_parameters(backend, params);
+    ++steps_taken_;
+  }
+  // The update of some parameters within an optimizer step that step() completes: a model
+  // updated layer by layer inside backward (memory.gradients "none") calls this per layer and
+  // step() for the rest, so each parameter's update and the step count are those of one step().
+  template <class Backend>
+  void step_parameters(Backend& backend, std::span<Parameter* const> params) {
     using Precision = typename Backend::Precision;
     using Grad = typename Backend::Grad;
     using Master = typename Backend::Master;
@@ -264,7 +272,6 @@ class AdamW {
       backend.adamw_update(p->value.template data<typename Backend::Param>(), master,
                            p->grad.template data<Grad>(), moments, p->value.numel(), scalars);
     }
-    ++steps_taken_;
   }
 
   // Per-parameter state, for tests and diagnostics; null / 0 before the parameter's first step.
