@@ -658,9 +658,9 @@ std::string format_plan_report(const PlanJob& job, const TargetSpec& target,
     sorted.push_back(&plan);
   std::sort(sorted.begin(), sorted.end(), [](const Plan* a, const Plan* b) {
     if (a->fits != b->fits) return a->fits;
-    if (a->strategy.approximations() != b->strategy.approximations())
-      return a->strategy.approximations() < b->strategy.approximations();
-    return a->step_seconds < b->step_seconds;
+    if (a->total_seconds_per_step != b->total_seconds_per_step)
+      return a->total_seconds_per_step < b->total_seconds_per_step;
+    return a->strategy.approximations() < b->strategy.approximations();
   });
   constexpr std::size_t kListed = 12;
   for (std::size_t index = 0; index < sorted.size(); ++index) {
