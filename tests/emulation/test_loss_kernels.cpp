@@ -14,6 +14,7 @@
 #include "kept/backend/cpu_bf16.hpp"
 #include "kept/backend/cuda/backend.cuh"
 #include "kept/core/random.hpp"
+#include "support/backend_values.hpp"
 
 namespace {
 
@@ -45,20 +46,10 @@ struct Figures {
   std::vector<float> hidden_gradient;
 };
 
+using kept::test::host_floats;
 template <class B>
 kept::Tensor device(B& b, const std::vector<float>& values, kept::DType dtype) {
-  kept::Tensor host =
-      kept::Tensor::empty(kept::DType::F32, {static_cast<std::int64_t>(values.size())});
-  for (std::size_t i = 0; i < values.size(); ++i)
-    host.data<float>()[i] = values[i];
-  kept::Tensor out = b.zeros(dtype, host.shape());
-  b.upload(host, out);
-  return out;
-}
-template <class B>
-std::vector<float> host_floats(B& b, const kept::Tensor& t) {
-  const kept::Tensor h = b.download(t).to(kept::DType::F32);
-  return std::vector<float>(h.data<float>(), h.data<float>() + h.numel());
+  return kept::test::to_backend(b, values, dtype);
 }
 
 template <class B>

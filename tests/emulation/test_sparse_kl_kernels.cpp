@@ -18,6 +18,7 @@
 #include "kept/core/random.hpp"
 #include "kept/io/teacher_logits.hpp"
 #include "kept/xkd/sparse_kl.hpp"
+#include "support/backend_values.hpp"
 
 namespace {
 
@@ -62,19 +63,10 @@ struct Figures {
   std::vector<float> gradient[2];
 };
 
+using kept::test::host_floats;
 template <class B>
 kept::Tensor device(B& b, const std::vector<float>& values) {
-  kept::Tensor host =
-      kept::Tensor::empty(kept::DType::F32, {static_cast<std::int64_t>(values.size())});
-  std::copy(values.begin(), values.end(), host.data<float>());
-  kept::Tensor out = b.zeros(kept::DType::F32, host.shape());
-  b.upload(host, out);
-  return out;
-}
-template <class B>
-std::vector<float> host_floats(B& b, const kept::Tensor& t) {
-  const kept::Tensor h = b.download(t).to(kept::DType::F32);
-  return std::vector<float>(h.data<float>(), h.data<float>() + h.numel());
+  return kept::test::to_backend(b, values);
 }
 
 template <class B>

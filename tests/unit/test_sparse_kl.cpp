@@ -17,6 +17,7 @@
 #include "kept/io/teacher_logits.hpp"
 #include "kept/xkd/logit_kl.hpp"
 #include "kept/xkd/sparse_kl.hpp"
+#include "support/backend_values.hpp"
 #include "support/errors.hpp"
 #include "support/gradcheck.hpp"
 
@@ -97,19 +98,6 @@ SparseTeacherRows sparse_rows(const Matrix& teacher, double temperature, std::in
     append_teacher_top_k(row.data(), 1, static_cast<std::int64_t>(row.size()), temperature, k,
                          rows);
   return rows;
-}
-
-std::vector<double> softmax(const std::vector<double>& logits, double temperature) {
-  double max = -INFINITY;
-  for (double x : logits)
-    max = std::max(max, x / temperature);
-  std::vector<double> p(logits.size());
-  double sum = 0;
-  for (std::size_t v = 0; v < logits.size(); ++v)
-    sum += p[v] = std::exp(logits[v] / temperature - max);
-  for (double& x : p)
-    x /= sum;
-  return p;
 }
 
 // The teacher row renormalised as the header says: p_i = exp(lp_i) / Z, r / Z.

@@ -14,6 +14,7 @@
 #include "kept/backend/cpu.hpp"
 #include "kept/model/decoder.hpp"
 #include "kept/xkd/xkd.hpp"
+#include "support/backend_values.hpp"
 #include "support/gradcheck.hpp"
 #include "support/layer_harness.hpp"
 
@@ -51,19 +52,6 @@ Matrix reference_logits(const Tensor& hidden, const Linear<Backend>& head) {
       logits[i][v] = sum;
     }
   return logits;
-}
-
-std::vector<double> softmax(const std::vector<double>& logits, double temperature) {
-  double max = -INFINITY;
-  for (double x : logits)
-    max = std::max(max, x / temperature);
-  std::vector<double> p(logits.size());
-  double sum = 0;
-  for (std::size_t v = 0; v < logits.size(); ++v)
-    sum += p[v] = std::exp(logits[v] / temperature - max);
-  for (double& x : p)
-    x /= sum;
-  return p;
 }
 
 std::size_t argmax(const std::vector<double>& x) {
