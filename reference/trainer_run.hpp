@@ -652,6 +652,9 @@ class Run {
 // when it does not fit; with --gpu, the device's allocations are capped at that GPU's budget.
 inline Plan plan_training(const TrainJob& job, const TrainOptions& options, bool cuda) {
   const std::string where = job.file.string();
+  KEPT_CHECK(options.gpu.empty() || cuda, where, ": --gpu ", options.gpu,
+             " plans and caps a cuda run, and this job's device is \"", job.device,
+             "\" (pass --device cuda)");
   const PlanJob input = plan_job(job, cuda && cuda_emulated());
   TargetSpec target = cpu_spec();
   if (cuda) {

@@ -247,6 +247,8 @@ def test_bad_memory_fields_are_refused(kept_bin, tmp_path, case):
 
 
 def test_plan_bad_flags(kept_bin, tmp_path):
+    expect_failure(kept_bin, "train", small_job(tmp_path), "--synthetic", "--gpu", "h100-80g",
+                   needles=["--gpu h100-80g", "device is \"cpu\""])
     expect_failure(kept_bin, "plan", JOB_14B, "--gpu", "h100-94g",
                    needles=["unknown GPU", "h100-94g", "h200-141g"])
     expect_failure(kept_bin, "plan", JOB_14B, "--gpus", 2, needles=["--gpus 2", "one GPU"])
