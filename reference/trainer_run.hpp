@@ -206,7 +206,8 @@ class Run {
       }
     }
     progress.finish();
-    report_memory(metrics, meter);
+    // A resumed run that had finished stays as it was.
+    if (tokens_this_session > 0) report_memory(metrics, meter, state.step);
 
     TrainResult result;
     result.steps = state.step;
@@ -541,12 +542,15 @@ class Run {
   }
 
   // The peak of kept's allocations during training against the plan's prediction.
-  void report_memory(MetricsLog& metrics, const MemoryMeter& meter) {
+  // `step`: the last step, so that a resume keeps the record with the steps before it
+  // (train_metrics.cpp drops records past the resumed step, and those without one).
+  void report_memory(MetricsLog& metrics, const MemoryMeter& meter, std::int64_t step) {
     const double measured = static_cast<double>(meter.peak());
     // On a host backend the plan's host terms (a streamed teacher's layers) share the meter.
     const double predicted =
         plan_.device_bytes + (Backend::space == MemorySpace::Host ? plan_.host_bytes : 0.0);
     metrics.write({{"type", "memory"},
+                   {"step", step},
                    {"peak_bytes", meter.peak()},
                    {"predicted_bytes", predicted},
                    {"plan", plan_.strategy.describe()}});

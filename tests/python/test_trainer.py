@@ -534,7 +534,7 @@ def test_norm_only_converges_to_the_opm_closed_form(world, kept_bin, tmp_path):
     short_error = worst_relative_error(norm_weights(short / "final" / "model.safetensors"), w_star)
     # the trainer's loss at the end is OPM's minimum: the report's per-site loss at w*, summed,
     # over the tokens (the trainer's loss is a mean over target tokens)
-    final_loss = read_metrics(converged)[-1]["loss"]
+    final_loss = [r for r in read_metrics(converged) if r["type"] == "train"][-1]["loss"]
     minimum = sum(s["loss"]["calibrated"] for s in rep["sites"]) / rep["tokens"]
     print(f"[norm-only] max relative error to w*: start {start_error:.3g}, "
           f"{NORM_ONLY_FEW_STEPS} steps {short_error:.3g}, {NORM_ONLY_STEPS} steps {error:.3g} "
