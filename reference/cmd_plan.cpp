@@ -96,7 +96,7 @@ void register_plan(CLI::App& app) {
       std::printf("%s\n", out.dump(2).c_str());
       return;
     }
-    std::printf("%s", format_plan_report(plan_input, target, plans, chosen, runnable,
+    std::printf("%s", format_plan_report(plan_input, target, host_memory, plans, chosen, runnable,
                                          job_plan ? &*job_plan : nullptr)
                           .c_str());
   });

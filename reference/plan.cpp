@@ -558,7 +558,7 @@ nlohmann::json plan_json(const Plan& plan) {
           {"offline_precompute_hours", plan.offline_precompute_hours}};
 }
 
-std::string format_plan_report(const PlanJob& job, const TargetSpec& target,
+std::string format_plan_report(const PlanJob& job, const TargetSpec& target, double host_memory,
                                const std::vector<Plan>& plans, const Plan* chosen,
                                const Plan* chosen_runnable, const Plan* job_plan) {
   std::ostringstream out;
@@ -641,12 +641,21 @@ std::string format_plan_report(const PlanJob& job, const TargetSpec& target,
     out << "NOTHING FITS on " << target.name << ".\n";
     if (smallest) {
       table(*smallest, "the smallest plan");
-      std::snprintf(line, sizeof line, "It needs %s more device memory than %s leaves.\n",
-                    bytes_text(smallest->device_bytes - smallest->device_budget).c_str(),
-                    target.name.c_str());
+      if (smallest->device_bytes > smallest->device_budget) {
+        std::snprintf(line, sizeof line, "It needs %s more device memory than %s leaves.\n",
+                      bytes_text(smallest->device_bytes - smallest->device_budget).c_str(),
+                      target.name.c_str());
+      } else {
+        std::snprintf(line, sizeof line,
+                      "It fits the device but needs %s of host memory, more than the %s given "
+                      "(--host-memory).\n",
+                      bytes_text(smallest->host_bytes).c_str(), bytes_text(host_memory).c_str());
+      }
       out << line;
     }
-    out << "What would fit: a GPU with more memory (kept plan --gpu " << gpu_names()
+    out << "What would fit: more host memory where the plan keeps states or teacher layers "
+           "there, a GPU with more memory (kept plan --gpu "
+        << gpu_names()
         << "), several GPUs sharding the states and weights (ZeRO, kept plan --gpus N when it "
            "lands), or a shorter sequence / smaller batch (activations scale with them).\n";
   }

@@ -138,7 +138,7 @@ Strategy resolve_strategy(const TrainJob& job, const PlanJob& plan_job, const Ta
                           double host_memory_bytes);
 
 // A table for people (kept plan) and the same as JSON (kept plan --json).
-std::string format_plan_report(const PlanJob& job, const TargetSpec& target,
+std::string format_plan_report(const PlanJob& job, const TargetSpec& target, double host_memory,
                                const std::vector<Plan>& plans, const Plan* chosen,
                                const Plan* chosen_runnable, const Plan* job_plan);
 nlohmann::json plan_json(const Plan& plan);

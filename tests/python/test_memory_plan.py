@@ -184,7 +184,8 @@ def test_14b_job_on_a100_40g_is_planned_honestly(kept_bin):
     out = plan_json(kept_bin, JOB_14B, "--gpu", "a100-40g", "--host-memory", "1")
     assert not out["fits"] and out["plan"] is None
     text = run_kept(kept_bin, "plan", JOB_14B, "--gpu", "a100-40g", "--host-memory", "1").stdout
-    assert "NOTHING FITS" in text and "more device memory" in text and "What would fit" in text
+    assert "NOTHING FITS" in text and "What would fit" in text
+    assert "fits the device but needs" in text and "more host memory" in text
 
 
 def small_job(tmp_path: Path, **changes) -> Path:
