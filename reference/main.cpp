@@ -27,6 +27,7 @@ int main(int argc, char** argv) {
   kept::cli::register_demo(app);
   kept::cli::register_plan(app);
   kept::cli::register_teacher_logits(app);
+  kept::cli::register_compare(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& error) {
