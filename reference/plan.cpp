@@ -10,6 +10,7 @@
 #include "kept/core/error.hpp"
 #include "kept/io/hf_config.hpp"
 #include "kept/model/parameter_arena.hpp"
+#include "kept/train/adamw.hpp"
 
 namespace kept::cli {
 
@@ -163,12 +164,10 @@ int Strategy::approximations() const {
   return (states != "fp32") + !master + (teacher == "offline");
 }
 
-std::vector<std::string> Strategy::not_runnable(bool on_cuda, std::int64_t grad_accum) const {
+std::vector<std::string> Strategy::not_runnable(std::int64_t grad_accum) const {
   std::vector<std::string> missing;
   if (!gradient_buffer && grad_accum > 1)
     missing.push_back("no gradient buffer with grad_accum > 1 (layer-major micro-batches)");
-  if (states == "bf16") missing.push_back("bf16 states");
-  if (states_on_host && on_cuda) missing.push_back("states on host");
   return missing;
 }
 
@@ -273,8 +272,23 @@ Plan estimate(const PlanJob& job, const Strategy& s, const TargetSpec& target,
       (s.states == "int8" ? " (absmax per 256; small tensors fp32)" : "");
   if (s.states_on_host) {
     add("optimizer states (host)", state_bytes, state_detail, true);
-    // Streamed through the device in two chunks of one layer's state each.
-    add("optimizer state chunks", 2 * state_bytes / std::max(1.0, layers + 2), "two layers' worth");
+    // A device backend updates them through staging buffers of one chunk's state each
+    // (kept/train/adamw.hpp, update_staged): m, v, their absmax and the master, each sized by the
+    // largest chunk of any parameter in that part's dtype.
+    if (job.cuda) {
+      const std::int64_t chunk = AdamWConfig{}.host_state_chunk;
+      double moment = 0, absmax = 0, master = 0;
+      for (std::int64_t n : sizes) {
+        const auto elements = static_cast<double>(std::min(n, chunk));
+        const bool quantized = s.states == "int8" && n >= job.min_8bit_size;
+        moment = std::max(moment, elements * (quantized ? 1.0 : s.states == "bf16" ? 2.0 : 4.0));
+        if (quantized) absmax = std::max(absmax, 4.0 * std::ceil(elements / kQuantBlock));
+        master = std::max(master, elements * 4.0);
+      }
+      add("optimizer state staging", 2 * moment + 2 * absmax + (masters ? master : 0),
+          "one chunk of at most " + std::to_string(static_cast<long long>(chunk)) +
+              " elements' state");
+    }
   } else {
     add("optimizer states", state_bytes, state_detail);
   }
@@ -353,7 +367,7 @@ Plan estimate(const PlanJob& job, const Strategy& s, const TargetSpec& target,
     plan.fits = plan.device_bytes <= plan.device_budget &&
                 (plan.host_bytes == 0 || plan.host_bytes <= host_memory_bytes);
   }
-  plan.not_runnable = s.not_runnable(job.cuda && !target.cpu, job.grad_accum);
+  plan.not_runnable = s.not_runnable(job.grad_accum);
 
   // ---- time -----------------------------------------------------------------------------------
   const double step_tokens = static_cast<double>(job.tokens_per_step());
@@ -460,7 +474,6 @@ std::vector<Plan> all_plans(const PlanJob& job, const TargetSpec& target,
           for (bool host : {false, true})
             for (bool buffer : {true, false}) {
               if (target.cpu && (host || teacher == "streamed")) continue;  // one memory
-              if (!job.cuda && std::string(states) == "bf16") continue;     // fp32 backend
               Strategy s{checkpointing, teacher, states, master, host, buffer};
               plans.push_back(estimate(job, s, target, host_memory_bytes));
             }

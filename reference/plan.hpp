@@ -72,7 +72,7 @@ struct Strategy {
   // How many approximations it makes (0 = the reference numbers).
   int approximations() const;
   // Which choices kept train cannot run yet (empty: it can).
-  std::vector<std::string> not_runnable(bool on_cuda, std::int64_t grad_accum) const;
+  std::vector<std::string> not_runnable(std::int64_t grad_accum) const;
 };
 
 // What the planner reads of a job.

@@ -82,8 +82,9 @@ class Run {
     adam.decay.bias = job_.decay_biases;
     const Strategy& strategy = plan_.strategy;
     adam.master_weights = strategy.master;
-    adam.moment_bits = strategy.states == "int8" ? 8 : 32;
+    adam.moment_bits = strategy.states == "int8" ? 8 : strategy.states == "bf16" ? 16 : 32;
     adam.min_8bit_size = job_.min_8bit_size;
+    adam.states_on_host = strategy.states_on_host;
     AdamW optimizer(adam);
     ArenaLayout layout = optimizer.arena_layout();
     layout.gradient_buffer = strategy.gradient_buffer;
@@ -98,11 +99,16 @@ class Run {
                             : master                    ? "fp32 master weights"
                                      : "bf16 weights rounded stochastically (no masters)";
       const double bytes_per_element =
-          (master ? 4.0 : 0.0) +
-          (adam.moment_bits == 8 ? 2.0 + 8.0 / kQuantBlock : 2.0 * dtype_size(Precision::master));
-      std::fprintf(stderr, "optimizer: AdamW, %s, %lld-bit moments: about %.1f MiB of state\n",
+          (master ? 4.0 : 0.0) + (adam.moment_bits == 8    ? 2.0 + 8.0 / kQuantBlock
+                                  : adam.moment_bits == 16 ? 4.0
+                                                           : 2.0 * dtype_size(Precision::master));
+      std::fprintf(stderr, "optimizer: AdamW, %s, %lld-bit moments: about %.1f MiB of state%s\n",
                    weights, static_cast<long long>(adam.moment_bits),
-                   bytes_per_element * static_cast<double>(arena.elements()) / (1 << 20));
+                   bytes_per_element * static_cast<double>(arena.elements()) / (1 << 20),
+                   !adam.states_on_host ? ""
+                   : Backend::space == MemorySpace::Host
+                       ? " (in host memory)"
+                       : " in host memory, staged through the device in chunks");
     }
     CosineSchedule schedule{job_.lr, job_.warmup_steps, job_.steps, job_.min_lr, 0.0};
     schedule.validate();

@@ -8,6 +8,7 @@
 #include "kept/backend/cpu.hpp"
 #include "kept/model/decoder.hpp"
 #include "kept/model/init.hpp"
+#include "kept/model/streamed_layers.hpp"
 #include "support/gradcheck.hpp"
 #include "support/layer_harness.hpp"
 
@@ -160,4 +161,40 @@ TEST_CASE("Decoder rejects bad token ids and shapes", "[model]") {
   ModelConfig bad = tiny_decoder_config(Architecture::Llama, false, false);
   bad.num_kv_heads = 1;
   CHECK_THROWS_WITH((Decoder<RMSNorm, Cpu>(cpu, bad)), Catch::Contains("num_key_value_heads"));
+}
+
+// The streamed teacher (kept/model/streamed_layers.hpp): the same outputs as resident weights,
+// bit for bit, and every layer copied once per forward: layer l + 1 is queued while layer l is
+// brought, and with an even number of layers layer 0 is queued after the last one, so the second
+// forward finds it in place.
+TEST_CASE("Streamed layers give the resident outputs and copy each layer once a forward",
+          "[model]") {
+  Cpu cpu;
+  for (const std::int64_t layers : {1, 3, 4}) {
+    INFO(layers << " layers");
+    ModelConfig config = tiny_decoder_config(Architecture::Orion, false, false);
+    config.num_layers = layers;
+    Decoder<LayerNorm, Cpu> resident(cpu, config), streamed(cpu, config);
+    init_parameters(cpu, resident, {.seed = 9, .std = 0.3});
+    init_parameters(cpu, streamed, {.seed = 9, .std = 0.3});
+    StreamedLayers<Cpu> slots(cpu, streamed);
+    streamed.set_before_layer([&](std::size_t l) { slots.bring(cpu, streamed, l); });
+    streamed.layers.back().visit([](Parameter& p) { CHECK(!p.value.defined()); });
+    const std::vector<std::int32_t> tokens{1, 5, 9, 2, 36, 0, 7, 7};
+    Decoder<LayerNorm, Cpu>::Activations want, got;
+    resident.forward(cpu, tokens, 2, 4, want, ForwardMode::Inference);
+    for (int pass = 1; pass <= 2; ++pass) {
+      INFO("forward " << pass);
+      streamed.forward(cpu, tokens, 2, 4, got, ForwardMode::Inference);
+      for (std::int64_t i = 0; i < want.hidden.numel(); ++i)
+        REQUIRE(got.hidden.data<float>()[i] == want.hidden.data<float>()[i]);
+      // One layer: it stays in its slot. Three: layer 0 shares the last layer's slot and is
+      // copied by the next forward itself, while layer 1 stays in slot 1 across forwards. Four:
+      // layer 0 is prefetched after layer 3, so each forward copies every layer once.
+      const std::int64_t expected = layers == 1   ? 1
+                                    : layers == 3 ? 3 + 2 * (pass - 1)
+                                                  : 4 * pass + 1;
+      CHECK(slots.copies() == expected);
+    }
+  }
 }

@@ -50,6 +50,11 @@
 // ---------------------------|--------------------------------------------------------------
 // zeros, ensure, fill_zero   | allocate in a dtype (ensure reallocates only on a new shape/dtype)
 // upload, download           | host -> backend (converting to the destination's dtype); backend -> host
+// download_into              | backend -> an existing host tensor of the same dtype and shape
+// host_zeros                 | zeroed host memory the backend copies to and from fastest (pinned)
+// upload_behind              | host -> backend, same dtype, overlapping the work queued so far
+//                            | (which it may overwrite: it starts when that work is done)
+// await_uploads              | work queued from now on sees every upload_behind before it
 // upload_tokens, rope_table  | token ids into backend memory; the RoPE cos/sin table
 // copy, add, accumulate      | b = a; out = a + b; out += a   (Activation)
 // add_bias, bias_backward    | out[r, :] += bias; d_bias += sum_r d_out[r, :]
@@ -116,6 +121,25 @@ struct UsesPrecision {
   using Stat = typename P::Stat;
 };
 
+// download_into's preconditions, one message for every backend.
+inline void require_download_into(const Tensor& source, const Tensor& host) {
+  KEPT_CHECK(host.defined() && host.space() == MemorySpace::Host,
+             "download_into: the destination is not a host tensor");
+  KEPT_CHECK(source.dtype() == host.dtype() && source.shape() == host.shape(),
+             "download_into: source ", dtype_name(source.dtype()), " ", source.shape(),
+             " for a destination ", dtype_name(host.dtype()), " ", host.shape());
+}
+
+// upload_behind's preconditions: an exact copy (no conversion on the way).
+inline void require_upload_behind(const Tensor& host, const Tensor& destination) {
+  KEPT_CHECK(host.defined() && host.space() == MemorySpace::Host,
+             "upload_behind: the source is not a host tensor");
+  KEPT_CHECK(destination.defined() && host.dtype() == destination.dtype() &&
+                 host.shape() == destination.shape(),
+             "upload_behind: source ", dtype_name(host.dtype()), " ", host.shape(),
+             " for a destination ", dtype_name(destination.dtype()), " ", destination.shape());
+}
+
 // The scalars of one AdamW update, formed on the host the way torch forms them
 // (kept/train/adamw.hpp); the backend applies them to a range of elements.
 struct AdamWScalars {
@@ -131,21 +155,29 @@ struct AdamWScalars {
   // Bf16 weights without master copies: the key of the stochastic rounding bits
   // (kept::rounding_bits), one per parameter and step, so a resumed run draws the same bits.
   std::uint64_t rounding_key = 0;
+  // The index of the range's first element within its parameter: the rounding bits are those of
+  // (key, element index in the parameter), so a parameter updated in chunks (optimizer states
+  // staged from host memory) draws the same bits as one updated whole.
+  std::uint64_t first_element = 0;
 };
 
-// One range's AdamW moments: fp32 (exp_avg, exp_avg_sq; Master), or 8-bit blockwise (one code
-// rank per element and one fp32 absmax per kQuantBlock elements from the range's start;
-// kept/core/dynamic_code.hpp). Exactly one of the two forms is set.
+// One range's AdamW moments: fp32 (exp_avg, exp_avg_sq; Master), bf16 (rounded stochastically
+// after each update, with kept::moment_rounding_key's bits), or 8-bit blockwise (one code rank per
+// element and one fp32 absmax per kQuantBlock elements from the range's start;
+// kept/core/dynamic_code.hpp). Exactly one of the three forms is set.
 template <class M>
 struct AdamWMoments {
   M* exp_avg = nullptr;
   M* exp_avg_sq = nullptr;
+  bf16* exp_avg_bf16 = nullptr;
+  bf16* exp_avg_sq_bf16 = nullptr;
   std::uint8_t* exp_avg_codes = nullptr;
   std::uint8_t* exp_avg_sq_codes = nullptr;
   float* exp_avg_absmax = nullptr;
   float* exp_avg_sq_absmax = nullptr;
 
   bool quantized() const { return exp_avg_codes != nullptr; }
+  bool bf16_moments() const { return exp_avg_bf16 != nullptr; }
 };
 
 // The RoPE cos/sin table a backend keeps for (head_dim, theta, positions).
@@ -191,6 +223,10 @@ concept Backend = requires {
   b.fill_zero(tensor);
   b.upload(host, tensor);
   { b.download(host) } -> std::same_as<Tensor>;
+  b.download_into(host, tensor);
+  { b.host_zeros(dtype, shape) } -> std::same_as<Tensor>;
+  b.upload_behind(host, tensor);
+  b.await_uploads();
   b.upload_tokens(host_tokens, tensor);
   { b.rope_table(n, theta, n) } -> std::same_as<typename B::RopeTable>;
   b.copy(cact, act, n);

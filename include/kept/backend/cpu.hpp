@@ -61,6 +61,17 @@ struct CpuBackend : UsesPrecision<Precision<T, T, T, T, T>> {
     if (converted.nbytes()) std::memcpy(destination.raw(), converted.raw(), converted.nbytes());
   }
   Tensor download(const Tensor& source) { return source.clone(); }
+  Tensor host_zeros(DType dtype, const Shape& shape) { return Tensor::zeros(dtype, shape); }
+  // Nothing runs behind the caller's back here: the copy is done when this returns.
+  void upload_behind(const Tensor& host, Tensor& destination) {
+    require_upload_behind(host, destination);
+    upload(host, destination);
+  }
+  void await_uploads() {}
+  void download_into(const Tensor& source, Tensor& host) {
+    require_download_into(source, host);
+    if (source.nbytes()) std::memmove(host.raw(), source.raw(), source.nbytes());
+  }
   void upload_tokens(std::span<const std::int32_t> tokens, Tensor& destination) {
     ensure(destination, DType::I32, {static_cast<std::int64_t>(tokens.size())});
     if (!tokens.empty()) std::memcpy(destination.raw(), tokens.data(), tokens.size_bytes());

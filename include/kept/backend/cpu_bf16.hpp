@@ -36,6 +36,12 @@ class CpuBf16 : public UsesPrecision<Precision<bf16, bf16, float, float, float>>
   void fill_zero(Tensor& tensor) { fp32_.fill_zero(tensor); }
   void upload(const Tensor& host, Tensor& destination) { fp32_.upload(host, destination); }
   Tensor download(const Tensor& source) { return fp32_.download(source); }
+  void download_into(const Tensor& source, Tensor& host) { fp32_.download_into(source, host); }
+  Tensor host_zeros(DType dtype, const Shape& shape) { return fp32_.host_zeros(dtype, shape); }
+  void upload_behind(const Tensor& host, Tensor& destination) {
+    fp32_.upload_behind(host, destination);
+  }
+  void await_uploads() {}
   void upload_tokens(std::span<const std::int32_t> tokens, Tensor& destination) {
     fp32_.upload_tokens(tokens, destination);
   }

@@ -124,4 +124,10 @@ KEPT_HOST_DEVICE inline std::uint32_t rounding_bits(std::uint64_t key, std::uint
   return static_cast<std::uint32_t>(splitmix64(key + index * kSplitMixIncrement) >> 48);
 }
 
+// The keys of bf16 moments' stochastic rounding (moment 0: m, 1: v), derived from the update's
+// key so the weights, m and v draw independent bits.
+KEPT_HOST_DEVICE inline std::uint64_t moment_rounding_key(std::uint64_t key, int moment) {
+  return splitmix64(key ^ (moment == 0 ? 0x6578705f61766731ull : 0x6578705f61766732ull));
+}
+
 }  // namespace kept

@@ -43,6 +43,7 @@ struct ArenaLayout {
   bool optimizer_state = true;     // AdamW's moments (and master weights, below)
   bool master_weights = true;      // fp32 masters, where the backend's Param is not its Master
   bool quantized_moments = false;  // 8-bit moments (codes + absmax) instead of Master ones
+  bool bf16_moments = false;       // bf16 moments instead of Master ones
   // false: no gradient for every parameter at once (memory.gradients "none"). The parameters
   // outside the decoder layers keep their own gradient slots; every layer's gradients share one
   // layer-sized region, which the trainer consumes (updates, then zeroes) after each layer's
@@ -131,8 +132,9 @@ class ParameterArena {
         exp_avg_absmax_ = backend.zeros(DType::F32, {total_ / kQuantBlock});
         exp_avg_sq_absmax_ = backend.zeros(DType::F32, {total_ / kQuantBlock});
       } else {
-        exp_avg_ = backend.zeros(Precision::master, {total_});
-        exp_avg_sq_ = backend.zeros(Precision::master, {total_});
+        const DType moment = layout.bf16_moments ? DType::BF16 : Precision::master;
+        exp_avg_ = backend.zeros(moment, {total_});
+        exp_avg_sq_ = backend.zeros(moment, {total_});
       }
     }
     for (std::size_t i = 0; i < params.size(); ++i)

@@ -3,11 +3,16 @@
 //
 // A 14B teacher is 29 GB of bf16 weights; its 40 layers are 681 MB each. Streamed, only the
 // embedding, the final norm, the LM head and two layer slots stay in the backend's memory; the
-// layers' weights are held in host memory and copied into a slot just before the layer runs
-// (slot l % 2, so the next layer's copy can overlap the current layer's compute on a backend
-// with asynchronous copies). The copies are exact (same dtype), so the forward pass is the
-// resident one bit for bit; the cost is one pass over the layers' bytes per forward, which the
-// trainer amortises by running the teacher once per micro-batch.
+// layers' weights are held in host memory (pinned, Backend::host_zeros) and layer l runs from
+// slot l % 2. When layer l is brought, the copy of layer l + 1 into the other slot is queued with
+// Backend::upload_behind: on CUDA it runs on a second stream while layer l computes, starting
+// once the work queued before it (layer l - 1, the slot's previous user) is done; the compute
+// waits for it (await_uploads) only when layer l + 1 is brought. After the last layer, layer 0 is
+// prefetched the same way for the next forward when the two do not share a slot (an even number
+// of layers). On the CPU the copies are simply synchronous. The copies are exact (same dtype),
+// so the forward pass is the resident one bit for bit; the cost is one pass over the layers'
+// bytes per forward, hidden behind the compute when a layer's copy takes less time than its
+// forward (kept plan's "teacher transfer (overlapped)").
 //
 // Use: StreamedLayers<B> streamed(backend, teacher);  // moves the layers' weights to the host
 //      teacher.set_before_layer([&](std::size_t l) { streamed.bring(backend, teacher, l); });
@@ -16,6 +21,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "kept/core/error.hpp"
@@ -39,7 +45,10 @@ class StreamedLayers {
       model.layers[l].visit([&](Parameter& p) {
         KEPT_CHECK(!p.grad.defined(), "streamed layers: ", p.name,
                    " has a gradient; only a frozen model can be streamed");
-        host_[l].push_back(backend.download(p.value));
+        // Pinned where the backend has it, so the copies run at the link's full rate.
+        Tensor host = backend.host_zeros(p.value.dtype(), p.value.shape());
+        backend.download_into(p.value, host);
+        host_[l].push_back(std::move(host));
         p.value = Tensor();  // the backend's copy is released here
       });
     }
@@ -56,16 +65,16 @@ class StreamedLayers {
     }
   }
 
-  // Copies layer `l`'s weights into its slot and points the layer's parameters at them.
+  // Makes layer `l`'s weights ready in its slot for the work queued next, points the layer's
+  // parameters at them, and starts copying the next layer into the other slot.
   template <class Model>
   void bring(Backend& backend, Model& model, std::size_t l) {
     KEPT_CHECK(l < host_.size(), "streamed layers: no layer ", l);
+    queue_copy(backend, l);  // a no-op when it was prefetched
+    backend.await_uploads();
+    const std::size_t next = (l + 1) % host_.size();
+    if (next % 2 != l % 2) queue_copy(backend, next);
     std::vector<Tensor>& slot = slots_[l % 2];
-    if (resident_[l % 2] != static_cast<std::int64_t>(l)) {
-      for (std::size_t k = 0; k < slot.size(); ++k)
-        backend.upload(host_[l][k], slot[k]);
-      resident_[l % 2] = static_cast<std::int64_t>(l);
-    }
     std::size_t k = 0;
     model.layers[l].visit([&](Parameter& p) { p.value = slot[k++]; });
     // The layer that used this slot before no longer owns weights in it.
@@ -73,6 +82,8 @@ class StreamedLayers {
   }
 
   std::size_t layers() const { return host_.size(); }
+  // Copies queued so far (prefetches included), for tests.
+  std::int64_t copies() const { return copies_; }
   // Bytes of the layers in host memory, and of the two slots in the backend's.
   std::int64_t host_bytes() const {
     std::int64_t bytes = 0;
@@ -83,9 +94,20 @@ class StreamedLayers {
   }
 
  private:
+  // Queues the copy of layer `l` into slot l % 2 unless it is there already.
+  void queue_copy(Backend& backend, std::size_t l) {
+    if (resident_[l % 2] == static_cast<std::int64_t>(l)) return;
+    std::vector<Tensor>& slot = slots_[l % 2];
+    for (std::size_t k = 0; k < slot.size(); ++k)
+      backend.upload_behind(host_[l][k], slot[k]);
+    resident_[l % 2] = static_cast<std::int64_t>(l);
+    ++copies_;
+  }
+
   std::vector<std::vector<Tensor>> host_;
   std::vector<Tensor> slots_[2];
   std::int64_t resident_[2] = {-1, -1};
+  std::int64_t copies_ = 0;
 };
 
 }  // namespace kept

@@ -45,10 +45,23 @@
 //    are not lost to round-to-nearest). The random bits are a counter-based hash of
 //    (parameter name, its step, element index): a resumed run draws the same bits, and the CPU
 //    and the GPU agree to the bit. Saves 4 bytes a parameter.
+//  - moment_bits = 16: m and v stored in bf16 (4 bytes a parameter for both instead of 8), each
+//    rounded stochastically after its update (bits from kept::moment_rounding_key, so resumes and
+//    backends agree): round-to-nearest would freeze v, whose per-step change (1 - b2 = 0.1% of
+//    it) is below half a bf16 ulp (0.4%); stochastic rounding keeps it right on average. All
+//    parameters, small ones included. Not torch-exact.
 //  - moment_bits = 8: m and v as 8-bit blockwise codes (kept/core/dynamic_code.hpp: a dynamic-
 //    tree code, one fp32 absmax per 256 elements, 2.03 bytes a parameter for both instead of
 //    8), for parameters of at least min_8bit_size elements; smaller ones (norms, biases) keep
 //    fp32 moments, as bitsandbytes does. Not torch-exact: each step requantises m and v.
+//  - states_on_host: the moments, absmax and masters live in host memory (memory.states_on
+//    "host" in a job); a backend with its own memory gets each parameter's state copied into a
+//    staging area, host_state_chunk elements at a time, updated there by the same
+//    Backend::adamw_update, and copied back. The copies are exact and the rounding bits are
+//    indexed by the element's place in its parameter (AdamWScalars::first_element), so the run
+//    is bit-identical to states in the backend's memory; the device holds one chunk's state
+//    instead of the model's, and each step moves the state across the link twice (the cost
+//    `kept plan` charges). On a host backend it only keeps the state out of the arena.
 // With the defaults (fp32 moments, masters where the parameters are bf16) nothing changes.
 //
 // State, per parameter and keyed by its name: exp_avg (m) and exp_avg_sq (v) as fp32 tensors of
@@ -58,7 +71,8 @@
 //   "adamw.steps_taken"   I64 [1]   calls to step() so far
 //   "adamw.beta1" / "adamw.beta2" / "adamw.eps"   F64 [1]   checked on load: m and v mean
 //                                                           nothing under other betas
-//   "exp_avg/<name>", "exp_avg_sq/<name>"   F32, the parameter's shape (U8 when 8-bit)
+//   "exp_avg/<name>", "exp_avg_sq/<name>"   F32, the parameter's shape (U8 when 8-bit, BF16
+//                                           when 16-bit)
 //   "exp_avg_absmax/<name>", "exp_avg_sq_absmax/<name>"   F32 [ceil(numel / 256)], 8-bit only
 //   "step/<name>"         I64 [1]
 //   "master/<name>"       F32, only where fp32 master weights of bf16 parameters are kept
@@ -73,6 +87,7 @@
 // same total on every run and every thread count, and no fp32 overflow for large gradients.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -135,8 +150,11 @@ struct AdamWConfig {
   // Compact states (top comment). master_weights only matters where the backend's parameters
   // are not its optimizer type (bf16 parameters).
   bool master_weights = true;
-  int moment_bits = 32;  // 32 or 8
+  int moment_bits = 32;  // 32, 16 (bf16) or 8
   std::int64_t min_8bit_size = 4096;
+  bool states_on_host = false;
+  // Elements per staged copy; a multiple of kQuantBlock so 8-bit blocks are never split.
+  std::int64_t host_state_chunk = std::int64_t{1} << 24;
 };
 
 // The parameters of anything with visit_parameters (a Decoder, a layer), in visiting order.
@@ -181,10 +199,13 @@ class AdamW {
     KEPT_CHECK(config_.eps >= 0, "AdamW: eps must be >= 0, got ", config_.eps);
     KEPT_CHECK(config_.weight_decay >= 0, "AdamW: weight_decay must be >= 0, got ",
                config_.weight_decay);
-    KEPT_CHECK(config_.moment_bits == 32 || config_.moment_bits == 8,
-               "AdamW: moment_bits must be 32 or 8, got ", config_.moment_bits);
+    KEPT_CHECK(config_.moment_bits == 32 || config_.moment_bits == 16 || config_.moment_bits == 8,
+               "AdamW: moment_bits must be 32, 16 or 8, got ", config_.moment_bits);
     KEPT_CHECK(config_.min_8bit_size >= 0, "AdamW: min_8bit_size must be >= 0, got ",
                config_.min_8bit_size);
+    KEPT_CHECK(config_.host_state_chunk > 0 && config_.host_state_chunk % kQuantBlock == 0,
+               "AdamW: host_state_chunk must be a positive multiple of ", kQuantBlock, ", got ",
+               config_.host_state_chunk);
   }
 
   const AdamWConfig& config() const { return config_; }
@@ -193,15 +214,17 @@ class AdamW {
   // Parameters whose state does not fit the arena's buffers (fp32 moments of a small parameter
   // next to an 8-bit arena, masters the arena has none of) get their own allocations.
   void use_arena(const ParameterArena* arena) {
+    if (config_.states_on_host) return;  // the state lives in host memory, not in the arena
     KEPT_CHECK(!arena || arena->has_optimizer_state(),
                "AdamW: the parameter arena was built without optimizer state");
     arena_ = arena;
   }
   // The arena layout that holds this optimizer's state.
   ArenaLayout arena_layout() const {
-    return {.optimizer_state = true,
+    return {.optimizer_state = !config_.states_on_host,
             .master_weights = config_.master_weights,
-            .quantized_moments = config_.moment_bits == 8};
+            .quantized_moments = config_.moment_bits == 8,
+            .bf16_moments = config_.moment_bits == 16};
   }
   // Whether parameter `p`'s moments are 8-bit.
   bool quantizes(const Parameter& p) const {
@@ -258,19 +281,14 @@ class AdamW {
       scalars.decay = config_.weight_decay != 0 && decays(*p);
       scalars.decay_keep = static_cast<float>(1.0 - lr * config_.weight_decay);
       scalars.rounding_key = Random::hash(fnv1a(p->name) ^ static_cast<std::uint64_t>(state.step));
-      Master* master = state.master.defined() ? state.master.template data<Master>() : nullptr;
-      AdamWMoments<Master> moments;
-      if (state.exp_avg_absmax.defined()) {
-        moments.exp_avg_codes = state.exp_avg.template data<std::uint8_t>();
-        moments.exp_avg_sq_codes = state.exp_avg_sq.template data<std::uint8_t>();
-        moments.exp_avg_absmax = state.exp_avg_absmax.template data<float>();
-        moments.exp_avg_sq_absmax = state.exp_avg_sq_absmax.template data<float>();
-      } else {
-        moments.exp_avg = state.exp_avg.template data<Master>();
-        moments.exp_avg_sq = state.exp_avg_sq.template data<Master>();
+      if (stages<Backend>()) {
+        update_staged(backend, *p, state, scalars);
+        continue;
       }
+      Master* master = state.master.defined() ? state.master.template data<Master>() : nullptr;
       backend.adamw_update(p->value.template data<typename Backend::Param>(), master,
-                           p->grad.template data<Grad>(), moments, p->value.numel(), scalars);
+                           p->grad.template data<Grad>(), moments_of<Master>(state),
+                           p->value.numel(), scalars);
     }
   }
 
@@ -296,14 +314,17 @@ class AdamW {
     out.push_back({"adamw.beta1", detail::train_scalar_f64(config_.beta1)});
     out.push_back({"adamw.beta2", detail::train_scalar_f64(config_.beta2)});
     out.push_back({"adamw.eps", detail::train_scalar_f64(config_.eps)});
+    auto host = [&](const Tensor& t) {
+      return t.space() == MemorySpace::Host ? t.clone() : backend.download(t);
+    };
     for (const auto& [name, state] : states_) {
-      out.push_back({"exp_avg/" + name, backend.download(state.exp_avg)});
-      out.push_back({"exp_avg_sq/" + name, backend.download(state.exp_avg_sq)});
+      out.push_back({"exp_avg/" + name, host(state.exp_avg)});
+      out.push_back({"exp_avg_sq/" + name, host(state.exp_avg_sq)});
       if (state.exp_avg_absmax.defined()) {
-        out.push_back({"exp_avg_absmax/" + name, backend.download(state.exp_avg_absmax)});
-        out.push_back({"exp_avg_sq_absmax/" + name, backend.download(state.exp_avg_sq_absmax)});
+        out.push_back({"exp_avg_absmax/" + name, host(state.exp_avg_absmax)});
+        out.push_back({"exp_avg_sq_absmax/" + name, host(state.exp_avg_sq_absmax)});
       }
-      if (state.master.defined()) out.push_back({"master/" + name, backend.download(state.master)});
+      if (state.master.defined()) out.push_back({"master/" + name, host(state.master)});
       out.push_back({"step/" + name, detail::train_scalar_i64(state.step)});
     }
     return out;
@@ -395,14 +416,16 @@ class AdamW {
         const Tensor& t = take(key);
         KEPT_CHECK(t.dtype() == dtype, where, ": ", key, " is ", dtype_name(t.dtype()),
                    ", expected ", dtype_name(dtype),
-                   t.dtype() == DType::U8 || dtype == DType::U8
-                       ? " (the state was saved with other moment_bits than configured)"
+                   key.starts_with("exp_avg")
+                       ? " (the state was saved with other optimizer_states than configured)"
                        : "");
         KEPT_CHECK(t.shape() == expected, where, ": ", key, " has shape ", t.shape(), ", expected ",
                    expected, " for parameter ", name);
         return &t;
       };
-      const DType moment_dtype = quantized ? DType::U8 : kMaster;
+      const DType moment_dtype = quantized                   ? DType::U8
+                                 : config_.moment_bits == 16 ? DType::BF16
+                                                             : kMaster;
       Entry entry{&p, tensor("exp_avg/" + name, moment_dtype, shape),
                   tensor("exp_avg_sq/" + name, moment_dtype, shape)};
       if (quantized) {
@@ -428,13 +451,13 @@ class AdamW {
     std::map<std::string, State, std::less<>> loaded;
     for (const Entry& entry : checked) {
       State s = empty_state(backend, *entry.param);
-      backend.upload(*entry.exp_avg, s.exp_avg);
-      backend.upload(*entry.exp_avg_sq, s.exp_avg_sq);
+      assign(backend, *entry.exp_avg, s.exp_avg);
+      assign(backend, *entry.exp_avg_sq, s.exp_avg_sq);
       if (entry.exp_avg_absmax) {
-        backend.upload(*entry.exp_avg_absmax, s.exp_avg_absmax);
-        backend.upload(*entry.exp_avg_sq_absmax, s.exp_avg_sq_absmax);
+        assign(backend, *entry.exp_avg_absmax, s.exp_avg_absmax);
+        assign(backend, *entry.exp_avg_sq_absmax, s.exp_avg_sq_absmax);
       }
-      if (entry.master) backend.upload(*entry.master, s.master);
+      if (entry.master) assign(backend, *entry.master, s.master);
       s.step = entry.step;
       loaded.emplace(entry.param->name, std::move(s));
     }
@@ -473,8 +496,12 @@ class AdamW {
       s.exp_avg_sq_absmax =
           fresh_state(backend, p.name, DType::F32, blocks, &ParameterArena::exp_avg_sq_absmax);
     } else {
-      s.exp_avg = fresh_state(backend, p.name, kMaster, shape, &ParameterArena::exp_avg);
-      s.exp_avg_sq = fresh_state(backend, p.name, kMaster, shape, &ParameterArena::exp_avg_sq);
+      const DType moment = config_.moment_bits == 16 ? DType::BF16 : kMaster;
+      KEPT_CHECK(moment != DType::BF16 || kMaster == DType::F32,
+                 "AdamW: bf16 moments need fp32 optimizer math; ", Backend::name(), " keeps ",
+                 dtype_name(kMaster));
+      s.exp_avg = fresh_state(backend, p.name, moment, shape, &ParameterArena::exp_avg);
+      s.exp_avg_sq = fresh_state(backend, p.name, moment, shape, &ParameterArena::exp_avg_sq);
     }
     if (keeps_master<Backend>())
       s.master = fresh_state(backend, p.name, kMaster, shape, &ParameterArena::master);
@@ -492,7 +519,7 @@ class AdamW {
     }
     State s = empty_state(backend, p);
     // The master starts as the parameter's value, widened exactly.
-    if (s.master.defined()) backend.upload(backend.download(p.value), s.master);
+    if (s.master.defined()) assign(backend, backend.download(p.value), s.master);
     return states_.emplace(p.name, std::move(s)).first->second;
   }
 
@@ -505,11 +532,118 @@ class AdamW {
     }
   }
 
-  // A zeroed state tensor for parameter `name`: its slot in the arena's buffer `which` when the
-  // arena has that buffer in `dtype`, else a new allocation.
+  // Whether states in host memory are staged through the backend's memory for the update.
+  template <class Backend>
+  bool stages() const {
+    return config_.states_on_host && Backend::space != MemorySpace::Host;
+  }
+
+  // The pointers Backend::adamw_update takes for a state's moments, `offset` elements in.
+  template <class Master>
+  static AdamWMoments<Master> moments_of(State& state, std::int64_t offset = 0) {
+    AdamWMoments<Master> moments;
+    if (state.exp_avg_absmax.defined()) {
+      const std::int64_t block = offset / kQuantBlock;
+      moments.exp_avg_codes = state.exp_avg.template data<std::uint8_t>() + offset;
+      moments.exp_avg_sq_codes = state.exp_avg_sq.template data<std::uint8_t>() + offset;
+      moments.exp_avg_absmax = state.exp_avg_absmax.template data<float>() + block;
+      moments.exp_avg_sq_absmax = state.exp_avg_sq_absmax.template data<float>() + block;
+    } else if (state.exp_avg.dtype() == DType::BF16) {
+      moments.exp_avg_bf16 = state.exp_avg.template data<bf16>() + offset;
+      moments.exp_avg_sq_bf16 = state.exp_avg_sq.template data<bf16>() + offset;
+    } else {
+      moments.exp_avg = state.exp_avg.template data<Master>() + offset;
+      moments.exp_avg_sq = state.exp_avg_sq.template data<Master>() + offset;
+    }
+    return moments;
+  }
+
+  // A host state's elements [first, first + count) (its absmax: the blocks they span), and the
+  // same range's place in a staging buffer.
+  static Tensor host_range(const Tensor& host, std::int64_t first, std::int64_t count) {
+    const auto size = static_cast<std::int64_t>(dtype_size(host.dtype()));
+    const auto offset =
+        static_cast<std::size_t>(static_cast<const char*>(host.raw()) -
+                                 static_cast<const char*>(host.storage()->data()) + first * size);
+    return Tensor::from_storage(host.dtype(), Shape{count}, host.storage(), offset);
+  }
+  static Tensor staging_range(const Tensor& staging, DType dtype, std::int64_t count) {
+    return Tensor::from_storage(dtype, Shape{count}, staging.storage());
+  }
+
+  // One parameter's update with its state in host memory: chunk by chunk, the state is copied
+  // into the staging buffers, updated there, and copied back.
+  template <class Backend>
+  void update_staged(Backend& backend, Parameter& p, State& state, AdamWScalars scalars) {
+    using Master = typename Backend::Master;
+    const std::int64_t numel = p.value.numel();
+    const std::int64_t chunk = std::min(numel, config_.host_state_chunk);
+    // The parts of the state this parameter has: (host tensor, staging buffer, elements a
+    // state element covers: 1, or kQuantBlock for an absmax).
+    struct Part {
+      Tensor* host;
+      Tensor* staging;
+      std::int64_t per;
+    };
+    std::vector<Part> parts = {{&state.exp_avg, &staging_[0], 1},
+                               {&state.exp_avg_sq, &staging_[1], 1}};
+    if (state.exp_avg_absmax.defined()) {
+      parts.push_back({&state.exp_avg_absmax, &staging_[2], kQuantBlock});
+      parts.push_back({&state.exp_avg_sq_absmax, &staging_[3], kQuantBlock});
+    }
+    if (state.master.defined()) parts.push_back({&state.master, &staging_[4], 1});
+    for (const Part& part : parts) {
+      const std::int64_t bytes = (chunk + part.per - 1) / part.per *
+                                 static_cast<std::int64_t>(dtype_size(part.host->dtype()));
+      if (!part.staging->defined() || part.staging->numel() < bytes) {
+        *part.staging = Tensor();  // released before the larger one is taken
+        *part.staging = backend.zeros(DType::U8, Shape{bytes});
+      }
+    }
+    State staged;  // views of the staging buffers, in the layout moments_of reads
+    for (std::int64_t first = 0; first < numel; first += chunk) {
+      const std::int64_t count = std::min(chunk, numel - first);
+      std::vector<std::pair<Tensor, Tensor>> ranges;  // (host range, staging range)
+      for (const Part& part : parts) {
+        const std::int64_t n = (count + part.per - 1) / part.per;
+        Tensor host = host_range(*part.host, first / part.per, n);
+        Tensor staging = staging_range(*part.staging, part.host->dtype(), n);
+        backend.upload(host, staging);
+        ranges.emplace_back(std::move(host), std::move(staging));
+      }
+      staged.exp_avg = ranges[0].second;
+      staged.exp_avg_sq = ranges[1].second;
+      staged.exp_avg_absmax = state.exp_avg_absmax.defined() ? ranges[2].second : Tensor();
+      staged.exp_avg_sq_absmax = state.exp_avg_absmax.defined() ? ranges[3].second : Tensor();
+      staged.master = state.master.defined() ? ranges.back().second : Tensor();
+      scalars.first_element = static_cast<std::uint64_t>(first);
+      Master* master = staged.master.defined() ? staged.master.template data<Master>() : nullptr;
+      backend.adamw_update(p.value.template data<typename Backend::Param>() + first, master,
+                           p.grad.template data<typename Backend::Grad>() + first,
+                           moments_of<Master>(staged), count, scalars);
+      for (auto& [host, staging] : ranges)
+        backend.download_into(staging, host);
+    }
+  }
+
+  // Copies a host tensor into a state tensor, converting to its dtype (upload, or a host copy
+  // for a state kept in host memory).
+  template <class Backend>
+  static void assign(Backend& backend, const Tensor& host, Tensor& state) {
+    if (state.space() != MemorySpace::Host) return backend.upload(host, state);
+    KEPT_CHECK(host.shape() == state.shape(), "AdamW: state of shape ", state.shape(),
+               " given a tensor of shape ", host.shape());
+    const Tensor converted = host.dtype() == state.dtype() ? host : host.to(state.dtype());
+    if (converted.nbytes()) std::memcpy(state.raw(), converted.raw(), converted.nbytes());
+  }
+
+  // A zeroed state tensor for parameter `name`: host memory when the states live there, else
+  // its slot in the arena's buffer `which` when the arena has that buffer in `dtype`, else a new
+  // allocation.
   template <class Backend>
   Tensor fresh_state(Backend& backend, std::string_view name, DType dtype, const Shape& shape,
                      Tensor (ParameterArena::*which)(const ArenaSlot&) const) {
+    if (config_.states_on_host) return backend.host_zeros(dtype, shape);
     if (arena_) {
       const ArenaSlot* slot = arena_->find(name);
       KEPT_CHECK(slot, "AdamW: parameter ", name, " is not in the parameter arena");
@@ -526,6 +660,8 @@ class AdamW {
   const ParameterArena* arena_ = nullptr;
   std::map<std::string, State, std::less<>> states_;
   std::int64_t steps_taken_ = 0;
+  // Backend memory the staged updates go through (states_on_host): m, v, their absmax, master.
+  Tensor staging_[5];
 };
 
 // Multiplies every gradient by `factor` (e.g. 1/accumulation_steps after accumulating).

@@ -68,10 +68,27 @@ inline void adamw_update(P* value, M* master, const M* grad, const AdamWMoments<
       master[i] = updated;
       value[i] = to_bf16(updated);
     } else {
-      const auto index = static_cast<std::uint64_t>(i);
+      const auto index = scalars.first_element + static_cast<std::uint64_t>(i);
       value[i] = bf16{bf16_stochastic(updated, rounding_bits(scalars.rounding_key, index))};
     }
   };
+  if (moments.bf16_moments()) {
+    if constexpr (std::is_same_v<M, float>) {
+      const std::uint64_t m_key = moment_rounding_key(scalars.rounding_key, 0);
+      const std::uint64_t v_key = moment_rounding_key(scalars.rounding_key, 1);
+      for (std::int64_t i = 0; i < count; ++i) {
+        float m = to_float(moments.exp_avg_bf16[i]), v = to_float(moments.exp_avg_sq_bf16[i]);
+        write(i, kept::adamw_element<float>(read(i), grad[i], m, v, scalars));
+        const auto index = scalars.first_element + static_cast<std::uint64_t>(i);
+        moments.exp_avg_bf16[i] = bf16{bf16_stochastic(m, rounding_bits(m_key, index))};
+        moments.exp_avg_sq_bf16[i] = bf16{bf16_stochastic(v, rounding_bits(v_key, index))};
+      }
+    } else {
+      KEPT_CHECK(false, "adamw_update: bf16 moments need fp32 optimizer math, this backend's is ",
+                 dtype_name(dtype_of_v<M>));
+    }
+    return;
+  }
   if (!moments.quantized()) {
     for (std::int64_t i = 0; i < count; ++i)
       write(i, kept::adamw_element<M>(read(i), grad[i], moments.exp_avg[i], moments.exp_avg_sq[i],

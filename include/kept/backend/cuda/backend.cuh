@@ -86,6 +86,20 @@ class CudaBackend : public UsesPrecision<Precision<bf16, bf16, float, float, flo
     kept::cuda::copy(destination, converted);
   }
   Tensor download(const Tensor& source) { return context_->download(source); }
+  void upload_behind(const Tensor& host, Tensor& destination) {
+    require_upload_behind(host, destination);
+    KEPT_CHECK(destination.space() == MemorySpace::Cuda,
+               "upload_behind: the destination is not device memory");
+    context_->upload_behind(destination.raw(), host.raw(), host.nbytes());
+  }
+  void await_uploads() { context_->await_uploads(); }
+  Tensor host_zeros(DType dtype, const Shape& shape) {
+    return kept::cuda::pinned_host_zeros(dtype, shape);
+  }
+  void download_into(const Tensor& source, Tensor& host) {
+    require_download_into(source, host);
+    kept::cuda::copy(host, source);
+  }
   void upload_tokens(std::span<const std::int32_t> tokens, Tensor& destination) {
     ensure(destination, DType::I32, {static_cast<std::int64_t>(tokens.size())});
     if (!tokens.empty())

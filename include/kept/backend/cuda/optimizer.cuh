@@ -50,14 +50,15 @@ __global__ void sum_squares_kernel(const T* values, std::int64_t count, double* 
 // The updated fp32 value stored: into the master and round-to-nearest, or stochastically.
 template <class T>
 __device__ __forceinline__ void adamw_store(T* value, float* master, std::int64_t i, float updated,
-                                            std::uint64_t rounding_key) {
+                                            const AdamWScalars& scalars) {
   if (master) {
     master[i] = updated;
     value[i] = from_f32<T>(updated);
   } else if constexpr (std::is_same_v<T, float>) {
     value[i] = updated;
   } else {
-    const auto bits = bf16_stochastic(updated, rounding_bits(rounding_key, i));
+    const auto index = scalars.first_element + static_cast<std::uint64_t>(i);
+    const auto bits = bf16_stochastic(updated, rounding_bits(scalars.rounding_key, index));
     value[i] = __ushort_as_bfloat16(bits);
   }
 }
@@ -71,7 +72,25 @@ __global__ void adamw_kernel(T* value, float* master, const float* grad, float* 
         ::kept::adamw_element<float>(master ? master[i] : to_f32(value[i]), grad[i], m, v, scalars);
     exp_avg[i] = m;
     exp_avg_sq[i] = v;
-    adamw_store(value, master, i, updated, scalars.rounding_key);
+    adamw_store(value, master, i, updated, scalars);
+  });
+}
+
+// bf16 moments, rounded stochastically (kept::moment_rounding_key; the CPU draws the same bits).
+template <class T>
+__global__ void adamw_bf16_moments_kernel(T* value, float* master, const float* grad,
+                                          std::uint16_t* exp_avg, std::uint16_t* exp_avg_sq,
+                                          std::int64_t count, AdamWScalars scalars) {
+  const std::uint64_t m_key = moment_rounding_key(scalars.rounding_key, 0);
+  const std::uint64_t v_key = moment_rounding_key(scalars.rounding_key, 1);
+  grid_stride(count, [&](std::int64_t i) {
+    float m = float_from_bf16(exp_avg[i]), v = float_from_bf16(exp_avg_sq[i]);
+    const float updated =
+        ::kept::adamw_element<float>(master ? master[i] : to_f32(value[i]), grad[i], m, v, scalars);
+    const auto index = scalars.first_element + static_cast<std::uint64_t>(i);
+    exp_avg[i] = bf16_stochastic(m, rounding_bits(m_key, index));
+    exp_avg_sq[i] = bf16_stochastic(v, rounding_bits(v_key, index));
+    adamw_store(value, master, i, updated, scalars);
   });
 }
 
@@ -94,7 +113,7 @@ __global__ void __launch_bounds__(kQuantBlock)
     v = mul_rounded(table[256 + v_codes[i]], v_absmax[block]);
     const float updated =
         ::kept::adamw_element<float>(master ? master[i] : to_f32(value[i]), grad[i], m, v, scalars);
-    adamw_store(value, master, i, updated, scalars.rounding_key);
+    adamw_store(value, master, i, updated, scalars);
   }
   const float m_max = block_max<static_cast<int>(kQuantBlock)>(active ? fabsf(m) : 0.0f);
   const float v_max = block_max<static_cast<int>(kQuantBlock)>(active ? v : 0.0f);
@@ -128,6 +147,12 @@ cudaError_t launch_adamw(T* value, float* master, const float* grad,
                          const AdamWScalars& scalars, cudaStream_t stream) {
   if (count == 0) return cudaSuccess;
   using namespace detail;
+  if (moments.bf16_moments()) {
+    return launch("adamw_update_bf16_moments", adamw_bf16_moments_kernel<T>,
+                  dim3(blocks_for(count)), dim3(kElementwiseThreads), 0, stream, value, master,
+                  grad, reinterpret_cast<std::uint16_t*>(moments.exp_avg_bf16),
+                  reinterpret_cast<std::uint16_t*>(moments.exp_avg_sq_bf16), count, scalars);
+  }
   if (moments.quantized()) {
     return launch("adamw_update_8bit", adamw_8bit_kernel<T>,
                   dim3(static_cast<unsigned>(quant_blocks(count))), dim3(kQuantBlock),

@@ -24,6 +24,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -156,6 +157,29 @@ inline std::shared_ptr<Storage> allocate_device(std::size_t bytes) {
   }
 }
 
+// Zeroed page-locked host memory, which the copy engines read and write at the link's full rate
+// (pageable memory goes through a bounce buffer at about half of it). Counted as host memory.
+inline Tensor pinned_host_zeros(DType dtype, Shape shape) {
+  const std::size_t bytes = static_cast<std::size_t>(shape.numel()) * dtype_size(dtype);
+  MemoryMeter& meter = host_memory_meter();
+  meter.allocate(bytes);
+  void* data = nullptr;
+  try {
+    if (bytes) KEPT_CUDA_CHECK(cudaMallocHost(&data, bytes));
+    if (bytes) std::memset(data, 0, bytes);
+    auto storage =
+        std::make_shared<Storage>(data, bytes, MemorySpace::Host, [bytes](void* pointer) {
+          if (pointer) (void)cudaFreeHost(pointer);
+          host_memory_meter().release(bytes);
+        });
+    return Tensor::from_storage(dtype, shape, std::move(storage));
+  } catch (...) {
+    if (data) (void)cudaFreeHost(data);
+    meter.release(bytes);
+    throw;
+  }
+}
+
 // Uninitialised device tensor on the current device (cudaMalloc alignment: 256 bytes).
 inline Tensor device_empty(DType dtype, Shape shape) {
   const std::size_t bytes = static_cast<std::size_t>(shape.numel()) * dtype_size(dtype);
@@ -250,6 +274,9 @@ namespace detail {
 struct StreamDeleter {
   void operator()(CUstream_st* stream) const noexcept { (void)cudaStreamDestroy(stream); }
 };
+struct EventDeleter {
+  void operator()(CUevent_st* event) const noexcept { (void)cudaEventDestroy(event); }
+};
 #if !defined(KEPT_CUDA_EMULATION)
 struct LtHandleDeleter {
   void operator()(cublasLtContext* handle) const noexcept { (void)cublasLtDestroy(handle); }
@@ -298,6 +325,7 @@ class Cuda {
   Cuda(Cuda&&) = delete;
   Cuda& operator=(Cuda&&) = delete;
   ~Cuda() {
+    if (transfer_) (void)cudaStreamSynchronize(transfer_.get());
     (void)cudaStreamSynchronize(stream_.get());
 #if !defined(KEPT_CUDA_EMULATION)
     gemm_plans_.reset();  // descriptors first, then the handles they were used with
@@ -330,6 +358,36 @@ class Cuda {
 
   void synchronize() const {
     KEPT_CUDA_CHECK(cudaStreamSynchronize(stream_.get()));
+  }
+
+  // Host -> device copies on a second stream, to overlap with the compute on stream() (the
+  // streamed teacher's next layer while the current one runs). upload_behind() queues a copy
+  // that starts once the work queued on stream() so far is done (so it may overwrite memory that
+  // work reads); await_uploads() makes the work queued on stream() from then on wait for every
+  // copy queued before. `host` should be pinned (pinned_host_zeros) for the copy to be
+  // asynchronous; from pageable memory the driver stages it and returns late.
+  void upload_behind(void* device, const void* host, std::size_t bytes) {
+    if (!transfer_) {
+      cudaStream_t stream = nullptr;
+      // Non-blocking: a synchronous cudaMemcpy elsewhere does not wait for these copies.
+      KEPT_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+      transfer_.reset(stream);
+      for (auto* event : {&compute_done_, &transfers_done_}) {
+        cudaEvent_t created = nullptr;
+        KEPT_CUDA_CHECK(cudaEventCreateWithFlags(&created, cudaEventDisableTiming));
+        event->reset(created);
+      }
+    }
+    KEPT_CUDA_CHECK(cudaEventRecord(compute_done_.get(), stream_.get()));
+    KEPT_CUDA_CHECK(cudaStreamWaitEvent(transfer_.get(), compute_done_.get(), 0));
+    if (bytes)
+      KEPT_CUDA_CHECK(
+          cudaMemcpyAsync(device, host, bytes, cudaMemcpyHostToDevice, transfer_.get()));
+  }
+  void await_uploads() {
+    if (!transfer_) return;
+    KEPT_CUDA_CHECK(cudaEventRecord(transfers_done_.get(), transfer_.get()));
+    KEPT_CUDA_CHECK(cudaStreamWaitEvent(stream_.get(), transfers_done_.get(), 0));
   }
 
   // Throws if a kernel queued earlier failed asynchronously (a sticky error) or a launch failed.
@@ -414,6 +472,9 @@ class Cuda {
   int device_ = 0;
   int sm_count_ = 0;
   std::unique_ptr<CUstream_st, detail::StreamDeleter> stream_;
+  // upload_behind's stream and events (created on first use).
+  std::unique_ptr<CUstream_st, detail::StreamDeleter> transfer_;
+  std::unique_ptr<CUevent_st, detail::EventDeleter> compute_done_, transfers_done_;
 #if !defined(KEPT_CUDA_EMULATION)
   std::unique_ptr<cublasLtContext, detail::LtHandleDeleter> lt_;
 #endif

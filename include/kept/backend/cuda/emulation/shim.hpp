@@ -291,6 +291,18 @@ inline cudaError_t cudaMalloc(void** pointer, std::size_t bytes) {
         cudaErrorMemoryAllocation, "cudaMalloc of " + std::to_string(bytes) + " bytes failed");
   return cudaSuccess;
 }
+// Page-locked host memory: ordinary host memory here (the emulator has no DMA to speed up).
+inline cudaError_t cudaMallocHost(void** pointer, std::size_t bytes) {
+  *pointer = bytes ? std::malloc(bytes) : nullptr;
+  if (bytes && !*pointer)
+    return ::kept::cuda::emulation::record(
+        cudaErrorMemoryAllocation, "cudaMallocHost of " + std::to_string(bytes) + " bytes failed");
+  return cudaSuccess;
+}
+inline cudaError_t cudaFreeHost(void* pointer) {
+  std::free(pointer);
+  return cudaSuccess;
+}
 template <class T>
 cudaError_t cudaMalloc(T** pointer, std::size_t bytes) {
   return cudaMalloc(reinterpret_cast<void**>(pointer), bytes);
@@ -347,6 +359,12 @@ inline cudaError_t cudaStreamCreate(cudaStream_t* stream) {
   *stream = new CUstream_st{};
   return cudaSuccess;
 }
+// Every stream runs in issue order here, so a stream's flags and the waits between streams
+// change nothing; kept's host logic around them (which stream, which event) still runs.
+inline constexpr unsigned int cudaStreamNonBlocking = 1;
+inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int) {
+  return cudaStreamCreate(stream);
+}
 inline cudaError_t cudaStreamDestroy(cudaStream_t stream) {
   delete stream;
   return cudaSuccess;
@@ -370,6 +388,13 @@ inline cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t = nullptr) {
   return cudaSuccess;
 }
 inline cudaError_t cudaEventSynchronize(cudaEvent_t) {
+  return cudaSuccess;
+}
+inline constexpr unsigned int cudaEventDisableTiming = 2;
+inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned int) {
+  return cudaEventCreate(event);
+}
+inline cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned int = 0) {
   return cudaSuccess;
 }
 inline cudaError_t cudaEventElapsedTime(float* milliseconds, cudaEvent_t start, cudaEvent_t end) {
