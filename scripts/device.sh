@@ -26,7 +26,9 @@
 #      then bench/bench_torch_cuda.py: the same shapes in torch eager, torch.compile and SDPA on
 #      cuDNN                                                                -> bench_torch_cuda.txt
 #   8. a tiny `kept train --device cuda` run (cross-entropy, from scratch; attention on cuDNN
-#      when the build found it, the line "attention: ..." says)              -> train.txt
+#      when the build found it, the line "attention: ..." says), then XKD from it with the
+#      teacher resident vs streamed + host optimizer states: identical losses and weights
+#                                                                           -> train.txt
 #   9. a 1B-class `kept train --device cuda` run, 12 steps with the compact optimizer states:
 #      tokens/s and MFU                                                     -> train-1b.txt
 #  10. the 14B job (reference/jobs/orion14b-llamion.json) as `kept train --synthetic`: random
@@ -231,7 +233,8 @@ from pathlib import Path
 work = Path(sys.argv[1])
 words = [f"w{i}" for i in range(300)]
 random.seed(0)
-(work / "corpus.txt").write_text("\n".join(" ".join(random.choice(words) for _ in range(60)) for _ in range(200)))
+# 200 documents (a blank line ends one), so the held-out split leaves plenty to train on.
+(work / "corpus.txt").write_text("\n\n".join(" ".join(random.choice(words) for _ in range(60)) for _ in range(200)))
 (work / "config.json").write_text(json.dumps({
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 512,
     "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
@@ -246,13 +249,44 @@ PY
  "eval": {"every": 0, "max_batches": 2}, "output": "$work/run"}
 JSON
   "$BUILD/reference/kept" train "$work/job.json"
+  # The memory strategies that must not change one bit, with the GPU's real streams (the emulator
+  # runs every stream in order): a random student distilled from the run above, teacher resident
+  # vs streamed (the next layer copied on a second stream) with the states on the device vs in
+  # host memory; the losses and the final weights must be identical.
+  local variant
+  for variant in resident streamed; do
+    local memory='{}'
+    [[ $variant == streamed ]] && memory='{"teacher": "streamed", "states_on": "host"}'
+    cat >"$work/xkd-$variant.json" <<JSON
+{"objective": "xkd-logit", "device": "cuda", "init": {"config": "$work/config.json", "seed": 5},
+ "teacher": "$work/run/final", "tokenizer": "$work/tok/tokenizer.model",
+ "data": {"train": "$work/corpus.txt", "seq_len": 128}, "batch_size": 8, "grad_accum": 2,
+ "steps": 6, "memory": $memory, "eval": {"every": 0, "max_batches": 2},
+ "output": "$work/xkd-$variant"}
+JSON
+    "$BUILD/reference/kept" train "$work/xkd-$variant.json" || return 1
+  done
+  python3 - "$work" <<'PY'
+import json, sys
+from pathlib import Path
+work = Path(sys.argv[1])
+def trace(name):
+    lines = (work / name / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss_exact"]) for r in map(json.loads, lines) if r["type"] == "train"]
+same_loss = trace("xkd-resident") == trace("xkd-streamed")
+weights = [(work / n / "final" / "model.safetensors").read_bytes() for n in ("xkd-resident", "xkd-streamed")]
+print(f"streamed teacher + host states vs resident: losses identical {same_loss}, "
+      f"final weights identical {weights[0] == weights[1]}")
+sys.exit(0 if same_loss and weights[0] == weights[1] else 1)
+PY
 }
 if [[ $REFERENCE == ON ]]; then
   step "kept train --device cuda (tiny ce job)" "$OUT/train.txt" train_run
 else
   skip "kept train --device cuda: no SentencePiece/libgd here, the kept command was not built"
 fi
-grep -E "^device cuda|^attention:|^optimizer:|trained" "$OUT/train.txt" | tee -a "$SUMMARY" || true
+grep -E "^device cuda|^attention:|^optimizer:|trained|^streamed teacher" "$OUT/train.txt" |
+  tee -a "$SUMMARY" || true
 
 # ---- 9. a 1B-class training step: throughput and MFU ------------------------------------------------
 # hidden 2048, 22 layers, 16 heads x 128, intermediate 5504 (1.11e9 parameters outside the
