@@ -274,20 +274,22 @@ Plan estimate(const PlanJob& job, const Strategy& s, const TargetSpec& target,
     add("optimizer states (host)", state_bytes, state_detail, true);
     // A device backend updates them through staging buffers of one chunk's state each
     // (kept/train/adamw.hpp, update_staged): m, v, their absmax and the master, each sized by the
-    // largest chunk of any parameter in that part's dtype.
+    // largest chunk of any parameter in that part's dtype; two sets when a parameter spans more
+    // than one chunk.
     if (job.cuda) {
       const std::int64_t chunk = AdamWConfig{}.host_state_chunk;
-      double moment = 0, absmax = 0, master = 0;
+      double moment = 0, absmax = 0, master = 0, sets = 1;
       for (std::int64_t n : sizes) {
+        if (n > chunk) sets = 2;
         const auto elements = static_cast<double>(std::min(n, chunk));
         const bool quantized = s.states == "int8" && n >= job.min_8bit_size;
         moment = std::max(moment, elements * (quantized ? 1.0 : s.states == "bf16" ? 2.0 : 4.0));
         if (quantized) absmax = std::max(absmax, 4.0 * std::ceil(elements / kQuantBlock));
         master = std::max(master, elements * 4.0);
       }
-      add("optimizer state staging", 2 * moment + 2 * absmax + (masters ? master : 0),
-          "one chunk of at most " + std::to_string(static_cast<long long>(chunk)) +
-              " elements' state");
+      add("optimizer state staging", sets * (2 * moment + 2 * absmax + (masters ? master : 0)),
+          std::string(sets == 2 ? "two chunks" : "one chunk") + " of at most " +
+              std::to_string(static_cast<long long>(chunk)) + " elements' state");
     }
   } else {
     add("optimizer states", state_bytes, state_detail);
@@ -422,7 +424,9 @@ Plan estimate(const PlanJob& job, const Strategy& s, const TargetSpec& target,
   // The optimizer reads the gradient and the weight and reads and writes the states.
   const double optimizer_bytes = aligned * (b.grad + 2 * b.param) + 2 * state_bytes;
   const double optimizer_seconds = optimizer_bytes / bandwidth;
-  const double host_state_seconds = s.states_on_host && link > 0 ? 2 * state_bytes / link : 0;
+  // Host states cross the link both ways each step; the next chunk's upload overlaps the current
+  // one's download (a full-duplex link, kept/train/adamw.hpp's update_staged), so one way's time.
+  const double host_state_seconds = s.states_on_host && link > 0 ? state_bytes / link : 0;
   // Ops per step: ~16 a block forward and ~30 backward (the student), ~16 a teacher block, ~8 a
   // logit chunk, ~3 a parameter tensor in clipping and the update.
   const double chunks = std::ceil(tokens / std::max(1.0, chunk));

@@ -571,46 +571,61 @@ class AdamW {
     return Tensor::from_storage(dtype, Shape{count}, staging.storage());
   }
 
-  // One parameter's update with its state in host memory: chunk by chunk, the state is copied
-  // into the staging buffers, updated there, and copied back.
+  // One parameter's update with its state in host memory, chunk by chunk through two sets of
+  // staging buffers: while chunk k is updated in one set (and then copied back, which waits for
+  // that update), chunk k + 1 is already on its way into the other (Backend::upload_behind, a
+  // second stream on CUDA, ordered after the update of chunk k - 1 that last used that set).
+  // Uploads and downloads overlap on the link (PCIe is full duplex); on the CPU it is all
+  // synchronous. A parameter of one chunk needs only the first set.
   template <class Backend>
   void update_staged(Backend& backend, Parameter& p, State& state, AdamWScalars scalars) {
     using Master = typename Backend::Master;
     const std::int64_t numel = p.value.numel();
     const std::int64_t chunk = std::min(numel, config_.host_state_chunk);
-    // The parts of the state this parameter has: (host tensor, staging buffer, elements a
-    // state element covers: 1, or kQuantBlock for an absmax).
+    // The parts of the state this parameter has: its host tensor, its staging buffer's index,
+    // and the elements a state element covers (1, or kQuantBlock for an absmax).
     struct Part {
       Tensor* host;
-      Tensor* staging;
+      int index;
       std::int64_t per;
     };
-    std::vector<Part> parts = {{&state.exp_avg, &staging_[0], 1},
-                               {&state.exp_avg_sq, &staging_[1], 1}};
+    std::vector<Part> parts = {{&state.exp_avg, 0, 1}, {&state.exp_avg_sq, 1, 1}};
     if (state.exp_avg_absmax.defined()) {
-      parts.push_back({&state.exp_avg_absmax, &staging_[2], kQuantBlock});
-      parts.push_back({&state.exp_avg_sq_absmax, &staging_[3], kQuantBlock});
+      parts.push_back({&state.exp_avg_absmax, 2, kQuantBlock});
+      parts.push_back({&state.exp_avg_sq_absmax, 3, kQuantBlock});
     }
-    if (state.master.defined()) parts.push_back({&state.master, &staging_[4], 1});
-    for (const Part& part : parts) {
-      const std::int64_t bytes = (chunk + part.per - 1) / part.per *
-                                 static_cast<std::int64_t>(dtype_size(part.host->dtype()));
-      if (!part.staging->defined() || part.staging->numel() < bytes) {
-        *part.staging = Tensor();  // released before the larger one is taken
-        *part.staging = backend.zeros(DType::U8, Shape{bytes});
+    if (state.master.defined()) parts.push_back({&state.master, 4, 1});
+    const int sets = numel > chunk ? 2 : 1;
+    for (int set = 0; set < sets; ++set)
+      for (const Part& part : parts) {
+        Tensor& staging = staging_[set][part.index];
+        const std::int64_t bytes = (chunk + part.per - 1) / part.per *
+                                   static_cast<std::int64_t>(dtype_size(part.host->dtype()));
+        if (!staging.defined() || staging.numel() < bytes) {
+          staging = Tensor();  // released before the larger one is taken
+          staging = backend.zeros(DType::U8, Shape{bytes});
+        }
       }
-    }
-    State staged;  // views of the staging buffers, in the layout moments_of reads
-    for (std::int64_t first = 0; first < numel; first += chunk) {
+    // Queues chunk `first`'s state into staging set `set`: (host range, staging range) a part.
+    auto stage = [&](std::int64_t first, int set) {
       const std::int64_t count = std::min(chunk, numel - first);
-      std::vector<std::pair<Tensor, Tensor>> ranges;  // (host range, staging range)
+      std::vector<std::pair<Tensor, Tensor>> ranges;
       for (const Part& part : parts) {
         const std::int64_t n = (count + part.per - 1) / part.per;
         Tensor host = host_range(*part.host, first / part.per, n);
-        Tensor staging = staging_range(*part.staging, part.host->dtype(), n);
-        backend.upload(host, staging);
+        Tensor staging = staging_range(staging_[set][part.index], part.host->dtype(), n);
+        backend.upload_behind(host, staging);
         ranges.emplace_back(std::move(host), std::move(staging));
       }
+      return ranges;
+    };
+    auto ranges = stage(0, 0);
+    State staged;  // views of the staging buffers, in the layout moments_of reads
+    for (std::int64_t first = 0, k = 0; first < numel; first += chunk, ++k) {
+      backend.await_uploads();  // chunk k is in place before its update runs
+      const std::int64_t next = first + chunk;
+      auto next_ranges = next < numel ? stage(next, static_cast<int>((k + 1) % 2))
+                                      : std::vector<std::pair<Tensor, Tensor>>{};
       staged.exp_avg = ranges[0].second;
       staged.exp_avg_sq = ranges[1].second;
       staged.exp_avg_absmax = state.exp_avg_absmax.defined() ? ranges[2].second : Tensor();
@@ -620,9 +635,10 @@ class AdamW {
       Master* master = staged.master.defined() ? staged.master.template data<Master>() : nullptr;
       backend.adamw_update(p.value.template data<typename Backend::Param>() + first, master,
                            p.grad.template data<typename Backend::Grad>() + first,
-                           moments_of<Master>(staged), count, scalars);
+                           moments_of<Master>(staged), std::min(chunk, numel - first), scalars);
       for (auto& [host, staging] : ranges)
         backend.download_into(staging, host);
+      ranges = std::move(next_ranges);
     }
   }
 
@@ -660,8 +676,9 @@ class AdamW {
   const ParameterArena* arena_ = nullptr;
   std::map<std::string, State, std::less<>> states_;
   std::int64_t steps_taken_ = 0;
-  // Backend memory the staged updates go through (states_on_host): m, v, their absmax, master.
-  Tensor staging_[5];
+  // Backend memory the staged updates go through (states_on_host): two sets of m, v, their
+  // absmax and the master.
+  Tensor staging_[2][5];
 };
 
 // Multiplies every gradient by `factor` (e.g. 1/accumulation_steps after accumulating).
