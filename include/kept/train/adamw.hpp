@@ -59,9 +59,10 @@
 //    staging area, host_state_chunk elements at a time, updated there by the same
 //    Backend::adamw_update, and copied back. The copies are exact and the rounding bits are
 //    indexed by the element's place in its parameter (AdamWScalars::first_element), so the run
-//    is bit-identical to states in the backend's memory; the device holds one chunk's state
-//    instead of the model's, and each step moves the state across the link twice (the cost
-//    `kept plan` charges). On a host backend it only keeps the state out of the arena.
+//    is bit-identical to states in the backend's memory; the device holds two chunks' state
+//    instead of the model's (update_staged double-buffers them), and each step moves the state
+//    across the link once each way, the two directions overlapping (what `kept plan` charges).
+//    On a host backend it only keeps the state out of the arena.
 // With the defaults (fp32 moments, masters where the parameters are bf16) nothing changes.
 //
 // State, per parameter and keyed by its name: exp_avg (m) and exp_avg_sq (v) as fp32 tensors of
