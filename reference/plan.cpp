@@ -164,10 +164,12 @@ int Strategy::approximations() const {
   return (states != "fp32") + !master + (teacher == "offline");
 }
 
-std::vector<std::string> Strategy::not_runnable(std::int64_t grad_accum) const {
+std::vector<std::string> Strategy::not_runnable(const PlanJob& job) const {
   std::vector<std::string> missing;
-  if (!gradient_buffer && grad_accum > 1)
-    missing.push_back("no gradient buffer with grad_accum > 1 (layer-major micro-batches)");
+  if (!gradient_buffer && !job.student_backward)
+    missing.push_back(
+        "no gradient buffer with norm_only loss \"opm-l2\" (it has no backward to update the "
+        "layers in)");
   return missing;
 }
 
@@ -181,6 +183,7 @@ PlanJob plan_job(const TrainJob& job, bool emulated) {
   plan.grad_accum = job.grad_accum;
   plan.steps = job.steps;
   plan.min_8bit_size = job.min_8bit_size;
+  plan.student_backward = !(job.objective == Objective::NormOnly && job.norm_only_loss == "opm-l2");
   plan.cuda = job.device == "cuda";
   plan.emulated = emulated && plan.cuda;
   std::error_code error;
@@ -329,15 +332,25 @@ Plan estimate(const PlanJob& job, const Strategy& s, const TargetSpec& target,
   }
 
   // The student's activations (Training mode): L+1 residual slots and every block's cache, or
-  // with checkpointing the slots and one cache reused by the recompute.
+  // with checkpointing the slots and one cache reused by the recompute. Without a gradient
+  // buffer the micro-batches run layer-major (kept/model/decoder.hpp): every micro-batch's
+  // forward is in memory at once, each with its output gradient (d_hidden, or xkd-hidden's
+  // L+1 state gradients) and its residual-stream gradient during backward.
   const double accum_in_flight = per_layer_update ? static_cast<double>(job.grad_accum) : 1;
   const double slots = (layers + 1) * b.act * tokens * h;
-  const double caches = (s.checkpointing ? 1 : layers) * block_cache_bytes(c, b, tokens);
+  const double caches =
+      (s.checkpointing ? 1 : layers * accum_in_flight) * block_cache_bytes(c, b, tokens);
+  const double output_gradients =
+      (job.objective == Objective::XkdHidden ? layers + 2 : 1) * b.act * tokens * h;
+  std::string activations_detail =
+      s.checkpointing ? "layer inputs + one block recomputed" : "every block's cache";
+  if (accum_in_flight > 1)
+    activations_detail += ", " + std::to_string(job.grad_accum) + " micro-batches layer-major";
   add("student activations",
       accum_in_flight *
               (4 * tokens + slots + b.stat * tokens * (1 + ln_student) + b.act * tokens * h) +
-          caches,
-      s.checkpointing ? "layer inputs + one block recomputed" : "every block's cache");
+          (accum_in_flight - 1) * (output_gradients + b.act * tokens * h) + caches,
+      activations_detail);
   // Backward buffers, allocated once and kept (kept/model/decoder.hpp, block.hpp): d_hidden, two
   // residual gradients, the attention's d_o/dq/dk/dv, the MLP's three, d_normed and d_mid.
   add("backward buffers", b.act * tokens * ((s.checkpointing ? 10 : 9) * h + 3 * i),
@@ -369,7 +382,7 @@ Plan estimate(const PlanJob& job, const Strategy& s, const TargetSpec& target,
     plan.fits = plan.device_bytes <= plan.device_budget &&
                 (plan.host_bytes == 0 || plan.host_bytes <= host_memory_bytes);
   }
-  plan.not_runnable = s.not_runnable(job.grad_accum);
+  plan.not_runnable = s.not_runnable(job);
 
   // ---- time -----------------------------------------------------------------------------------
   const double step_tokens = static_cast<double>(job.tokens_per_step());
@@ -611,7 +624,7 @@ std::string format_plan_report(const PlanJob& job, const TargetSpec& target, dou
     }
     std::snprintf(line, sizeof line, "  %-30s %12s  of %s: %s\n", "device peak",
                   bytes_text(plan.device_bytes).c_str(), bytes_text(plan.device_budget).c_str(),
-                  plan.fits ? "fits" : "does NOT fit");
+                  plan.device_bytes <= plan.device_budget ? "fits" : "does NOT fit");
     out << line;
     if (plan.host_bytes > 0) {
       std::snprintf(line, sizeof line, "  %-30s %12s\n", "pinned host memory",
@@ -636,7 +649,7 @@ std::string format_plan_report(const PlanJob& job, const TargetSpec& target, dou
     }
     out << "\n";
     if (!plan.not_runnable.empty()) {
-      out << "  not yet runnable by kept train:";
+      out << "  not runnable by kept train for this job:";
       for (const std::string& what : plan.not_runnable)
         out << " " << what << ";";
       out << "\n";
@@ -647,9 +660,9 @@ std::string format_plan_report(const PlanJob& job, const TargetSpec& target, dou
   if (chosen) {
     table(*chosen, "plan (fits; within 25% of the fastest, the fewest approximations)");
     if (chosen_runnable && chosen_runnable != chosen)
-      table(*chosen_runnable, "best plan kept train runs today");
+      table(*chosen_runnable, "best plan kept train can run for this job");
     else if (!chosen_runnable)
-      out << "no plan kept train can run today fits this target.\n\n";
+      out << "no plan kept train can run for this job fits this target.\n\n";
   } else {
     // Nothing fits: say by how much, and what would.
     const Plan* smallest = nullptr;

@@ -71,8 +71,8 @@ struct Strategy {
   std::string describe() const;
   // How many approximations it makes (0 = the reference numbers).
   int approximations() const;
-  // Which choices kept train cannot run yet (empty: it can).
-  std::vector<std::string> not_runnable(std::int64_t grad_accum) const;
+  // Which choices kept train cannot run for this job (empty: it can).
+  std::vector<std::string> not_runnable(const struct PlanJob& job) const;
 };
 
 // What the planner reads of a job.
@@ -87,7 +87,10 @@ struct PlanJob {
   std::int64_t offline_k = 32;
   bool cuda = false;      // bf16 activations and weights, fp32 gradients
   bool emulated = false;  // the CUDA backend's host emulation (no cuBLASLt workspace)
-  std::string source;     // where the shapes came from
+  // false: the objective sets its gradients without the student's backward (norm-only
+  // "opm-l2"), so no layer can be updated inside backward (gradients "none")
+  bool student_backward = true;
+  std::string source;  // where the shapes came from
   std::int64_t tokens_per_step() const { return batch * seq * grad_accum; }
 };
 

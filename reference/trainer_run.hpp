@@ -264,9 +264,21 @@ class Run {
       });
   }
 
-  // `first`: the position of the batch's first token in the training stream (the offline
-  // teacher's file is indexed by it, kept/io/teacher_logits.hpp).
-  double micro_step(const Batch& batch, std::int64_t first) {
+  // A micro-batch's forward and output gradients, kept for its backward: one slot with a
+  // gradient buffer, grad_accum slots for a layer-major backward (train_step).
+  struct MicroBatch {
+    typename Student::Activations acts;
+    Tensor d_hidden;
+    std::vector<Tensor> d_states;  // xkd-hidden: dL/dh_l for each residual-stream slot
+    bool backward = true;          // false: the objective set the gradients itself (opm-l2)
+    bool hidden_gradient = true;   // false: only d_states carry gradient
+  };
+
+  // One micro-batch's student forward (kept in `slot`), teacher forward and loss; its output
+  // gradients go to slot.d_hidden / slot.d_states for backward (micro_backward). `first`: the
+  // position of the batch's first token in the training stream (the offline teacher's file is
+  // indexed by it, kept/io/teacher_logits.hpp).
+  double micro_forward(const Batch& batch, std::int64_t first, MicroBatch& slot) {
     const std::int64_t count = batch.batch * batch.seq;
     const double normalizer = static_cast<double>(batch.target_count() * job_.grad_accum);
     const auto hidden_shape = Shape{count, student_config_.hidden_size};
@@ -274,15 +286,20 @@ class Run {
     if (opm_l2) {
       // OPM's own objective reads the teacher's norm parameters on the host (validated in
       // train_on: only with device cpu).
-      if constexpr (std::is_same_v<Backend, Cpu>) return norm_only_opm_step(batch, normalizer);
+      if constexpr (std::is_same_v<Backend, Cpu>) {
+        slot.backward = false;  // the objective's gradient is computed directly
+        return norm_only_opm_step(batch, normalizer);
+      }
     }
+    slot.backward = true;
 
-    student_.forward(backend_, batch.inputs, batch.batch, batch.seq, student_acts_,
+    student_.forward(backend_, batch.inputs, batch.batch, batch.seq, slot.acts,
                      ForwardMode::Training);
-    backend_.ensure(d_hidden_, Backend::Precision::activation, hidden_shape);
-    backend_.fill_zero(d_hidden_);
-    MatrixView<Act> d_hidden = as_matrix<Act>(d_hidden_);
-    const auto student_hidden = as_matrix<const Act>(student_acts_.hidden);
+    slot.hidden_gradient = job_.objective != Objective::XkdHidden;
+    backend_.ensure(slot.d_hidden, Backend::Precision::activation, hidden_shape);
+    backend_.fill_zero(slot.d_hidden);
+    MatrixView<Act> d_hidden = as_matrix<Act>(slot.d_hidden);
+    const auto student_hidden = as_matrix<const Act>(slot.acts.hidden);
     double loss = 0;
     switch (job_.objective) {
       case Objective::CrossEntropy: {
@@ -291,7 +308,6 @@ class Run {
         loss = xkd::cross_entropy(backend_, student_.lm_head, student_hidden, batch.targets,
                                   &d_hidden, options)
                    .loss;
-        student_.backward(backend_, student_acts_, d_hidden_);
         break;
       }
       case Objective::XkdLogit:
@@ -308,7 +324,6 @@ class Run {
           loss = xkd::sparse_logit_kl(backend_, rows.view(), student_.lm_head, student_hidden,
                                       &d_hidden, options)
                      .loss;
-          student_.backward(backend_, student_acts_, d_hidden_);
           break;
         }
         teacher_->forward(backend_, batch.inputs, batch.batch, batch.seq, teacher_acts_,
@@ -328,7 +343,6 @@ class Run {
                                student_hidden, &d_hidden, options)
                      .loss;
         }
-        student_.backward(backend_, student_acts_, d_hidden_);
         break;
       }
       case Objective::XkdHidden: {
@@ -338,10 +352,9 @@ class Run {
         xkd::HiddenMseOptions options;
         options.centre_teacher = job_.centre_teacher;
         options.normalizer = static_cast<double>(count * job_.grad_accum);
-        loss = xkd::hidden_mse(backend_, teacher_acts_.states, student_acts_.states, &d_states_,
+        loss = xkd::hidden_mse(backend_, teacher_acts_.states, slot.acts.states, &slot.d_states,
                                options)
                    .loss;
-        student_.backward(backend_, student_acts_, Tensor(), &d_states_);
         break;
       }
     }
@@ -401,14 +414,17 @@ class Run {
     bool updated = false;  // false: the loss or the gradient norm is not finite, nothing applied
   };
 
-  // One optimizer step: the micro-batches, then clipping and AdamW. With a gradient buffer the
-  // update waits for every gradient and is skipped when one is not finite. Without one
-  // (memory.gradients "none") each layer is updated inside backward (update_layer) and the
-  // embedding, final norm and LM head after it; the global gradient norm is only known once
-  // every layer has been updated, so clipping scales this step's gradients by the coefficient
-  // of the previous step's norm (torch's max_norm / (norm + 1e-6), when below 1). That is the
-  // one place the two differ: with clipping off, or never triggered, the updates are the same
-  // bit for bit (tests/python/test_memory_plan.py).
+  // One optimizer step: the micro-batches, then clipping and AdamW. With a gradient buffer each
+  // micro-batch runs forward and backward in turn, and the update waits for every gradient and
+  // is skipped when one is not finite. Without one (memory.gradients "none") every micro-batch
+  // runs forward first, then one layer-major backward walks the stack (kept/model/decoder.hpp):
+  // each layer's gradient is complete for the whole step when the walk leaves it, and the layer
+  // is updated there (update_layer); the embedding, final norm and LM head after it. The
+  // gradients are the same bit for bit. The global gradient norm is only known once every layer
+  // has been updated, so clipping scales this step's gradients by the coefficient of the
+  // previous step's norm (torch's max_norm / (norm + 1e-6), when below 1). That is the one place
+  // the two differ: with clipping off, or never triggered, the updates are the same bit for bit
+  // (tests/python/test_memory_plan.py).
   StepResult train_step(AdamW& optimizer, ParameterArena& arena,
                         const std::vector<Parameter*>& params, double lr, std::int64_t step) {
     StepResult result;
@@ -416,16 +432,21 @@ class Run {
     optimizer.set_lr(lr);
     layer_grad_squares_ = 0;
     current_step_ = step;
+    const bool layer_major = !plan_.strategy.gradient_buffer;
+    micro_.resize(layer_major ? static_cast<std::size_t>(job_.grad_accum) : 1);
     for (std::int64_t micro = 0; micro < job_.grad_accum; ++micro) {
       const std::int64_t first = loader_.state().batches_served * job_.batch_size * job_.seq_len;
       const Batch batch = loader_.next_batch();
-      result.loss += micro_step(batch, first);
+      MicroBatch& slot = micro_[layer_major ? static_cast<std::size_t>(micro) : 0];
+      result.loss += micro_forward(batch, first, slot);
+      if (!layer_major) micro_backward(std::span<MicroBatch>(&slot, 1));
       result.tokens += batch.batch * batch.seq;
       result.targets += batch.target_count();
     }
+    if (layer_major) micro_backward(micro_);
     const double clip =
         job_.clip_grad_norm > 0 ? job_.clip_grad_norm : std::numeric_limits<double>::infinity();
-    if (plan_.strategy.gradient_buffer) {
+    if (!layer_major) {
       result.grad_norm = clip_grad_norm(backend_, params, clip);
       if (!std::isfinite(result.loss) || !std::isfinite(result.grad_norm)) return result;
       optimizer.step(backend_, params);
@@ -448,13 +469,25 @@ class Run {
     return result;
   }
 
+  // The student's backward for micro-batches whose forward micro_forward kept: one at a time
+  // with a gradient buffer, all of a step's layer-major without one.
+  void micro_backward(std::span<MicroBatch> slots) {
+    std::vector<typename Student::Activations*> acts;
+    std::vector<const Tensor*> d_hidden;
+    std::vector<const std::vector<Tensor>*> d_states;
+    static const Tensor no_gradient;
+    for (MicroBatch& slot : slots) {
+      if (!slot.backward) continue;
+      acts.push_back(&slot.acts);
+      d_hidden.push_back(slot.hidden_gradient ? &slot.d_hidden : &no_gradient);
+      d_states.push_back(slot.d_states.empty() ? nullptr : &slot.d_states);
+    }
+    if (!acts.empty()) student_.backward(backend_, acts, d_hidden, d_states);
+  }
+
   // memory.gradients "none": the parameters of each layer and of the rest, and the hook that
   // updates a layer as soon as backward has finished it.
   void prepare_layer_updates(AdamW& optimizer) {
-    KEPT_CHECK(job_.grad_accum == 1, job_.file.string(),
-               ": memory.gradients \"none\" updates each layer inside backward, which needs "
-               "grad_accum 1 (micro-batches processed layer-major are not implemented yet); use "
-               "a larger batch_size, or memory.gradients \"buffer\"");
     layer_params_.assign(student_.layers.size(), {});
     for (std::size_t l = 0; l < student_.layers.size(); ++l)
       student_.layers[l].visit([&](Parameter& p) { layer_params_[l].push_back(&p); });
@@ -634,10 +667,8 @@ class Run {
   DataLoader& loader_;
   const Tokenizer* tokenizer_;  // null in a synthetic run, which saves nothing
   fs::path output_;
-  typename Student::Activations student_acts_;
+  std::vector<MicroBatch> micro_;
   typename Teacher::Activations teacher_acts_;
-  Tensor d_hidden_;
-  std::vector<Tensor> d_states_;
   xkd::OpmL2Workspace<Backend> opm_workspace_;
   StreamedLayers<Backend> streamed_;
   TeacherLogitsReader* offline_ = nullptr;
@@ -683,7 +714,7 @@ inline Plan plan_training(const TrainJob& job, const TrainOptions& options, bool
     for (const std::string& what : plan.not_runnable)
       missing += (missing.empty() ? "" : ", ") + what;
     fail(where, ": the memory plan (", strategy.describe(), ") needs ", missing,
-         ", which kept train cannot do yet; `kept plan ", where, "` lists the plans it can run");
+         ", which kept train cannot run; `kept plan ", where, "` lists the plans it can");
   }
   char shortfall[160];
   std::snprintf(shortfall, sizeof shortfall, "%.2f GiB predicted for %.2f GiB available",

@@ -198,3 +198,95 @@ TEST_CASE("Streamed layers give the resident outputs and copy each layer once a 
     }
   }
 }
+
+TEST_CASE("Layer-major backward of several micro-batches equals one backward per micro-batch",
+          "[model]") {
+  // Gradient accumulation without a gradient buffer (memory.gradients "none"): every layer's
+  // gradient must be complete, for all micro-batches, when the after-layer hook sees it.
+  Cpu cpu;
+  ModelConfig config = tiny_decoder_config(Architecture::Llama, false, false);
+  config.num_layers = 3;
+  const std::size_t layers = 3, micro = 3;
+  const std::int64_t batch = 2, seq = 4, hidden = config.hidden_size;
+  Random random(17);
+  std::vector<std::vector<std::int32_t>> tokens(micro);
+  std::vector<Tensor> d_hidden(micro);
+  std::vector<std::vector<Tensor>> d_states(micro);
+  for (std::size_t m = 0; m < micro; ++m) {
+    for (std::int64_t i = 0; i < batch * seq; ++i)
+      tokens[m].push_back(static_cast<std::int32_t>(random.uniform() * 37));
+    d_hidden[m] = random_tensor<float>({batch * seq, hidden}, random);
+    // Micro-batch 1 has no state gradients; micro-batch 2 has them on two slots only.
+    if (m == 1) continue;
+    d_states[m].resize(layers + 1);
+    for (std::size_t l = 0; l <= layers; ++l)
+      if (m == 0 || l % 2 == 0)
+        d_states[m][l] = random_tensor<float>({batch * seq, hidden}, random);
+  }
+  auto states_of = [&](std::size_t m) { return m == 1 ? nullptr : &d_states[m]; };
+  auto grads_of = [](Decoder<RMSNorm, Cpu>& model) {
+    std::vector<std::vector<float>> grads;
+    model.visit_parameters([&](Parameter& p) {
+      grads.emplace_back(p.grad.data<float>(), p.grad.data<float>() + p.grad.numel());
+    });
+    return grads;
+  };
+  for (const bool checkpointing : {false, true}) {
+    INFO("checkpointing " << checkpointing);
+    Decoder<RMSNorm, Cpu> model(cpu, config);
+    init_parameters(cpu, model, {.seed = 3, .std = 0.3});
+    model.set_activation_checkpointing(checkpointing);
+    std::vector<Decoder<RMSNorm, Cpu>::Activations> acts(micro);
+
+    // The reference: forward and backward of one micro-batch after the other.
+    model.zero_grad(cpu);
+    for (std::size_t m = 0; m < micro; ++m) {
+      model.forward(cpu, tokens[m], batch, seq, acts[m], ForwardMode::Training);
+      model.backward(cpu, acts[m], d_hidden[m], states_of(m));
+    }
+    const auto want = grads_of(model);
+
+    // Layer-major: every forward, then one walk down the stack.
+    model.zero_grad(cpu);
+    for (std::size_t m = 0; m < micro; ++m)
+      model.forward(cpu, tokens[m], batch, seq, acts[m], ForwardMode::Training);
+    std::vector<std::size_t> hooked;
+    model.set_after_layer_backward([&](std::size_t l) {
+      hooked.push_back(l);
+      // Layer l is complete now: its first parameter's gradient is the final one.
+      const Parameter* first = nullptr;
+      model.layers[l].visit([&](Parameter& p) {
+        if (!first) first = &p;
+      });
+      std::size_t index = 0;
+      model.visit_parameters([&](Parameter& p) {
+        if (&p == first) {
+          for (std::int64_t i = 0; i < p.grad.numel(); ++i)
+            REQUIRE(p.grad.data<float>()[i] == want[index][static_cast<std::size_t>(i)]);
+        }
+        ++index;
+      });
+    });
+    std::vector<Decoder<RMSNorm, Cpu>::Activations*> act_ptrs;
+    std::vector<const Tensor*> hidden_ptrs;
+    std::vector<const std::vector<Tensor>*> state_ptrs;
+    for (std::size_t m = 0; m < micro; ++m) {
+      act_ptrs.push_back(&acts[m]);
+      hidden_ptrs.push_back(&d_hidden[m]);
+      state_ptrs.push_back(states_of(m));
+    }
+    model.backward(cpu, act_ptrs, hidden_ptrs, state_ptrs);
+    CHECK(hooked == std::vector<std::size_t>{2, 1, 0});
+    const auto got = grads_of(model);
+    REQUIRE(got.size() == want.size());
+    for (std::size_t k = 0; k < want.size(); ++k) {
+      INFO("parameter " << k);
+      CHECK(got[k] == want[k]);
+    }
+    // Mismatched lists are refused.
+    hidden_ptrs.pop_back();
+    CHECK_THROWS_WITH(
+        model.backward(cpu, act_ptrs, hidden_ptrs, state_ptrs),
+        Catch::Contains("3 micro-batch forwards") && Catch::Contains("2 output gradients"));
+  }
+}

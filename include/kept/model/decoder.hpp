@@ -14,17 +14,28 @@
 // accumulates every trainable parameter's gradient (call zero_grad() between steps).
 //
 // Activation checkpointing (set_activation_checkpointing): a Training forward then keeps the
-// L+1 residual-stream states (each layer's input) and one block cache, reused layer after
-// layer; backward runs each block's forward again from its input into that cache just before
-// the block's backward. Every forward kernel is deterministic, so the recomputed cache is the
-// first one bit for bit and the gradients do not change; the price is one more forward of the
-// stack (about a third more GEMM work) for L - 1 fewer block caches.
+// L+1 residual-stream states (each layer's input); the block cache is the decoder's own, one,
+// reused layer after layer and by every forward; backward runs each block's forward again from
+// its input into that cache just before the block's backward. Every forward kernel is
+// deterministic, so the recomputed cache is the first one bit for bit and the gradients do not
+// change; the price is one more forward of the stack (about a third more GEMM work) for L - 1
+// fewer block caches.
+//
+// Layer-major backward (the span overload of backward): several micro-batches' forwards are
+// kept, and backward walks the stack once, running layer l's backward for every micro-batch
+// before moving to layer l - 1. Each parameter still accumulates its micro-batches' gradients
+// in micro-batch order, so the gradients equal those of one backward per micro-batch bit for
+// bit; what changes is that layer l's gradient is complete, for the whole step, when the walk
+// leaves it: the after_layer_backward hook can update the layer and free its gradient even
+// with gradient accumulation (memory.gradients "none"). The price is every micro-batch's
+// forward in memory at once, and one residual-stream gradient per micro-batch.
 #pragma once
 
 #include <cstdint>
 #include <functional>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kept/layers/embedding.hpp"
@@ -55,9 +66,10 @@ class Decoder {
     Tensor tokens;  // I32 [batch * seq] in the backend's memory
     ForwardMode mode = ForwardMode::Inference;
     bool keep_states = false;
-    bool recompute = false;      // Training with activation checkpointing: one cache, recomputed
+    bool recompute = false;      // Training with activation checkpointing: caches recomputed
     std::vector<Tensor> states;  // Training or keep_states: L+1 slots; else two, ping-pong
-    std::vector<typename Block::Cache> blocks;  // Training: one per layer; else one, reused
+    // Training: one per layer; Inference: one, reused; checkpointing: none (the decoder's own)
+    std::vector<typename Block::Cache> blocks;
     typename NormType::Cache final_norm;
     Tensor hidden;  // final-norm output [tokens, hidden]
 
@@ -115,7 +127,7 @@ class Decoder {
     const bool all_states = mode == ForwardMode::Training || keep_states;
     const bool cache_per_layer = mode == ForwardMode::Training && !acts.recompute;
     acts.states.resize(all_states ? num_layers + 1 : 2);
-    acts.blocks.resize(cache_per_layer ? num_layers : 1);
+    acts.blocks.resize(cache_per_layer ? num_layers : acts.recompute ? 0 : 1);
     for (Tensor& state : acts.states)
       backend.ensure(state, kAct, {count, hidden});
     backend.ensure(acts.hidden, kAct, {count, hidden});
@@ -124,7 +136,7 @@ class Decoder {
     for (std::size_t l = 0; l < num_layers; ++l) {
       Tensor& input = acts.states[all_states ? l : l % 2];
       Tensor& output = acts.states[all_states ? l + 1 : (l + 1) % 2];
-      auto& cache = acts.blocks[cache_per_layer ? l : 0];
+      auto& cache = acts.recompute ? recompute_cache_ : acts.blocks[cache_per_layer ? l : 0];
       if (before_layer_) before_layer_(l);
       layers[l].forward(backend, as_matrix<const Act>(input), batch, seq, rope_,
                         as_matrix<Act>(output), cache, observer);
@@ -145,41 +157,72 @@ class Decoder {
   // residual-stream slots (undefined tensors are skipped). Parameter gradients accumulate.
   void backward(Backend& backend, Activations& acts, const Tensor& d_hidden,
                 const std::vector<Tensor>* d_states = nullptr) {
-    KEPT_CHECK(acts.mode == ForwardMode::Training, "backward needs a forward in Training mode");
-    const std::int64_t count = acts.tokens_count(), hidden = config_.hidden_size;
-    const std::size_t num_layers = layers.size();
-    KEPT_CHECK(!d_states || d_states->size() == num_layers + 1, "backward: got ",
-               d_states ? d_states->size() : 0, " state gradients for ", num_layers + 1, " slots");
-    backend.ensure(grad_[0], kAct, {count, hidden});
-    backend.ensure(grad_[1], kAct, {count, hidden});
-    // grad_[cur] holds dL/dh_l while walking down the stack.
-    int cur = 0;
-    backend.fill_zero(grad_[cur]);
-    if (d_hidden.defined()) {
-      KEPT_CHECK(d_hidden.shape() == Shape({count, hidden}), "backward: d_hidden has shape ",
-                 d_hidden.shape(), ", expected ", Shape({count, hidden}));
-      norm.backward(backend, as_matrix<const Act>(acts.states[num_layers]),
-                    as_matrix<const Act>(d_hidden), as_matrix<Act>(grad_[cur]), acts.final_norm);
+    Activations* const micro_acts[] = {&acts};
+    const Tensor* const micro_d_hidden[] = {&d_hidden};
+    const std::vector<Tensor>* const micro_d_states[] = {d_states};
+    backward(backend, micro_acts, micro_d_hidden, micro_d_states);
+  }
+
+  // Layer-major backward of M micro-batches (see the top comment): acts[m], d_hidden[m] and
+  // d_states[m] (may be null) as in the overload above, for micro-batch m. Every layer's
+  // backward runs for micro-batches 0..M-1 in order, then after_layer_backward(l) is called.
+  void backward(Backend& backend, std::span<Activations* const> acts,
+                std::span<const Tensor* const> d_hidden,
+                std::span<const std::vector<Tensor>* const> d_states) {
+    const std::size_t micro = acts.size(), num_layers = layers.size();
+    KEPT_CHECK(micro > 0 && d_hidden.size() == micro && d_states.size() == micro, "backward: got ",
+               micro, " micro-batch forwards, ", d_hidden.size(), " output gradients and ",
+               d_states.size(), " state-gradient lists");
+    const std::int64_t hidden = config_.hidden_size;
+    // residual_grads_[m] holds dL/dh_l of micro-batch m while walking down the stack; the extra
+    // one receives a layer's input gradient and is swapped in.
+    residual_grads_.resize(micro + 1);
+    for (std::size_t m = 0; m < micro; ++m) {
+      const Activations& a = *acts[m];
+      KEPT_CHECK(a.mode == ForwardMode::Training, "backward needs a forward in Training mode");
+      KEPT_CHECK(a.tokens_count() == acts[0]->tokens_count(), "backward: micro-batch ", m, " has ",
+                 a.tokens_count(), " tokens, micro-batch 0 has ", acts[0]->tokens_count());
+      KEPT_CHECK(!d_states[m] || d_states[m]->size() == num_layers + 1, "backward: got ",
+                 d_states[m] ? d_states[m]->size() : 0, " state gradients for ", num_layers + 1,
+                 " slots");
     }
+    const std::int64_t count = acts[0]->tokens_count();
+    for (Tensor& grad : residual_grads_)
+      backend.ensure(grad, kAct, {count, hidden});
+    for (std::size_t m = 0; m < micro; ++m) {
+      Tensor& grad = residual_grads_[m];
+      backend.fill_zero(grad);
+      if (!d_hidden[m]->defined()) continue;
+      KEPT_CHECK(d_hidden[m]->shape() == Shape({count, hidden}), "backward: d_hidden has shape ",
+                 d_hidden[m]->shape(), ", expected ", Shape({count, hidden}));
+      norm.backward(backend, as_matrix<const Act>(acts[m]->states[num_layers]),
+                    as_matrix<const Act>(*d_hidden[m]), as_matrix<Act>(grad), acts[m]->final_norm);
+    }
+    Tensor& spare = residual_grads_[micro];
     for (std::size_t l = num_layers + 1; l-- > 0;) {
-      if (d_states && (*d_states)[l].defined())
-        backend.accumulate((*d_states)[l].template data<Act>(), grad_[cur].template data<Act>(),
-                           count * hidden);
-      if (l == 0) break;
-      const auto input = as_matrix<const Act>(acts.states[l - 1]);
-      if (acts.recompute) {
-        if (before_layer_) before_layer_(l - 1);
-        backend.ensure(recomputed_, kAct, {count, hidden});
-        layers[l - 1].forward(backend, input, acts.batch, acts.seq, rope_,
-                              as_matrix<Act>(recomputed_), acts.blocks[0]);
+      for (std::size_t m = 0; m < micro; ++m) {
+        Tensor& grad = residual_grads_[m];
+        if (d_states[m] && (*d_states[m])[l].defined())
+          backend.accumulate((*d_states[m])[l].template data<Act>(), grad.template data<Act>(),
+                             count * hidden);
+        if (l == 0) continue;
+        const Activations& a = *acts[m];
+        const auto input = as_matrix<const Act>(a.states[l - 1]);
+        if (a.recompute) {
+          if (before_layer_) before_layer_(l - 1);
+          backend.ensure(recomputed_, kAct, {count, hidden});
+          layers[l - 1].forward(backend, input, a.batch, a.seq, rope_, as_matrix<Act>(recomputed_),
+                                recompute_cache_);
+        }
+        layers[l - 1].backward(backend, input, a.batch, a.seq, rope_, as_matrix<const Act>(grad),
+                               as_matrix<Act>(spare),
+                               a.recompute ? recompute_cache_ : a.blocks[l - 1], scratch_);
+        std::swap(grad, spare);
       }
-      layers[l - 1].backward(backend, input, acts.batch, acts.seq, rope_,
-                             as_matrix<const Act>(grad_[cur]), as_matrix<Act>(grad_[1 - cur]),
-                             acts.blocks[acts.recompute ? 0 : l - 1], scratch_);
-      if (after_layer_backward_) after_layer_backward_(l - 1);
-      cur = 1 - cur;
+      if (l > 0 && after_layer_backward_) after_layer_backward_(l - 1);
     }
-    embed_tokens.backward(backend, acts.tokens, as_matrix<const Act>(grad_[cur]));
+    for (std::size_t m = 0; m < micro; ++m)
+      embed_tokens.backward(backend, acts[m]->tokens, as_matrix<const Act>(residual_grads_[m]));
   }
 
   // Allocates (once) and zeroes the gradient of every trainable parameter.
@@ -220,8 +263,9 @@ class Decoder {
 
   ModelConfig config_;
   typename Backend::RopeTable rope_;
-  Tensor grad_[2];
+  std::vector<Tensor> residual_grads_;  // one per micro-batch + one spare (backward)
   Tensor recomputed_;  // a recomputed block's output (checkpointing), not needed by backward
+  typename Block::Cache recompute_cache_;  // checkpointing: the one block cache
   typename Block::Scratch scratch_;
   bool checkpointing_ = false;
   std::function<void(std::size_t)> before_layer_, after_layer_backward_;
