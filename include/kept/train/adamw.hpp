@@ -231,6 +231,13 @@ class AdamW {
   bool quantizes(const Parameter& p) const {
     return config_.moment_bits == 8 && p.value.numel() >= config_.min_8bit_size;
   }
+  // The dtype of p's m and v on `Backend`: 8-bit codes, bf16, or the backend's master dtype.
+  template <class Backend>
+  DType moment_dtype(const Parameter& p) const {
+    return quantizes(p)                ? DType::U8
+           : config_.moment_bits == 16 ? DType::BF16
+                                       : Backend::Precision::master;
+  }
   // The trainer sets the scheduled rate before each step.
   void set_lr(double lr) { config_.lr = lr; }
   double lr() const { return config_.lr; }
@@ -424,11 +431,9 @@ class AdamW {
                    expected, " for parameter ", name);
         return &t;
       };
-      const DType moment_dtype = quantized                   ? DType::U8
-                                 : config_.moment_bits == 16 ? DType::BF16
-                                                             : kMaster;
-      Entry entry{&p, tensor("exp_avg/" + name, moment_dtype, shape),
-                  tensor("exp_avg_sq/" + name, moment_dtype, shape)};
+      const DType moments = moment_dtype<Backend>(p);
+      Entry entry{&p, tensor("exp_avg/" + name, moments, shape),
+                  tensor("exp_avg_sq/" + name, moments, shape)};
       if (quantized) {
         const Shape blocks{quant_blocks(p.value.numel())};
         entry.exp_avg_absmax = tensor("exp_avg_absmax/" + name, DType::F32, blocks);
@@ -497,7 +502,7 @@ class AdamW {
       s.exp_avg_sq_absmax =
           fresh_state(backend, p.name, DType::F32, blocks, &ParameterArena::exp_avg_sq_absmax);
     } else {
-      const DType moment = config_.moment_bits == 16 ? DType::BF16 : kMaster;
+      const DType moment = moment_dtype<Backend>(p);
       KEPT_CHECK(moment != DType::BF16 || kMaster == DType::F32,
                  "AdamW: bf16 moments need fp32 optimizer math; ", Backend::name(), " keeps ",
                  dtype_name(kMaster));
