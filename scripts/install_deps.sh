@@ -12,6 +12,7 @@ packages=(
   libsentencepiece-dev sentencepiece libgd-dev
   coq                              # checks proofs/opm.v
   clang libclang-rt-14-dev         # the libFuzzer target
+  openmpi-bin libopenmpi-dev       # the MPI communicator and its mpirun tests
   python3-venv python3-pip
   bible-kjv-text bible-kjv fortunes fortunes-zh   # demo corpora
 )

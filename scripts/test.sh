@@ -5,9 +5,11 @@
 #   1. ctest on the Release build: Catch2 unit tests, the op registry on Cpu, Cpu64, CpuBf16 and
 #      emulated CUDA, the emulator's own tests and the emulated-CUDA training comparison, the HF
 #      transformers parity and CLI tests, the Coq proof check, the install-and-build-the-examples
-#      test, the CUDA tests (skipped with a message when no GPU is present);
-#   2. the unit tests, the op registry (every op on emulated CUDA too; kept_ops --grad) and the
-#      emulation tests again under AddressSanitizer + UndefinedBehaviorSanitizer;
+#      test, the communicators (the MPI one under mpirun -np 2 and -np 3, a rank killed
+#      mid-job), the CUDA tests (skipped with a message when no GPU is present);
+#   2. the unit tests, the op registry (every op on emulated CUDA too; kept_ops --grad), the
+#      emulation tests and the communicator tests again under AddressSanitizer +
+#      UndefinedBehaviorSanitizer;
 #   3. the libFuzzer targets for a short budget (clang).
 # Exits non-zero if anything fails.
 set -euo pipefail
@@ -48,12 +50,21 @@ stage "unit tests under AddressSanitizer + UBSan"
 cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=None -DCMAKE_CXX_FLAGS="-O1 -g" -DKEPT_CUDA=OFF \
   -DKEPT_CUDA_EMULATION=ON -DKEPT_SANITIZE=address,undefined -DKEPT_BUILD_REFERENCE=OFF \
   -DKEPT_BUILD_BENCH=OFF >/dev/null
-cmake --build build-asan -j "$jobs" --target kept_tests kept_ops kept_emulation_tests
+asan_targets=(kept_tests kept_ops kept_emulation_tests kept_dist_tests)
+# The MPI communicator's tests too, when Open MPI is installed (scripts/install_deps.sh).
+with_mpi=0
+command -v mpirun >/dev/null && with_mpi=1 && asan_targets+=(kept_mpi_tests kept_mpi_dead_rank)
+cmake --build build-asan -j "$jobs" --target "${asan_targets[@]}"
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1
 ./build-asan/tests/kept_tests
 ./build-asan/tests/kept_ops
 ./build-asan/tests/kept_ops --grad
 ./build-asan/tests/emulation/kept_emulation_tests
+./build-asan/tests/mpi/kept_dist_tests
+# Open MPI's own start-up allocations are reported as leaks; kept's code is leak-checked above.
+if [[ $with_mpi == 1 ]]; then
+  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 ctest --test-dir build-asan -L mpi --output-on-failure
+fi
 
 stage "fuzz targets (short budget)"
 CC=clang CXX=clang++ cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKEPT_CUDA=OFF \
