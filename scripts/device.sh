@@ -21,6 +21,10 @@
 #   6. kept_cuda_tests: the loss kernels against CpuBf16, the optimizer's compact states against
 #      CpuBf16 to the bit, cuDNN attention against kept's kernels, and the training comparison
 #      (CUDA vs CpuBf16 vs Cpu)                                             -> kept_cuda_tests.txt
+#      then kept_nccl_tests: the NCCL communicator on one rank, no MPI (bootstrap, every
+#      collective in both sum modes, the order against the compute stream, argument errors,
+#      messages above INT_MAX bytes; the rank-ordered sum kernel fed three ranks' pieces)
+#                                                                           -> kept_nccl_tests.txt
 #   7. bench_cuda_ops: norms, SwiGLU and add against the measured copy bandwidth, the bf16 GEMM
 #      in TFLOP/s, causal attention at the 14B shape (kept's kernels, cuDNN) -> bench_cuda_ops.txt;
 #      then bench/bench_torch_cuda.py: the same shapes in torch eager, torch.compile and SDPA on
@@ -36,7 +40,8 @@
 #      uncapped, next to `kept plan`'s prediction                          -> synthetic-14b.txt
 # cuDNN: the frontend headers travel in the dependency folder; libcudnn is the CUDA toolkit's,
 # else the one in torch's nvidia-cudnn wheel (CUDNN_ROOT). Without it the build uses kept's
-# attention kernels and says so in build.log.
+# attention kernels and says so in build.log. NCCL: the toolkit's, else the one in torch's
+# nvidia-nccl wheel (NCCL_ROOT); without it kept_nccl_tests is not built and its step is skipped.
 # summary.txt can be pasted into bench/RESULTS.md. Exit status 1 if any step failed.
 #
 # Options:
@@ -152,6 +157,15 @@ if ! ls /usr/local/cuda/lib64/libcudnn.so* >/dev/null 2>&1 && [[ -z "${CUDNN_ROO
     export LD_LIBRARY_PATH="$torch_cudnn/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   fi
 fi
+# NCCL: the toolkit's, else torch's nvidia-nccl wheel (its include/ and lib/libnccl.so.2).
+if ! ls /usr/local/cuda/lib64/libnccl.so* /usr/local/cuda/lib/libnccl.so* >/dev/null 2>&1 &&
+  [[ -z "${NCCL_ROOT:-}" ]]; then
+  torch_nccl=$(python3 -c 'import nvidia.nccl as m; print(list(m.__path__)[0])' 2>/dev/null || true)
+  if [[ -n "$torch_nccl" ]]; then
+    export NCCL_ROOT="$torch_nccl"
+    export LD_LIBRARY_PATH="$torch_nccl/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  fi
+fi
 # The `kept` command needs SentencePiece and libgd; without them the build leaves it out (and
 # step 7 is skipped): the registry and the tests need neither.
 REFERENCE=ON
@@ -163,10 +177,16 @@ build() {
     -DCMAKE_BUILD_TYPE=Release -DKEPT_CUDA=ON -DKEPT_CUDA_EMULATION=OFF \
     -DCMAKE_CUDA_ARCHITECTURES=90 -DKEPT_BUILD_BENCH=ON -DKEPT_BUILD_REFERENCE=$REFERENCE \
     ${prefix:+"-DCMAKE_PREFIX_PATH=$prefix"} "${cudnn_args[@]}"
-  cmake --build "$BUILD" -j "$JOBS" --target "${targets[@]}"
+  # kept_nccl_tests exists when the configure found NCCL (tests/cuda/CMakeLists.txt).
+  local build_targets=("${targets[@]}")
+  if grep -qE '^KEPT_NCCL_LIBRARY:FILEPATH=/' "$BUILD/CMakeCache.txt" &&
+    grep -qE '^KEPT_NCCL_INCLUDE_DIR:PATH=/' "$BUILD/CMakeCache.txt"; then
+    build_targets+=(kept_nccl_tests)
+  fi
+  cmake --build "$BUILD" -j "$JOBS" --target "${build_targets[@]}"
 }
 step "build (sm_90, $JOBS jobs)" "$OUT/build.log" build
-grep -E "^-- kept: cuDNN" "$OUT/build.log" | tee -a "$SUMMARY" || true
+grep -E "^-- kept: (cuDNN|NCCL)" "$OUT/build.log" | tee -a "$SUMMARY" || true
 
 # ---- 3. static checks ----------------------------------------------------------------------------
 step "static checks (spills, LDG.E.128)" "$OUT/static_checks.txt" \
@@ -178,6 +198,7 @@ if [[ $RUN -eq 0 ]]; then
   binaries=("$BUILD/tests/cuda/kept_ops_cuda" "$BUILD/tests/cuda/kept_cuda_tests"
             "$BUILD/bench/bench_cuda_ops")
   [[ $REFERENCE == ON ]] && binaries+=("$BUILD/reference/kept")
+  [[ -x "$BUILD/tests/cuda/kept_nccl_tests" ]] && binaries+=("$BUILD/tests/cuda/kept_nccl_tests")
   for binary in "${binaries[@]}"; do
     [[ -x "$binary" ]] && say "built $binary" || { say "FAIL missing $binary"; STATUS=1; }
   done
@@ -209,6 +230,16 @@ step "kept_cuda_tests (contract, loss kernels, optimizer states, cuDNN attention
   "$OUT/kept_cuda_tests.txt" "$BUILD/tests/cuda/kept_cuda_tests" -s \
   "[train],[contract],[loss],[adamw],[cudnn]"
 grep -E "step [0-9]+:" "$OUT/kept_cuda_tests.txt" | sort -u | head -12 | tee -a "$SUMMARY" || true
+# The NCCL communicator, one rank (a few seconds: one ncclCommInitRank per case and section).
+if [[ -x "$BUILD/tests/cuda/kept_nccl_tests" ]]; then
+  step "kept_nccl_tests (NCCL communicator, 1 rank: collectives, stream order, errors, > INT_MAX)" \
+    "$OUT/kept_nccl_tests.txt" env NCCL_DEBUG=WARN timeout 180 \
+    "$BUILD/tests/cuda/kept_nccl_tests" --durations yes
+  grep -E "NCCL [0-9]+ \(headers|^All tests passed|^test cases:" "$OUT/kept_nccl_tests.txt" |
+    tee -a "$SUMMARY" || true
+else
+  skip "kept_nccl_tests: NCCL was not found at build time (build.log)"
+fi
 
 # ---- 7. per-op speed against the device's copy bandwidth and the cuBLAS GEMM ----------------------
 step "bench_cuda_ops (norms, SwiGLU, add vs copy bandwidth; GEMM TFLOP/s)" "$OUT/bench_cuda_ops.txt" \
