@@ -3,7 +3,14 @@
 //
 // Runs a training job (reference/job.hpp documents the file). Flags override the job's fields;
 // --set reaches any field by its dotted path ("optimizer.lr=1e-4", "data.seq_len=512").
+//
+// `mpirun -np N kept train JOB.json`: data parallel over N processes (reference/trainer.hpp,
+// TrainOptions::communicator). A kept launched by mpirun (its environment says so) starts MPI
+// here; rank 0 prints and writes, the other ranks are quiet.
 #include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -11,9 +18,20 @@
 #include "kept/io/json.hpp"
 #include "plan.hpp"
 #include "trainer.hpp"
+#ifdef KEPT_WITH_MPI
+#include "kept/dist/mpi_communicator.hpp"
+#endif
 
 namespace kept::cli {
 namespace {
+
+// The variable an MPI launcher sets in every process it starts (Open MPI, then PMI/PMIx ones),
+// or null when kept was started on its own.
+const char* mpi_launcher_variable() {
+  for (const char* name : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"})
+    if (std::getenv(name)) return name;
+  return nullptr;
+}
 
 struct Options {
   std::string job;
@@ -68,8 +86,28 @@ void register_train(CLI::App& app) {
     if (!options->output.empty()) json["output"] = options->output;
     if (!options->device.empty()) json["device"] = options->device;
     const TrainJob job = parse_job(json, options->job);
-    const TrainResult result = run_training(job, options->train);
-    if (options->train.synthetic) return;
+    TrainOptions train = options->train;
+#ifdef KEPT_WITH_MPI
+    // An exception leaving this scope skips MPI_Finalize (MpiSession): mpirun then ends every
+    // rank, so an error seen by one rank never leaves the others waiting.
+    std::optional<MpiSession> mpi;
+    std::unique_ptr<MpiCommunicator> communicator;
+    if (mpi_launcher_variable()) {
+      mpi.emplace();
+      communicator = std::make_unique<MpiCommunicator>();
+      train.communicator = communicator.get();
+      if (communicator->rank() != 0) train.quiet = true;
+      if (communicator->rank() == 0 && communicator->size() > 1)
+        std::fprintf(stderr, "data parallel: %d ranks (MPI)\n", communicator->size());
+    }
+#else
+    if (const char* variable = mpi_launcher_variable())
+      fail("kept train was started by an MPI launcher (", variable,
+           " is set), but this kept was built without MPI; install Open MPI "
+           "(scripts/install_deps.sh) and build again, or run kept train without mpirun");
+#endif
+    const TrainResult result = run_training(job, train);
+    if (options->train.synthetic || (train.communicator && train.communicator->rank() != 0)) return;
     std::printf("trained %lld steps, %lld tokens in %.1f s (%.0f tokens/s); final loss %.5f\n",
                 static_cast<long long>(result.steps), static_cast<long long>(result.tokens),
                 result.seconds, result.tokens_per_second, result.final_loss);

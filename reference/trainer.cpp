@@ -1,12 +1,33 @@
 #include "trainer.hpp"
 
+#include "kept/core/hash.hpp"
 #include "trainer_run.hpp"
 
 namespace kept::cli {
 
 TrainResult run_training(const TrainJob& job, const TrainOptions& options) {
   validate_job(job);
+  Communicator* comm = options.communicator;
+  const int ranks = comm ? comm->size() : 1;
+  if (ranks > 1) {
+    // Every rank must run the same job: the job as parsed (flags and --set applied), hashed.
+    comm->agree_on("the job (" + job.file.string() + " with its flags)",
+                   fnv1a(job.to_json().dump()));
+    KEPT_CHECK(job.device == "cpu", job.file.string(), ": ", ranks, " ranks on device \"",
+               job.device,
+               "\": data parallel runs on the CPU over MPI for now; the GPU path (NCCL, "
+               "include/kept/dist/nccl_communicator.cuh) is not wired into kept train yet");
+    KEPT_CHECK(job.grad_accum >= ranks, job.file.string(), ": grad_accum ", job.grad_accum,
+               " is less than the ", ranks,
+               " ranks; each rank runs whole micro-batches of a step (micro-batch m on rank m "
+               "mod ",
+               ranks, "), so set grad_accum >= ", ranks,
+               " (the global batch is batch_size x "
+               "grad_accum sequences whatever the rank count)");
+  }
+  // Every rank checks the output directory before rank 0 creates or clears it.
   if (!options.synthetic) check_output(job.output, options);
+  if (comm) comm->barrier();
   if (job.device == "cuda") return run_training_cuda(job, options);
   Cpu cpu;
   return training::train_on(cpu, job, options);

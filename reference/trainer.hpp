@@ -24,6 +24,7 @@
 
 #include "evaluate.hpp"
 #include "job.hpp"
+#include "kept/dist/communicator.hpp"
 
 namespace kept::cli {
 
@@ -39,6 +40,11 @@ struct TrainOptions {
   // nothing read or written but the job file (reference/trainer_run.hpp, run_synthetic).
   bool synthetic = false;
   std::int64_t synthetic_steps = 5;
+  // Data parallel (`mpirun -np N kept train`, cmd_train.cpp): the ranks' communicator; null for
+  // one process. Each rank runs whole micro-batches of every step (micro-batch m on rank
+  // m mod N), the gradients are summed over the ranks in rank order before the update, and
+  // rank 0 alone evaluates and writes (metrics, checkpoints, the final model).
+  Communicator* communicator = nullptr;
 };
 
 struct TrainResult {

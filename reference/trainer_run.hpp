@@ -15,6 +15,7 @@
 
 #include "corpus.hpp"
 #include "kept/core/memory_meter.hpp"
+#include "kept/dist/local_communicator.hpp"
 #include "kept/io/atomic_file.hpp"
 #include "kept/io/hf_tokenizer.hpp"
 #include "kept/model/init.hpp"
@@ -57,7 +58,12 @@ class Run {
         student_config_(student_config),
         loader_(loader),
         tokenizer_(tokenizer),
-        output_(job.output) {}
+        output_(job.output),
+        comm_(options.communicator ? options.communicator : &single_process_),
+        writer_(comm_->rank() == 0) {
+    KEPT_CHECK(comm_->size() == 1 || Backend::space == MemorySpace::Host,
+               "data parallel over MPI needs host memory (device \"cpu\")");
+  }
 
   TrainResult run() {
     configure_trainable();
@@ -132,9 +138,14 @@ class Run {
         resumed_step = 0;
       }
     }
-    write_file_atomically(output_ / "job.json", job_.to_json().dump(2) + "\n");
-    MetricsLog metrics(output_ / "metrics.jsonl", resumed_step, job_.steps);
-    const std::vector<Batch> held_out = loader_.held_out_batches();
+    // Rank 0 alone writes: the job, the metrics, checkpoints and the final model (the ranks'
+    // weights and states are the same bits, kept/dist/communicator.hpp), and evaluates.
+    std::optional<MetricsLog> metrics;
+    if (writer_) {
+      write_file_atomically(output_ / "job.json", job_.to_json().dump(2) + "\n");
+      metrics.emplace(output_ / "metrics.jsonl", resumed_step, job_.steps);
+    }
+    const std::vector<Batch> held_out = writer_ ? loader_.held_out_batches() : std::vector<Batch>{};
 
     ProgressLine progress(objective_name(job_.objective));
     MemoryMeter& meter =
@@ -182,7 +193,7 @@ class Run {
                             {"grad_norm", grad_norm},
                             {"tokens", state.tokens_seen},
                             {"tokens_per_second", tokens_per_second}};
-      metrics.write(record);
+      if (metrics) metrics->write(record);
       train_steps_.push_back(static_cast<double>(state.step));
       train_losses_.push_back(loss);
       if (!options_.quiet && (state.step % job_.log_every == 0 || state.step == job_.steps)) {
@@ -194,8 +205,8 @@ class Run {
       }
       if (job_.eval_every > 0 && state.step % job_.eval_every == 0 && state.step < job_.steps &&
           !held_out.empty())
-        log_eval(metrics, state.step, evaluate_now(held_out), /*print=*/!options_.quiet);
-      if (job_.checkpoint_every > 0 && state.step % job_.checkpoint_every == 0) {
+        log_eval(*metrics, state.step, evaluate_now(held_out), /*print=*/!options_.quiet);
+      if (writer_ && job_.checkpoint_every > 0 && state.step % job_.checkpoint_every == 0) {
         state.loader = loader_.state();
         if (!plan_.strategy.gradient_buffer) state.extra["clip_coefficient"] = clip_coefficient_;
         try {
@@ -213,7 +224,7 @@ class Run {
     }
     progress.finish();
     // A resumed run that had finished stays as it was.
-    if (tokens_this_session > 0) report_memory(metrics, meter, state.step);
+    if (metrics && tokens_this_session > 0) report_memory(*metrics, meter, state.step);
 
     TrainResult result;
     result.steps = state.step;
@@ -222,11 +233,12 @@ class Run {
     result.final_loss = loss;
     result.tokens_per_second =
         static_cast<double>(tokens_this_session) / std::max(result.seconds, 1e-9);
+    result.final_model = output_ / "final";
+    if (!writer_) return result;
     if (!held_out.empty()) {
       result.eval = evaluate_now(held_out);
-      log_eval(metrics, state.step, result.eval, !options_.quiet);
+      log_eval(*metrics, state.step, result.eval, !options_.quiet);
     }
-    result.final_model = output_ / "final";
     const ModelConfig final_config = output_config(student_config_, job_.output_dtype);
     save_pretrained(backend_, student_, final_config, result.final_model, /*force=*/true,
                     [&](const fs::path& directory) {
@@ -433,20 +445,28 @@ class Run {
     layer_grad_squares_ = 0;
     current_step_ = step;
     const bool layer_major = !plan_.strategy.gradient_buffer;
-    micro_.resize(layer_major ? static_cast<std::size_t>(job_.grad_accum) : 1);
+    // Data parallel: micro-batch m runs on rank m mod N; every rank reads every batch, so the
+    // loader's position and the token counts are the same everywhere.
+    const std::int64_t ranks = comm_->size(), rank = comm_->rank();
+    const std::int64_t mine = (job_.grad_accum - rank + ranks - 1) / ranks;
+    micro_.resize(layer_major ? static_cast<std::size_t>(mine) : 1);
+    std::size_t local = 0;
     for (std::int64_t micro = 0; micro < job_.grad_accum; ++micro) {
       const std::int64_t first = loader_.state().batches_served * job_.batch_size * job_.seq_len;
       const Batch batch = loader_.next_batch();
-      MicroBatch& slot = micro_[layer_major ? static_cast<std::size_t>(micro) : 0];
-      result.loss += micro_forward(batch, first, slot);
-      if (!layer_major) micro_backward(std::span<MicroBatch>(&slot, 1));
       result.tokens += batch.batch * batch.seq;
       result.targets += batch.target_count();
+      if (micro % ranks != rank) continue;
+      MicroBatch& slot = micro_[layer_major ? local++ : 0];
+      result.loss += micro_forward(batch, first, slot);
+      if (!layer_major) micro_backward(std::span<MicroBatch>(&slot, 1));
     }
     if (layer_major) micro_backward(micro_);
+    if (ranks > 1) result.loss = sum_over_ranks(result.loss);
     const double clip =
         job_.clip_grad_norm > 0 ? job_.clip_grad_norm : std::numeric_limits<double>::infinity();
     if (!layer_major) {
+      if (ranks > 1) sum_gradients_over_ranks(arena.grads());
       result.grad_norm = clip_grad_norm(backend_, params, clip);
       if (!std::isfinite(result.loss) || !std::isfinite(result.grad_norm)) return result;
       optimizer.step(backend_, params);
@@ -454,6 +474,9 @@ class Run {
       return result;
     }
     double squares = layer_grad_squares_;
+    if (ranks > 1)
+      for (Parameter* p : outside_layers_)
+        if (p->has_grad()) sum_gradients_over_ranks(p->grad);
     for (Parameter* p : outside_layers_)
       if (p->has_grad())
         squares += backend_.grad_sum_squares(p->grad.template data<typename Backend::Grad>(),
@@ -467,6 +490,23 @@ class Run {
     clip_coefficient_ = std::min(1.0, clip / (result.grad_norm + 1e-6));
     result.updated = true;
     return result;
+  }
+
+  // Data parallel: a gradient buffer (host memory, fp32) summed over the ranks in rank order,
+  // the same bits on every rank.
+  void sum_gradients_over_ranks(Tensor grads) {  // a handle: the buffer itself is summed
+    comm_->all_reduce_sum(grads.template data<float>(), grads.numel());
+  }
+  // A scalar summed over the ranks in rank order (the step's loss).
+  double sum_over_ranks(double value) {
+    const int ranks = comm_->size();
+    std::vector<double> values(static_cast<std::size_t>(ranks), 0.0);
+    values[static_cast<std::size_t>(comm_->rank())] = value;
+    comm_->all_gather(values.data(), ShardLayout(ranks, ranks, 1));
+    double sum = 0;
+    for (double v : values)
+      sum += v;
+    return sum;
   }
 
   // The student's backward for micro-batches whose forward micro_forward kept: one at a time
@@ -502,6 +542,9 @@ class Run {
   void update_layer(std::size_t layer) {
     using Grad = typename Backend::Grad;
     std::vector<Parameter*>& layer_params = layer_params_[layer];
+    if (comm_->size() > 1)
+      for (Parameter* p : layer_params)
+        if (p->has_grad()) sum_gradients_over_ranks(p->grad);
     double squares = 0;
     for (Parameter* p : layer_params)
       if (p->has_grad())
@@ -667,6 +710,9 @@ class Run {
   DataLoader& loader_;
   const Tokenizer* tokenizer_;  // null in a synthetic run, which saves nothing
   fs::path output_;
+  LocalCommunicator single_process_;
+  Communicator* comm_;  // options_.communicator, or single_process_
+  bool writer_;         // rank 0: evaluates and writes
   std::vector<MicroBatch> micro_;
   typename Teacher::Activations teacher_acts_;
   xkd::OpmL2Workspace<Backend> opm_workspace_;
@@ -847,7 +893,10 @@ TrainResult train_on(B& backend, const TrainJob& job, const TrainOptions& option
       std::fprintf(stderr, "teacher: offline, top-%lld log-probs from %s\n",
                    static_cast<long long>(offline_logits->header().k), job.teacher_logits.c_str());
   }
-  prepare_output(job.output, options);
+  // Rank 0 alone creates (or, with --force, clears) the output; every rank checked it before
+  // (run_training).
+  if (!options.communicator || options.communicator->rank() == 0)
+    prepare_output(job.output, options);
 
   return with_decoder(student->model, [&](auto& student_model) {
     if (teacher) {
