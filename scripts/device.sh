@@ -228,7 +228,7 @@ fi
 # ---- 6. the training comparison ------------------------------------------------------------------
 step "kept_cuda_tests (contract, loss kernels, optimizer states, cuDNN attention, training comparison)" \
   "$OUT/kept_cuda_tests.txt" "$BUILD/tests/cuda/kept_cuda_tests" -s \
-  "[train],[contract],[loss],[adamw],[cudnn]"
+  "[train],[contract],[loss],[adamw],[cudnn],[collective]"
 grep -E "step [0-9]+:" "$OUT/kept_cuda_tests.txt" | sort -u | head -12 | tee -a "$SUMMARY" || true
 # The NCCL communicator, one rank (a few seconds: one ncclCommInitRank per case and section).
 if [[ -x "$BUILD/tests/cuda/kept_nccl_tests" ]]; then

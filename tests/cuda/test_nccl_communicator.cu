@@ -5,8 +5,8 @@
 // communicator, the stream/event ordering against the compute stream, argument errors before
 // anything is queued, and messages above INT_MAX bytes. The multi-rank arithmetic is tested in
 // its pieces: the reduce-scatter's rounds and the all-gather's byte ranges (host arithmetic,
-// no GPU), and the rank-ordered sum kernel fed N = 3 ranks' contributions laid out in staging as
-// ncclRecv would leave them, bit for bit against a host fp32 rank-ordered sum.
+// no GPU); the rank-ordered sum kernel fed N = 3 ranks' contributions is
+// tests/emulation/test_rank_ordered_sum.cpp (emulated in CI, on the GPU in kept_cuda_tests).
 //
 // Without a CUDA device the GPU cases print "SKIPPED: no CUDA device (...)" and pass (ctest
 // reports them as Skipped); with KEPT_REQUIRE_CUDA=1 (scripts/device.sh) they fail instead.
@@ -27,6 +27,10 @@
 #include "kept/dist/local_communicator.hpp"
 #include "kept/dist/nccl_communicator.cuh"
 #include "kept/dist/shard_layout.hpp"
+#include "support/rank_contributions.hpp"
+
+using kept::test::contributions;
+using kept::test::same_bits;
 
 namespace {
 
@@ -84,35 +88,6 @@ class Stream {
  private:
   cudaStream_t stream_ = nullptr;
 };
-
-std::uint64_t mix(std::uint64_t x) {  // splitmix64's finaliser
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-
-// Rank `rank`'s value at element i: both signs, magnitudes 2^-12 .. 2^12, full mantissas, so
-// that adding in another order rounds differently.
-float contribution(std::uint64_t seed, int rank, std::int64_t i) {
-  const std::uint64_t bits =
-      mix(mix(seed ^ static_cast<std::uint64_t>(rank)) ^ static_cast<std::uint64_t>(i));
-  const float mantissa = 1.0f + static_cast<float>(bits & 0xffffffu) / 16777216.0f;
-  const int exponent = static_cast<int>((bits >> 24) % 25) - 12;
-  const float value = std::ldexp(mantissa, exponent);
-  return (bits >> 40) & 1u ? -value : value;
-}
-
-std::vector<float> contributions(std::uint64_t seed, int rank, std::int64_t count) {
-  std::vector<float> values(static_cast<std::size_t>(count));
-  for (std::int64_t i = 0; i < count; ++i)
-    values[static_cast<std::size_t>(i)] = contribution(seed, rank, i);
-  return values;
-}
-
-bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
-}
 
 __global__ void spin_kernel(long long cycles) {
   const long long start = clock64();
@@ -261,67 +236,6 @@ TEST_CASE("the local rank comes from the launcher's environment", "[nccl][plan]"
 }
 
 // ---- on the GPU --------------------------------------------------------------------------------
-
-// Three ranks' reduce-scatter, done on one GPU: for each owner, every round's pieces from the
-// other two ranks are copied into the staging rows where ncclRecv would put them (the rest of
-// staging holds NaN), and the kernel adds them to the owner's buffer in place.
-TEST_CASE("the rank-ordered sum kernel adds N = 3 contributions as they arrive, bit for bit",
-          "[nccl][kernel]") {
-  if (no_device()) return;
-  constexpr int kRanks = 3;
-  // Alignment 64: 16-byte packs except the last piece; alignment 1: odd offsets, one float a
-  // thread. Staging of 800 bytes: 64-float pieces, several rounds.
-  using Case = std::tuple<std::int64_t, std::int64_t, std::int64_t>;
-  const std::vector<Case> cases = {{1037, 64, 800}, {1000, 1, 800}, {5, 4, 1 << 20}};
-  for (const auto& [elements, alignment, staging_bytes] : cases) {
-    CAPTURE(elements, alignment, staging_bytes);
-    const kept::ShardLayout layout(elements, kRanks, alignment);
-    const std::int64_t piece = kept::detail::sum_piece_elements(staging_bytes, kRanks);
-    const kept::detail::SumRounds rounds(layout, piece);
-    std::vector<std::vector<float>> x;
-    for (int rank = 0; rank < kRanks; ++rank)
-      x.push_back(contributions(42 + static_cast<std::uint64_t>(elements), rank, elements));
-    int order_matters = 0;
-    for (int owner = 0; owner < kRanks; ++owner) {
-      CAPTURE(owner);
-      DeviceBuffer<float> data(elements);
-      data.upload(x[static_cast<std::size_t>(owner)]);
-      const std::int64_t stride = rounds.row_stride(owner);
-      const std::int64_t staging = std::max<std::int64_t>(stride, 1) * (kRanks - 1);
-      DeviceBuffer<float> rows(staging);
-      // NaN everywhere a received piece does not overwrite it.
-      KEPT_TEST_CUDA(
-          cudaMemset(rows.get(), 0xff, static_cast<std::size_t>(staging) * sizeof(float)));
-      float* own = data.get() + layout.offset(owner);
-      for (std::int64_t round = 0; round < rounds.rounds(); ++round) {
-        const std::int64_t start = rounds.start(round);
-        const std::int64_t mine = rounds.piece(owner, round);
-        for (int peer = 0; peer < kRanks; ++peer) {
-          if (peer == owner || mine == 0) continue;
-          KEPT_TEST_CUDA(
-              cudaMemcpy(rows.get() + kept::detail::staging_slot(peer, owner) * stride,
-                         x[static_cast<std::size_t>(peer)].data() + layout.offset(owner) + start,
-                         static_cast<std::size_t>(mine) * sizeof(float), cudaMemcpyHostToDevice));
-        }
-        KEPT_TEST_CUDA(kept::detail::launch_rank_ordered_sum(own + start, rows.get(), stride, mine,
-                                                             kRanks, owner, nullptr));
-      }
-      KEPT_TEST_CUDA(cudaDeviceSynchronize());
-      const std::vector<float> got = data.download();
-      std::vector<float> expected = x[static_cast<std::size_t>(owner)];
-      for (std::int64_t i = layout.offset(owner); i < layout.end(owner); ++i) {
-        const auto e = static_cast<std::size_t>(i);
-        const float sum = (x[0][e] + x[1][e]) + x[2][e];  // fp32, rank order
-        expected[e] = sum;
-        if (std::bit_cast<std::uint32_t>(sum) !=
-            std::bit_cast<std::uint32_t>((x[2][e] + x[1][e]) + x[0][e]))
-          ++order_matters;
-      }
-      CHECK(same_bits(got, expected));  // the shard summed, the rest untouched
-    }
-    if (elements > 100) CHECK(order_matters > 0);  // the data tell the orders apart
-  }
-}
 
 TEST_CASE("one-rank NcclCommunicator: every collective, both sum modes", "[nccl]") {
   if (no_device()) return;

@@ -58,6 +58,10 @@ inline float __expf(float x) {
 inline float __logf(float x) {
   return std::log(x);
 }
+// One fp32 addition rounded to nearest: what the host's float addition is.
+inline float __fadd_rn(float a, float b) {
+  return a + b;
+}
 
 inline void __syncwarp(unsigned = 0xffffffffu) {
   ::kept::cuda::emulation::emulator().sync_warp();
