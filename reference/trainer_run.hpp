@@ -462,7 +462,7 @@ class Run {
       if (!layer_major) micro_backward(std::span<MicroBatch>(&slot, 1));
     }
     if (layer_major) micro_backward(micro_);
-    if (ranks > 1) result.loss = sum_over_ranks(result.loss);
+    if (ranks > 1) result.loss = comm_->sum_in_rank_order(result.loss);
     const double clip =
         job_.clip_grad_norm > 0 ? job_.clip_grad_norm : std::numeric_limits<double>::infinity();
     if (!layer_major) {
@@ -474,9 +474,7 @@ class Run {
       return result;
     }
     double squares = layer_grad_squares_;
-    if (ranks > 1)
-      for (Parameter* p : outside_layers_)
-        if (p->has_grad()) sum_gradients_over_ranks(p->grad);
+    if (ranks > 1) sum_gradients_over_ranks(outside_layers_);
     for (Parameter* p : outside_layers_)
       if (p->has_grad())
         squares += backend_.grad_sum_squares(p->grad.template data<typename Backend::Grad>(),
@@ -497,16 +495,10 @@ class Run {
   void sum_gradients_over_ranks(Tensor grads) {  // a handle: the buffer itself is summed
     comm_->all_reduce_sum(grads.template data<float>(), grads.numel());
   }
-  // A scalar summed over the ranks in rank order (the step's loss).
-  double sum_over_ranks(double value) {
-    const int ranks = comm_->size();
-    std::vector<double> values(static_cast<std::size_t>(ranks), 0.0);
-    values[static_cast<std::size_t>(comm_->rank())] = value;
-    comm_->all_gather(values.data(), ShardLayout(ranks, ranks, 1));
-    double sum = 0;
-    for (double v : values)
-      sum += v;
-    return sum;
+  // The gradients of `params` (memory.gradients "none": a layer's, or those outside the layers).
+  void sum_gradients_over_ranks(std::span<Parameter* const> params) {
+    for (Parameter* p : params)
+      if (p->has_grad()) sum_gradients_over_ranks(p->grad);
   }
 
   // The student's backward for micro-batches whose forward micro_forward kept: one at a time
@@ -542,9 +534,7 @@ class Run {
   void update_layer(std::size_t layer) {
     using Grad = typename Backend::Grad;
     std::vector<Parameter*>& layer_params = layer_params_[layer];
-    if (comm_->size() > 1)
-      for (Parameter* p : layer_params)
-        if (p->has_grad()) sum_gradients_over_ranks(p->grad);
+    if (comm_->size() > 1) sum_gradients_over_ranks(layer_params);
     double squares = 0;
     for (Parameter* p : layer_params)
       if (p->has_grad())

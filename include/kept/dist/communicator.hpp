@@ -80,6 +80,19 @@ class Communicator {
     broadcast_bytes(data, count * static_cast<std::int64_t>(sizeof(T)), root);
   }
 
+  // `value` (a host scalar: a step's loss) summed over the ranks in rank order, in double; the
+  // same bits on every rank. Collective.
+  double sum_in_rank_order(double value) {
+    const int ranks = size();
+    std::vector<double> values(static_cast<std::size_t>(ranks), 0.0);
+    values[static_cast<std::size_t>(rank())] = value;
+    all_gather(values.data(), ShardLayout(ranks, ranks, 1));
+    double sum = 0;
+    for (double v : values)
+      sum += v;
+    return sum;
+  }
+
   // Checks that every rank got the same job: each rank passes its hash of `what` (a config, a
   // data set's fingerprint, an arena layout, kept/core/hash.hpp); when any differs from rank
   // 0's, every rank throws the same kept::Error naming `what`, the differing ranks and their
