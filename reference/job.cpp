@@ -27,6 +27,11 @@ bool needs_teacher(Objective objective) {
 namespace {
 
 // Reads the fields of one JSON object, refusing unknown ones.
+template <class T>
+constexpr bool is_optional = false;
+template <class T>
+constexpr bool is_optional<std::optional<T>> = true;
+
 class Fields {
  public:
   Fields(const nlohmann::json& object, std::string where)
@@ -46,10 +51,10 @@ class Fields {
     auto found = object_.find(key);
     if (found == object_.end() || found->is_null()) return;
     const std::string field = where_ + ": field \"" + key + "\"";
-    if constexpr (std::is_same_v<T, std::optional<bool>>) {
-      KEPT_CHECK(found->is_boolean(), field, " must be true or false, got ",
-                 detail::describe_json(*found));
-      target = found->get<bool>();
+    if constexpr (is_optional<T>) {
+      typename T::value_type value{};
+      get(key, value);
+      target = value;
     } else if constexpr (std::is_same_v<T, bool>) {
       KEPT_CHECK(found->is_boolean(), field, " must be true or false, got ",
                  detail::describe_json(*found));
@@ -97,7 +102,8 @@ class JsonWriter {
   void get(const char* key, const T& value) {
     object_[key] = value;
   }
-  void get(const char* key, const std::optional<bool>& value) {
+  template <class T>
+  void get(const char* key, const std::optional<T>& value) {
     object_[key] = value ? nlohmann::json(*value) : nlohmann::json();
   }
   template <class Write>
@@ -133,6 +139,7 @@ void job_fields(Job& job, IO& io) {
   });
   io.get("batch_size", job.batch_size);
   io.get("grad_accum", job.grad_accum);
+  io.get("zero_stage", job.zero_stage);
   io.get("steps", job.steps);
   io.object("optimizer", [&](auto& optimizer) {
     optimizer.get("lr", job.lr);
@@ -272,6 +279,12 @@ void validate_job(const TrainJob& job) {
   one_of(job.master_weights, "memory.master_weights", {"fp32", "none"});
   one_of(job.states_on, "memory.states_on", {"device", "host"});
   one_of(job.gradients, "memory.gradients", {"buffer", "none"});
+  KEPT_CHECK(!job.zero_stage || (*job.zero_stage >= 0 && *job.zero_stage <= 3), where,
+             ": field \"zero_stage\" must be 0, 1, 2 or 3, got ", job.zero_stage.value_or(0));
+  KEPT_CHECK(job.zero_stage != 2 || job.gradients != "buffer", where,
+             ": zero_stage 2 shards the gradients by reducing each layer's as the backward leaves "
+             "it, which needs memory.gradients \"none\" (the job sets \"buffer\"); use "
+             "zero_stage 1 to keep a gradient buffer");
   KEPT_CHECK(job.memory_teacher.empty() || needs_teacher(job.objective), where,
              ": field \"memory.teacher\" is set, but objective \"", objective_name(job.objective),
              "\" has no teacher");

@@ -76,6 +76,10 @@ struct TrainJob {
   std::uint64_t data_seed = 0;
   std::int64_t batch_size = 8;
   std::int64_t grad_accum = 1;
+  // Data parallel over several ranks (mpirun): 0 replicated states, 1 optimizer states sharded,
+  // 2 gradients reduce-scattered too, 3 weights sharded too (reference/trainer_run.hpp,
+  // kept/train/zero.hpp). Unset: the planner's choice (reference/plan.hpp).
+  std::optional<std::int64_t> zero_stage;
   std::int64_t steps = 100;
   double lr = 3e-4, beta1 = 0.9, beta2 = 0.95, adam_eps = 1e-8, weight_decay = 0.1;
   bool decay_norms = false, decay_biases = false;

@@ -46,8 +46,9 @@ void check_compatible(const TrainJob& job, const ModelConfig& student, const Mod
 nlohmann::json resume_identity(const TrainJob& job) {
   nlohmann::json json = job.to_json();
   json["optimizer"].erase("lr");
+  // The ZeRO stage only says where the states live: checkpoints hold them whole.
   for (const char* key : {"schedule", "steps", "output", "log_every", "eval", "checkpoint",
-                          "output_dtype", "model_config"})
+                          "output_dtype", "model_config", "zero_stage"})
     json.erase(key);
   // Where bytes live is not what is computed: a run may resume on another GPU with another
   // plan. The optimizer's state format stays (the checkpoint holds it).

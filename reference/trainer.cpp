@@ -7,6 +7,10 @@ namespace kept::cli {
 
 TrainResult run_training(const TrainJob& job, const TrainOptions& options) {
   validate_job(job);
+  KEPT_CHECK(job.zero_stage != 3, job.file.string(),
+             ": zero_stage 3 (the weights sharded and gathered per layer) is planned by kept "
+             "plan but kept train cannot run it yet; use zero_stage 2 (optimizer states and "
+             "gradients sharded)");
   Communicator* comm = options.communicator;
   const int ranks = comm ? comm->size() : 1;
   if (ranks > 1) {

@@ -24,6 +24,7 @@
 #include "kept/train/checkpoint_state.hpp"
 #include "kept/train/data.hpp"
 #include "kept/train/schedule.hpp"
+#include "kept/train/zero.hpp"
 #include "kept/xkd/xkd.hpp"
 #include "models.hpp"
 #include "plan.hpp"
@@ -63,6 +64,10 @@ class Run {
         writer_(comm_->rank() == 0) {
     KEPT_CHECK(comm_->size() == 1 || Backend::space == MemorySpace::Host,
                "data parallel over MPI needs host memory (device \"cpu\")");
+    // run_training refused the rest (stage 3; stage 2 with a gradient buffer).
+    KEPT_CHECK(zero_stage_ <= 1 || (zero_stage_ == 2 && !plan_.strategy.gradient_buffer),
+               job_.file.string(), ": zero_stage ", zero_stage_, " with memory.gradients \"",
+               plan_.strategy.gradient_buffer ? "buffer" : "none", "\" cannot run");
   }
 
   TrainResult run() {
@@ -94,10 +99,24 @@ class Run {
     AdamW optimizer(adam);
     ArenaLayout layout = optimizer.arena_layout();
     layout.gradient_buffer = strategy.gradient_buffer;
+    // ZeRO: the optimizer's state only for this rank's shard, outside the arena.
+    if (zero_stage_ >= 1) layout.optimizer_state = false;
     ParameterArena arena(backend_, student_, layout);
     const std::vector<Parameter*> params = parameters_of(student_);
-    optimizer.use_arena(&arena);
-    if (!strategy.gradient_buffer) prepare_layer_updates(optimizer);
+    arena_ = &arena;
+    optimizer_ = &optimizer;
+    std::int64_t state_elements = arena.elements();
+    if (zero_stage_ >= 1) {
+      shards_.emplace(arena, comm_->rank(), comm_->size());
+      optimizer.shard_states(shards_->owned_ranges());
+      state_elements = shards_->end() - shards_->first();
+      if (!options_.quiet && comm_->size() > 1)
+        std::fprintf(stderr, "ZeRO stage %d: optimizer states%s sharded over %d ranks\n",
+                     zero_stage_, zero_stage_ >= 2 ? " and gradients" : "", comm_->size());
+    } else {
+      optimizer.use_arena(&arena);
+    }
+    if (!strategy.gradient_buffer) prepare_layer_updates();
     {
       using Precision = typename Backend::Precision;
       const bool master = Precision::separate_master && strategy.master;
@@ -110,7 +129,7 @@ class Run {
                                                            : 2.0 * dtype_size(Precision::master));
       std::fprintf(stderr, "optimizer: AdamW, %s, %lld-bit moments: about %.1f MiB of state%s\n",
                    weights, static_cast<long long>(adam.moment_bits),
-                   bytes_per_element * static_cast<double>(arena.elements()) / (1 << 20),
+                   bytes_per_element * static_cast<double>(state_elements) / (1 << 20),
                    !adam.states_on_host ? ""
                    : Backend::space == MemorySpace::Host
                        ? " (in host memory)"
@@ -206,12 +225,18 @@ class Run {
       if (job_.eval_every > 0 && state.step % job_.eval_every == 0 && state.step < job_.steps &&
           !held_out.empty())
         log_eval(*metrics, state.step, evaluate_now(held_out), /*print=*/!options_.quiet);
-      if (writer_ && job_.checkpoint_every > 0 && state.step % job_.checkpoint_every == 0) {
+      if (job_.checkpoint_every > 0 && state.step % job_.checkpoint_every == 0) {
+        // ZeRO: every rank's pieces of the optimizer state, gathered whole (collective).
+        std::optional<std::vector<NamedTensor>> whole_state;
+        if (shards_)
+          whole_state = gather_optimizer_state(backend_, *comm_, arena, optimizer, params);
+        if (!writer_) continue;
         state.loader = loader_.state();
         if (!plan_.strategy.gradient_buffer) state.extra["clip_coefficient"] = clip_coefficient_;
         try {
           last_checkpoint = save_checkpoint(backend_, checkpoints, state, params, optimizer,
-                                            static_cast<std::size_t>(job_.checkpoint_keep));
+                                            static_cast<std::size_t>(job_.checkpoint_keep),
+                                            whole_state ? &*whole_state : nullptr);
         } catch (const Error& error) {
           progress.finish();
           const auto newest = latest_checkpoint(checkpoints);
@@ -465,7 +490,7 @@ class Run {
     if (ranks > 1) result.loss = comm_->sum_in_rank_order(result.loss);
     const double clip =
         job_.clip_grad_norm > 0 ? job_.clip_grad_norm : std::numeric_limits<double>::infinity();
-    if (!layer_major) {
+    if (!layer_major && !shards_) {
       if (ranks > 1) sum_gradients_over_ranks(arena.grads());
       result.grad_norm = clip_grad_norm(backend_, params, clip);
       if (!std::isfinite(result.loss) || !std::isfinite(result.grad_norm)) return result;
@@ -473,18 +498,36 @@ class Run {
       result.updated = true;
       return result;
     }
-    double squares = layer_grad_squares_;
-    if (ranks > 1) sum_gradients_over_ranks(outside_layers_);
-    for (Parameter* p : outside_layers_)
-      if (p->has_grad())
-        squares += backend_.grad_sum_squares(p->grad.template data<typename Backend::Grad>(),
-                                             p->grad.numel());
+    if (!layer_major) {
+      // ZeRO with a gradient buffer: each rank receives the sum of its shard only, clips by the
+      // norm summed from the shards, updates its shard and gathers everyone's.
+      if (ranks > 1)
+        comm_->reduce_scatter_sum(Tensor(arena.grads()).template data<float>(), shards_->layout());
+      result.grad_norm = std::sqrt(comm_->sum_in_rank_order(owned_grad_squares(params)));
+      if (!std::isfinite(result.loss) || !std::isfinite(result.grad_norm)) return result;
+      if (const double coefficient = clip / (result.grad_norm + 1e-6); coefficient < 1.0)
+        scale_owned_gradients(params, static_cast<float>(coefficient));
+      optimizer.step(backend_, params);
+      gather_weights();
+      result.updated = true;
+      return result;
+    }
+    if (ranks > 1) reduce_gradients_over_ranks(outside_layers_);
+    double squares = layer_grad_squares_;  // the layers' (backward), then these
+    if (shards_)
+      squares = comm_->sum_in_rank_order(squares + owned_grad_squares(outside_layers_));
+    else
+      for (Parameter* p : outside_layers_)
+        if (p->has_grad())
+          squares += backend_.grad_sum_squares(p->grad.template data<typename Backend::Grad>(),
+                                               p->grad.numel());
     result.grad_norm = std::sqrt(squares);
     if (!std::isfinite(result.loss) || !std::isfinite(result.grad_norm)) return result;
     if (clip_coefficient_ < 1.0)
       scale_gradients(backend_, std::span<Parameter* const>(outside_layers_),
                       static_cast<float>(clip_coefficient_));
     optimizer.step(backend_, outside_layers_);
+    if (shards_) gather_weights();
     clip_coefficient_ = std::min(1.0, clip / (result.grad_norm + 1e-6));
     result.updated = true;
     return result;
@@ -495,10 +538,49 @@ class Run {
   void sum_gradients_over_ranks(Tensor grads) {  // a handle: the buffer itself is summed
     comm_->all_reduce_sum(grads.template data<float>(), grads.numel());
   }
-  // The gradients of `params` (memory.gradients "none": a layer's, or those outside the layers).
-  void sum_gradients_over_ranks(std::span<Parameter* const> params) {
-    for (Parameter* p : params)
-      if (p->has_grad()) sum_gradients_over_ranks(p->grad);
+  // The gradients of `params` (memory.gradients "none": a layer's, or those outside the layers)
+  // summed over the ranks: all of each with replicated states, each rank's owned part with ZeRO
+  // (the arena's cut seen through the parameter's slot, so each element reaches its owner).
+  void reduce_gradients_over_ranks(std::span<Parameter* const> params) {
+    for (Parameter* p : params) {
+      if (!p->has_grad()) continue;
+      if (!shards_) {
+        sum_gradients_over_ranks(p->grad);
+        continue;
+      }
+      const ArenaSlot* slot = arena_->find(p->name);
+      comm_->reduce_scatter_sum(p->grad.template data<float>(),
+                                shards_->window(slot->offset, slot->count));
+    }
+  }
+  // ZeRO: the squares of this rank's owned part of each gradient, in parameter order (double).
+  double owned_grad_squares(std::span<Parameter* const> params) {
+    using Grad = typename Backend::Grad;
+    double squares = 0;
+    for (Parameter* p : params) {
+      if (!p->has_grad()) continue;
+      const AdamW::OwnedRange owned = optimizer_->owned_range(*p);
+      if (owned.count > 0)
+        squares +=
+            backend_.grad_sum_squares(p->grad.template data<Grad>() + owned.first, owned.count);
+    }
+    return squares;
+  }
+  void scale_owned_gradients(std::span<Parameter* const> params, float factor) {
+    using Grad = typename Backend::Grad;
+    for (Parameter* p : params) {
+      if (!p->has_grad()) continue;
+      const AdamW::OwnedRange owned = optimizer_->owned_range(*p);
+      if (owned.count > 0)
+        backend_.scale_grad(p->grad.template data<Grad>() + owned.first, owned.count, factor);
+    }
+  }
+  // ZeRO: every rank's updated shard of the weights to every rank (bytes, exact).
+  void gather_weights() {
+    if (comm_->size() == 1) return;
+    const Tensor& values = arena_->values();
+    comm_->all_gather_bytes(const_cast<void*>(values.raw()), shards_->layout(),
+                            dtype_size(values.dtype()));
   }
 
   // The student's backward for micro-batches whose forward micro_forward kept: one at a time
@@ -519,7 +601,7 @@ class Run {
 
   // memory.gradients "none": the parameters of each layer and of the rest, and the hook that
   // updates a layer as soon as backward has finished it.
-  void prepare_layer_updates(AdamW& optimizer) {
+  void prepare_layer_updates() {
     layer_params_.assign(student_.layers.size(), {});
     for (std::size_t l = 0; l < student_.layers.size(); ++l)
       student_.layers[l].visit([&](Parameter& p) { layer_params_[l].push_back(&p); });
@@ -527,18 +609,20 @@ class Run {
     student_.embed_tokens.visit([&](Parameter& p) { outside_layers_.push_back(&p); });
     student_.norm.visit([&](Parameter& p) { outside_layers_.push_back(&p); });
     student_.lm_head.visit([&](Parameter& p) { outside_layers_.push_back(&p); });
-    optimizer_ = &optimizer;
     student_.set_after_layer_backward([this](std::size_t layer) { update_layer(layer); });
   }
 
   void update_layer(std::size_t layer) {
     using Grad = typename Backend::Grad;
     std::vector<Parameter*>& layer_params = layer_params_[layer];
-    if (comm_->size() > 1) sum_gradients_over_ranks(layer_params);
+    if (comm_->size() > 1) reduce_gradients_over_ranks(layer_params);
     double squares = 0;
-    for (Parameter* p : layer_params)
-      if (p->has_grad())
-        squares += backend_.grad_sum_squares(p->grad.template data<Grad>(), p->grad.numel());
+    if (shards_)
+      squares = owned_grad_squares(layer_params);
+    else
+      for (Parameter* p : layer_params)
+        if (p->has_grad())
+          squares += backend_.grad_sum_squares(p->grad.template data<Grad>(), p->grad.numel());
     KEPT_CHECK(std::isfinite(squares), "step ", current_step_ + 1, ": layer ", layer,
                "'s gradient is not finite. With memory.gradients \"none\" the layers above it "
                "were already updated in this step, so resume from the last checkpoint (--resume) "
@@ -712,6 +796,10 @@ class Run {
   std::vector<std::vector<Parameter*>> layer_params_;
   std::vector<Parameter*> outside_layers_;
   AdamW* optimizer_ = nullptr;
+  ParameterArena* arena_ = nullptr;
+  // ZeRO stage (job field "zero_stage", kept/train/zero.hpp); shards_ is set from stage 1 on.
+  int zero_stage_ = static_cast<int>(job_.zero_stage.value_or(0));
+  std::optional<ZeroShards> shards_;
   double layer_grad_squares_ = 0;
   double clip_coefficient_ = 1.0;  // from the previous step's norm
   std::int64_t current_step_ = 0;

@@ -107,6 +107,45 @@ TEST_CASE("ShardLayout: arena-sized counts do not overflow", "[dist]") {
   CHECK(layout.owner(layout.offset(3) - 1) == 2);
 }
 
+TEST_CASE("ShardLayout: a window sends each element to its owner in the whole cut", "[dist]") {
+  for (std::int64_t elements : {0, 1, 255, 256, 1000, 4097}) {
+    for (int ranks : {1, 2, 3, 5}) {
+      const kept::ShardLayout whole(elements, ranks, 64);
+      for (std::int64_t first = 0; first <= elements; first += 37) {
+        for (std::int64_t count :
+             {std::int64_t{0}, std::int64_t{1}, std::int64_t{100}, elements - first}) {
+          if (first + count > elements) continue;
+          INFO(elements << " elements, " << ranks << " ranks, window [" << first << ", +" << count
+                        << ")");
+          const kept::ShardLayout window = whole.window(first, count);
+          REQUIRE(window.elements() == count);
+          // The windowed shards tile [0, count) in rank order...
+          std::int64_t next = 0;
+          for (int rank = 0; rank < ranks; ++rank) {
+            REQUIRE(window.offset(rank) == next);
+            next = window.end(rank);
+            REQUIRE(window.count(rank) >= 0);
+          }
+          REQUIRE(next == count);
+          // ... and element e of the window belongs to whoever owns first + e in the whole cut.
+          for (std::int64_t e = 0; e < count; ++e) {
+            const int owner = whole.owner(first + e);
+            REQUIRE(window.owner(e) == owner);
+            REQUIRE(window.offset(owner) <= e);
+            REQUIRE(e < window.end(owner));
+          }
+          // A window of a window is the window of the whole.
+          if (count >= 2)
+            REQUIRE(window.window(1, count - 2) == whole.window(first + 1, count - 2));
+        }
+      }
+    }
+  }
+  const kept::ShardLayout layout(10, 2, 4);
+  CHECK_THROWS_WITH(layout.window(8, 3), "ShardLayout: window [8, 11) is outside [0, 10)");
+  CHECK(layout.window(0, 10).offset(1) == layout.offset(1));
+}
+
 TEST_CASE("ShardLayout: bad arguments are errors", "[dist]") {
   CHECK_THROWS_AS(kept::ShardLayout(-1, 2, 1), kept::Error);
   CHECK_THROWS_AS(kept::ShardLayout(10, 0, 1), kept::Error);

@@ -12,7 +12,14 @@ their partial sums), so the losses agree to rounding, not to the bit:
    backward layer by layer (memory.gradients "none") `-np 2` gives the buffered `-np 2` run bit
    for bit (clipping off); rank 0 alone writes (one metrics record per step).
 2. A checkpoint written by 2 ranks resumes on 3 ranks and on 1 process.
-3. Bad input fails on every rank with a clear error and no hang: ranks given different jobs
+3. ZeRO (include/kept/train/zero.hpp; job field "zero_stage"): stages 1 and 2 keep only the
+   rank's shard of the optimizer state, reduce-scatter the gradients and all-gather the weights.
+   With clipping off they give stage 0's losses and final weights bit for bit on 2 and 3 ranks
+   (8-bit states included), their checkpoints hold the same whole optimizer state as stage 0's,
+   and a 3-rank stage-2 checkpoint resumes bit for bit under stage 0 on 3 ranks, and within the
+   tolerances above on 2 ranks and on one process. Stage 3 is refused by kept train (kept plan
+   plans it), and so is stage 2 with a gradient buffer.
+4. Bad input fails on every rank with a clear error and no hang: ranks given different jobs
    (MPMD launch), fewer micro-batches than ranks, a GPU job; a rank SIGKILLed mid-run ends the
    job within DEAD_RANK_S, leaving only complete checkpoints.
 
@@ -30,6 +37,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from test_trainer import (  # noqa: F401  (world is a fixture)
@@ -141,6 +149,95 @@ def test_a_two_rank_checkpoint_resumes_on_three_ranks_and_on_one(world, kept_bin
             proc = mpirun(kept_bin, ranks, "train", resumed_job, "--resume")
         assert "(step 2)" in proc.stderr, proc.stderr
         assert_close_runs(resumed, output, f"2 ranks resumed on {ranks}")
+
+
+def optimizer_state(checkpoint: Path) -> dict:
+    return load_file(str(checkpoint / "optimizer.safetensors"))
+
+
+def assert_same_tensors(got: dict, want: dict, label: str) -> None:
+    assert got.keys() == want.keys(), (label, sorted(set(got) ^ set(want)))
+    for name, value in want.items():
+        assert got[name].dtype == value.dtype and got[name].shape == value.shape, (label, name)
+        assert got[name].view(-1).view(dtype=torch.uint8).equal(
+            value.view(-1).view(dtype=torch.uint8)), (label, name)
+
+
+@pytest.mark.parametrize("ranks,states", [(2, "fp32"), (3, "fp32"), (3, "int8")])
+def test_zero_stages_agree_bit_for_bit(world, kept_bin, tmp_path, ranks, states):
+    # Clipping off: the clip coefficient is the one thing the stages may round differently
+    # (the norm is summed from the shards). min_8bit_size 256 puts the tiny model's matrices
+    # on 8-bit moments, so shards cut through quantisation blocks' parameters.
+    changes = merge_all(COMMON, {"clip_grad_norm": 0, "checkpoint": {"every": 2, "keep": 2},
+                                 "optimizer": {"min_8bit_size": 256},
+                                 "memory": {"optimizer_states": states}})
+    runs = {}
+    for stage, gradients in ((0, "buffer"), (1, "buffer"), (2, "none")):
+        output = tmp_path / f"stage{stage}"
+        job = merge_all(base_job(world, output), changes,
+                        {"zero_stage": stage, "memory": {"gradients": gradients}})
+        proc = mpirun(kept_bin, ranks, "train", write_job(tmp_path / f"stage{stage}.json", job))
+        if stage:
+            assert f"ZeRO stage {stage}" in proc.stderr, proc.stderr
+        runs[stage] = output
+    for stage in (1, 2):
+        label = f"stage {stage} on {ranks} ranks, {states} states"
+        assert train_trace(runs[stage]) == train_trace(runs[0]), label
+        assert ((runs[stage] / "final" / "model.safetensors").read_bytes()
+                == (runs[0] / "final" / "model.safetensors").read_bytes()), label
+        # The gathered checkpoint state is the replicated one, tensor for tensor.
+        for step in (2, 4):
+            assert_same_tensors(optimizer_state(complete_checkpoints(runs[stage])[step]),
+                                optimizer_state(complete_checkpoints(runs[0])[step]),
+                                f"{label}, checkpoint {step}")
+        norms = [r["grad_norm"] for r in read_metrics(runs[stage]) if r["type"] == "train"]
+        want = [r["grad_norm"] for r in read_metrics(runs[0]) if r["type"] == "train"]
+        assert norms == pytest.approx(want, rel=1e-12), label
+
+
+def test_a_zero_checkpoint_resumes_on_other_ranks_and_stages(world, kept_bin, tmp_path):
+    # memory.gradients is part of what a checkpoint continues (it decides how clipping works),
+    # the stage and the rank count are not.
+    changes = merge_all(COMMON, {"clip_grad_norm": 0, "checkpoint": {"every": 2, "keep": 2},
+                                 "memory": {"gradients": "none"}})
+    output = tmp_path / "np3-stage2"
+    job = merge_all(base_job(world, output), changes, {"zero_stage": 2})
+    mpirun(kept_bin, 3, "train", write_job(tmp_path / "np3-stage2.json", job))
+    for name, ranks, stage in (("np3-stage0", 3, 0), ("np2-stage1", 2, 1), ("np1-stage1", 1, 1)):
+        resumed = tmp_path / name
+        shutil.copytree(output, resumed)
+        shutil.rmtree(complete_checkpoints(resumed)[4])
+        shutil.rmtree(resumed / "final")
+        resumed_job = write_job(tmp_path / f"{name}.json",
+                                merge_all(base_job(world, resumed), changes, {"zero_stage": stage}))
+        if ranks == 1:
+            proc = run_kept(kept_bin, "train", resumed_job, "--resume")
+        else:
+            proc = mpirun(kept_bin, ranks, "train", resumed_job, "--resume")
+        assert "(step 2)" in proc.stderr, proc.stderr
+        if ranks == 3:  # the same sums, the same bits
+            assert train_trace(resumed) == train_trace(output)
+            assert ((resumed / "final" / "model.safetensors").read_bytes()
+                    == (output / "final" / "model.safetensors").read_bytes())
+        else:
+            assert_close_runs(resumed, output, f"3-rank stage-2 checkpoint on {name}")
+
+
+@pytest.mark.parametrize("case,changes,needles", [
+    ("stage3", {"zero_stage": 3}, ["zero_stage 3", "cannot run it yet", "zero_stage 2"]),
+    ("stage2-buffer", {"zero_stage": 2, "memory": {"gradients": "buffer"}},
+     ["zero_stage 2", "memory.gradients \"none\"", "zero_stage 1"]),
+    ("stage9", {"zero_stage": 9}, ["\"zero_stage\" must be 0, 1, 2 or 3, got 9"]),
+])
+def test_zero_stages_kept_train_cannot_run_are_refused(world, kept_bin, tmp_path, case, changes,
+                                                      needles):
+    output = tmp_path / case
+    job = write_job(tmp_path / f"{case}.json", merge_all(base_job(world, output), COMMON, changes))
+    proc = mpirun(kept_bin, 2, "train", job, check=False)
+    assert proc.returncode != 0
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr
+    assert not output.exists()
 
 
 def merge_all(*changes: dict) -> dict:

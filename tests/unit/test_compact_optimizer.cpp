@@ -450,3 +450,88 @@ TEST_CASE("compact states in the parameter arena: the same bits as separate allo
   CHECK(packed_opt.exp_avg("a")->storage() == arena.exp_avg(*arena.find("a")).storage());
   CHECK(packed_opt.exp_avg("b")->dtype() == DType::F32);
 }
+
+TEST_CASE("sharded states: the owners' updates are one optimizer's, bit for bit", "[train][zero]") {
+  // Two owners split "big" at element 512 (a multiple of kQuantBlock); owner 0 also holds all of
+  // "small" and owner 1 none of it. bf16 weights without masters round stochastically, with bits
+  // indexed by the element's place in the whole parameter: the case an offset would break.
+  CpuBf16 cpu;
+  for (const bool master : {false, true}) {
+    for (const int bits : {8, 32}) {
+      INFO("master weights " << master << ", " << bits << "-bit moments");
+      const AdamWConfig config{.lr = 0.02,
+                               .weight_decay = 0.1,
+                               .master_weights = master,
+                               .moment_bits = bits,
+                               .min_8bit_size = 300};
+      auto make = [&](std::vector<Parameter>& ps) {
+        Random random(33);
+        ps.push_back(device_param(cpu, "big", ParamRole::Weight, {3, 333}, random, 0.3));
+        ps.push_back(device_param(cpu, "small", ParamRole::NormWeight, {64}, random, 1.0));
+        std::vector<Parameter*> ptrs;
+        for (auto& p : ps)
+          ptrs.push_back(&p);
+        return ptrs;
+      };
+      std::vector<Parameter> whole_params, params0, params1;
+      auto whole = make(whole_params);
+      auto owner0 = make(params0);
+      auto owner1 = make(params1);
+      AdamW whole_opt(config), opt0(config), opt1(config);
+      opt0.shard_states({{"big", {0, 512}}, {"small", {0, 64}}});
+      opt1.shard_states({{"big", {512, 999 - 512}}});
+      for (int s = 0; s < 4; ++s) {
+        for (auto* ps : {&whole, &owner0, &owner1}) {
+          Random random(70 + static_cast<std::uint64_t>(s));
+          random_grads(cpu, *ps, random);
+        }
+        whole_opt.step(cpu, whole);
+        opt0.step(cpu, owner0);
+        opt1.step(cpu, owner1);
+        // The all-gather: each owner's elements to both.
+        Tensor big = cpu.download(owner0[0]->value), big1 = cpu.download(owner1[0]->value);
+        std::copy(big1.data<bf16>() + 512, big1.data<bf16>() + 999, big.data<bf16>() + 512);
+        for (auto* ps : {&owner0, &owner1}) {
+          cpu.upload(big, (*ps)[0]->value);
+          cpu.upload(cpu.download(owner0[1]->value), (*ps)[1]->value);
+        }
+      }
+      for (std::size_t i = 0; i < 2; ++i) {
+        INFO(whole[i]->name);
+        CHECK(same_bytes(cpu.download(owner0[i]->value), cpu.download(whole[i]->value)));
+      }
+      CHECK(opt1.exp_avg("small") == nullptr);  // owns none of it: no state
+      CHECK(opt1.exp_avg("big")->numel() == 999 - 512);
+
+      // The whole state loads into an owner as its range of every tensor.
+      AdamW loaded(config);
+      loaded.shard_states({{"big", {512, 999 - 512}}});
+      loaded.load_state(cpu, whole_opt.state_tensors(cpu), owner1, "whole");
+      const Tensor want = cpu.download(*whole_opt.exp_avg_sq("big"));
+      const Tensor got = cpu.download(*loaded.exp_avg_sq("big"));
+      const std::size_t width = dtype_size(want.dtype());
+      REQUIRE(got.nbytes() == (999 - 512) * width);
+      CHECK(std::equal(static_cast<const char*>(got.raw()),
+                       static_cast<const char*>(got.raw()) + got.nbytes(),
+                       static_cast<const char*>(want.raw()) + 512 * width));
+      CHECK(loaded.parameter_step("big") == 4);
+      CHECK(loaded.parameter_step("small") == 0);
+      // ... and continues as the owner that never stopped.
+      for (auto* ps : {&owner1}) {
+        Random random(99);
+        random_grads(cpu, *ps, random);
+      }
+      std::vector<Parameter> again_params;
+      auto again = make(again_params);
+      cpu.upload(cpu.download(owner1[0]->value), again[0]->value);
+      Random same(99);
+      random_grads(cpu, again, same);
+      loaded.step(cpu, again);
+      opt1.step(cpu, owner1);
+      CHECK(same_bytes(cpu.download(again[0]->value), cpu.download(owner1[0]->value)));
+    }
+  }
+  AdamW opt(AdamWConfig{});
+  CHECK_THROWS_WITH(opt.shard_states({{"big", {100, 10}}}),
+                    Contains("owned range [100, +10) of big does not start on a multiple of 256"));
+}

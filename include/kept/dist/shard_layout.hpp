@@ -21,6 +21,13 @@
 //   - the shards tile [0, E) in rank order with no gap or overlap, so the owner of element e is
 //     the rank whose range holds it: block b = e / A belongs to rank b / (q + 1) when
 //     b < r (q + 1), else to r + (b - r (q + 1)) / q.
+//
+// A window. layout.window(F, C) is the same cut seen through the elements [F, F + C) only,
+// renumbered from 0: rank k's shard is [offset(k) - F, end(k) - F) clipped to [0, C). ZeRO uses
+// it to reduce-scatter a buffer that holds one window of the arena (a layer's gradients) so that
+// each element still goes to the rank that owns it in the whole arena. A window's boundaries
+// need not be aligned (they are where the window clips), and alignment() and blocks() stay those
+// of the whole cut.
 // Balanced whole blocks (rather than ceil(B / N) blocks each, with the remainder on the last
 // rank) keep the largest shard, which bounds a ZeRO step's time and the optimizer-state memory
 // per rank, at ceil(B / N) blocks while no rank but the trailing ones goes empty.
@@ -46,7 +53,7 @@ class ShardLayout {
     extra_ranks_ = blocks_ % ranks;
   }
 
-  std::int64_t elements() const { return elements_; }
+  std::int64_t elements() const { return window_count_ < 0 ? elements_ : window_count_; }
   int ranks() const { return ranks_; }
   std::int64_t alignment() const { return alignment_; }
   std::int64_t blocks() const { return blocks_; }
@@ -70,10 +77,21 @@ class ShardLayout {
     return largest;
   }
 
-  // The rank whose shard holds `element` (0 <= element < E).
+  // This cut restricted to elements [first, first + count), renumbered from 0 (see A window).
+  ShardLayout window(std::int64_t first, std::int64_t count) const {
+    KEPT_CHECK(first >= 0 && count >= 0 && first + count <= elements(), "ShardLayout: window [",
+               first, ", ", first + count, ") is outside [0, ", elements(), ")");
+    ShardLayout windowed = *this;
+    windowed.window_first_ = window_first_ + first;
+    windowed.window_count_ = count;
+    return windowed;
+  }
+
+  // The rank whose shard holds `element` (0 <= element < elements()).
   int owner(std::int64_t element) const {
-    KEPT_CHECK(element >= 0 && element < elements_, "ShardLayout: element ", element,
-               " is outside [0, ", elements_, ")");
+    KEPT_CHECK(element >= 0 && element < elements(), "ShardLayout: element ", element,
+               " is outside [0, ", elements(), ")");
+    element += window_first_;
     const std::int64_t block = element / alignment_;
     const std::int64_t wide = extra_ranks_ * (base_blocks_ + 1);  // blocks of ranks 0 .. r-1
     if (block < wide) return static_cast<int>(block / (base_blocks_ + 1));
@@ -92,15 +110,19 @@ class ShardLayout {
   // overflow near the top of int64).
   std::int64_t boundary(int rank) const {
     const std::int64_t first = rank * base_blocks_ + std::min<std::int64_t>(rank, extra_ranks_);
-    return first >= blocks_ ? elements_ : first * alignment_;
+    const std::int64_t whole = first >= blocks_ ? elements_ : first * alignment_;
+    if (window_count_ < 0) return whole;
+    return std::clamp<std::int64_t>(whole - window_first_, 0, window_count_);
   }
 
   std::int64_t elements_ = 0;
   int ranks_ = 1;
   std::int64_t alignment_ = 1;
   std::int64_t blocks_ = 0;
-  std::int64_t base_blocks_ = 0;  // q
-  std::int64_t extra_ranks_ = 0;  // r: ranks with q + 1 blocks
+  std::int64_t base_blocks_ = 0;    // q
+  std::int64_t extra_ranks_ = 0;    // r: ranks with q + 1 blocks
+  std::int64_t window_first_ = 0;   // a window's first element in the whole cut
+  std::int64_t window_count_ = -1;  // a window's length; -1: the whole cut
 };
 
 }  // namespace kept

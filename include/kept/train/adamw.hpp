@@ -65,6 +65,16 @@
 //    On a host backend it only keeps the state out of the arena.
 // With the defaults (fp32 moments, masters where the parameters are bf16) nothing changes.
 //
+// Sharded states (ZeRO stage >= 1, kept/train/zero.hpp): shard_states() gives, per parameter,
+// the range [first, first + count) of its elements this optimizer owns (first a multiple of
+// kQuantBlock, so an owned range never splits a quantisation block). State then exists only for
+// that range (1-D tensors of `count` elements), step() updates only those elements of the value
+// (the rounding bits indexed by the element's place in the whole parameter, so a sharded update
+// is the unsharded one bit for bit), and a parameter of which nothing is owned gets no state.
+// state_tensors() exports the pieces; zero.hpp gathers them into the whole-parameter format
+// below, and load_state() takes that whole format and keeps the owned ranges, so a checkpoint
+// resumes on any rank count.
+//
 // State, per parameter and keyed by its name: exp_avg (m) and exp_avg_sq (v) as fp32 tensors of
 // the parameter's shape (or U8 codes plus F32 absmax) and its step count. state_tensors()
 // exports it, with the optimizer's own counter and hyper-parameters, as NamedTensors for a
@@ -238,6 +248,38 @@ class AdamW {
            : config_.moment_bits == 16 ? DType::BF16
                                        : Backend::Precision::master;
   }
+  // Elements [first, first + count) of a parameter (Sharded states, above).
+  struct OwnedRange {
+    std::int64_t first = 0, count = 0;
+  };
+  // Keeps state for, and updates, only the ranges `owned` names (a parameter it does not name:
+  // nothing). Before the first step or load; not with an arena (its buffers are whole-model).
+  void shard_states(std::map<std::string, OwnedRange, std::less<>> owned) {
+    KEPT_CHECK(states_.empty(), "AdamW: shard_states() must come before the first step or load");
+    KEPT_CHECK(!arena_, "AdamW: sharded states live outside the parameter arena");
+    for (const auto& [name, range] : owned)
+      KEPT_CHECK(range.first >= 0 && range.count >= 0 && range.first % kQuantBlock == 0,
+                 "AdamW: owned range [", range.first, ", +", range.count, ") of ", name,
+                 " does not start on a multiple of ", kQuantBlock);
+    owned_ = std::move(owned);
+    sharded_ = true;
+  }
+  bool sharded() const { return sharded_; }
+  // The elements of `p` this optimizer owns: all of them unless sharded.
+  OwnedRange owned_range(const Parameter& p) const {
+    if (!sharded_) return {0, p.value.numel()};
+    auto found = owned_.find(p.name);
+    if (found == owned_.end()) return {};
+    KEPT_CHECK(found->second.first + found->second.count <= p.value.numel(), "AdamW: owned range [",
+               found->second.first, ", +", found->second.count, ") of ", p.name, " exceeds its ",
+               p.value.numel(), " elements");
+    return found->second;
+  }
+  // Whether `Backend`'s parameters get fp32 master copies under this configuration.
+  template <class Backend>
+  bool keeps_master() const {
+    return Backend::Precision::separate_master && config_.master_weights;
+  }
   // The trainer sets the scheduled rate before each step.
   void set_lr(double lr) { config_.lr = lr; }
   double lr() const { return config_.lr; }
@@ -277,6 +319,8 @@ class AdamW {
     for (Parameter* p : params) {
       KEPT_CHECK(p != nullptr, "AdamW step: null parameter pointer");
       if (!p->has_grad()) continue;
+      const OwnedRange owned = owned_range(*p);
+      if (owned.count == 0) continue;
       detail::train_require(*p, p->value, Precision::param, "value", "AdamW step");
       detail::train_require(*p, p->grad, Precision::grad, "gradient", "AdamW step");
       State& state = state_for(backend, *p);
@@ -289,14 +333,15 @@ class AdamW {
       scalars.decay = config_.weight_decay != 0 && decays(*p);
       scalars.decay_keep = static_cast<float>(1.0 - lr * config_.weight_decay);
       scalars.rounding_key = Random::hash(fnv1a(p->name) ^ static_cast<std::uint64_t>(state.step));
+      scalars.first_element = static_cast<std::uint64_t>(owned.first);
       if (stages<Backend>()) {
-        update_staged(backend, *p, state, scalars);
+        update_staged(backend, *p, state, owned, scalars);
         continue;
       }
       Master* master = state.master.defined() ? state.master.template data<Master>() : nullptr;
-      backend.adamw_update(p->value.template data<typename Backend::Param>(), master,
-                           p->grad.template data<Grad>(), moments_of<Master>(state),
-                           p->value.numel(), scalars);
+      backend.adamw_update(p->value.template data<typename Backend::Param>() + owned.first, master,
+                           p->grad.template data<Grad>() + owned.first, moments_of<Master>(state),
+                           owned.count, scalars);
     }
   }
 
@@ -456,14 +501,21 @@ class AdamW {
     }
     std::map<std::string, State, std::less<>> loaded;
     for (const Entry& entry : checked) {
+      // Sharded: the owned range of each whole tensor (and the absmax blocks it spans).
+      const OwnedRange owned = owned_range(*entry.param);
+      if (owned.count == 0) continue;
+      auto part = [&](const Tensor* whole, std::int64_t per) {
+        return sharded_ ? host_range(*whole, owned.first / per, (owned.count + per - 1) / per)
+                        : *whole;
+      };
       State s = empty_state(backend, *entry.param);
-      assign(backend, *entry.exp_avg, s.exp_avg);
-      assign(backend, *entry.exp_avg_sq, s.exp_avg_sq);
+      assign(backend, part(entry.exp_avg, 1), s.exp_avg);
+      assign(backend, part(entry.exp_avg_sq, 1), s.exp_avg_sq);
       if (entry.exp_avg_absmax) {
-        assign(backend, *entry.exp_avg_absmax, s.exp_avg_absmax);
-        assign(backend, *entry.exp_avg_sq_absmax, s.exp_avg_sq_absmax);
+        assign(backend, part(entry.exp_avg_absmax, kQuantBlock), s.exp_avg_absmax);
+        assign(backend, part(entry.exp_avg_sq_absmax, kQuantBlock), s.exp_avg_sq_absmax);
       }
-      if (entry.master) assign(backend, *entry.master, s.master);
+      if (entry.master) assign(backend, part(entry.master, 1), s.master);
       s.step = entry.step;
       loaded.emplace(entry.param->name, std::move(s));
     }
@@ -480,21 +532,21 @@ class AdamW {
     std::int64_t step = 0;
   };
 
-  template <class Backend>
-  bool keeps_master() const {
-    return Backend::Precision::separate_master && config_.master_weights;
+  // The shape of p's state tensors: the parameter's, or its owned range's when sharded.
+  Shape state_shape(const Parameter& p) const {
+    return sharded_ ? Shape{owned_range(p).count} : p.value.shape();
   }
 
   // Zeroed state tensors for parameter `p` (the master not yet filled).
   template <class Backend>
   State empty_state(Backend& backend, const Parameter& p) {
     constexpr DType kMaster = Backend::Precision::master;
-    const Shape& shape = p.value.shape();
+    const Shape shape = state_shape(p);
     State s;
     if (quantizes(p)) {
       KEPT_CHECK(kMaster == DType::F32, "AdamW: 8-bit moments need fp32 optimizer math; ",
                  Backend::name(), " keeps ", dtype_name(kMaster));
-      const Shape blocks{quant_blocks(p.value.numel())};
+      const Shape blocks{quant_blocks(shape.numel())};
       s.exp_avg = fresh_state(backend, p.name, DType::U8, shape, &ParameterArena::exp_avg);
       s.exp_avg_sq = fresh_state(backend, p.name, DType::U8, shape, &ParameterArena::exp_avg_sq);
       s.exp_avg_absmax =
@@ -518,14 +570,18 @@ class AdamW {
   State& state_for(Backend& backend, const Parameter& p) {
     auto found = states_.find(p.name);
     if (found != states_.end()) {
-      KEPT_CHECK(found->second.exp_avg.shape() == p.value.shape(), "AdamW step: parameter ", p.name,
+      KEPT_CHECK(found->second.exp_avg.shape() == state_shape(p), "AdamW step: parameter ", p.name,
                  " has shape ", p.value.shape(), " but its optimizer state has shape ",
                  found->second.exp_avg.shape());
       return found->second;
     }
     State s = empty_state(backend, p);
-    // The master starts as the parameter's value, widened exactly.
-    if (s.master.defined()) assign(backend, backend.download(p.value), s.master);
+    // The master starts as the parameter's value (its owned range), widened exactly.
+    if (s.master.defined()) {
+      const Tensor value = backend.download(p.value);
+      const OwnedRange owned = owned_range(p);
+      assign(backend, sharded_ ? host_range(value, owned.first, owned.count) : value, s.master);
+    }
     return states_.emplace(p.name, std::move(s)).first->second;
   }
 
@@ -584,9 +640,10 @@ class AdamW {
   // Uploads and downloads overlap on the link (PCIe is full duplex); on the CPU it is all
   // synchronous. A parameter of one chunk needs only the first set.
   template <class Backend>
-  void update_staged(Backend& backend, Parameter& p, State& state, AdamWScalars scalars) {
+  void update_staged(Backend& backend, Parameter& p, State& state, OwnedRange owned,
+                     AdamWScalars scalars) {
     using Master = typename Backend::Master;
-    const std::int64_t numel = p.value.numel();
+    const std::int64_t numel = owned.count;
     const std::int64_t chunk = std::min(numel, config_.host_state_chunk);
     // The parts of the state this parameter has: its host tensor, its staging buffer's index,
     // and the elements a state element covers (1, or kQuantBlock for an absmax).
@@ -637,10 +694,11 @@ class AdamW {
       staged.exp_avg_absmax = state.exp_avg_absmax.defined() ? ranges[2].second : Tensor();
       staged.exp_avg_sq_absmax = state.exp_avg_absmax.defined() ? ranges[3].second : Tensor();
       staged.master = state.master.defined() ? ranges.back().second : Tensor();
-      scalars.first_element = static_cast<std::uint64_t>(first);
+      scalars.first_element = static_cast<std::uint64_t>(owned.first + first);
       Master* master = staged.master.defined() ? staged.master.template data<Master>() : nullptr;
-      backend.adamw_update(p.value.template data<typename Backend::Param>() + first, master,
-                           p.grad.template data<typename Backend::Grad>() + first,
+      backend.adamw_update(p.value.template data<typename Backend::Param>() + owned.first + first,
+                           master,
+                           p.grad.template data<typename Backend::Grad>() + owned.first + first,
                            moments_of<Master>(staged), std::min(chunk, numel - first), scalars);
       for (auto& [host, staging] : ranges)
         backend.download_into(staging, host);
@@ -680,6 +738,8 @@ class AdamW {
 
   AdamWConfig config_;
   const ParameterArena* arena_ = nullptr;
+  bool sharded_ = false;
+  std::map<std::string, OwnedRange, std::less<>> owned_;
   std::map<std::string, State, std::less<>> states_;
   std::int64_t steps_taken_ = 0;
   // Backend memory the staged updates go through (states_on_host): two sets of m, v, their

@@ -223,11 +223,13 @@ inline void prune_checkpoints(const std::filesystem::path& run_dir, std::size_t 
 }
 
 // Writes run_dir/step-<state.step>/ atomically and, when keep_last > 0, prunes older ones.
-// Returns the checkpoint's path.
+// `optimizer_state`, when given, is written instead of optimizer.state_tensors() (sharded
+// states gathered whole, kept/train/zero.hpp). Returns the checkpoint's path.
 template <class Backend>
 std::filesystem::path save_checkpoint(Backend& backend, const std::filesystem::path& run_dir,
                                       const TrainerState& state, std::span<Parameter* const> params,
-                                      const AdamW& optimizer, std::size_t keep_last = 0) {
+                                      const AdamW& optimizer, std::size_t keep_last = 0,
+                                      const std::vector<NamedTensor>* optimizer_state = nullptr) {
   std::error_code error;
   std::filesystem::create_directories(run_dir, error);
   if (error) fail(run_dir.string(), ": cannot create the run directory: ", error.message());
@@ -242,7 +244,8 @@ std::filesystem::path save_checkpoint(Backend& backend, const std::filesystem::p
     }
     write_safetensors(directory.path() / "model.safetensors", model, {{"format", "pt"}});
     const AdamWConfig& config = optimizer.config();
-    write_safetensors(directory.path() / "optimizer.safetensors", optimizer.state_tensors(backend),
+    write_safetensors(directory.path() / "optimizer.safetensors",
+                      optimizer_state ? *optimizer_state : optimizer.state_tensors(backend),
                       {{"optimizer", "adamw"},
                        {"lr", nlohmann::json(config.lr).dump()},
                        {"weight_decay", nlohmann::json(config.weight_decay).dump()}});
