@@ -53,7 +53,7 @@ cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=None -DCMAKE_CXX_FLAGS="-O1
 asan_targets=(kept_tests kept_ops kept_emulation_tests kept_dist_tests)
 # The MPI communicator's tests too, when Open MPI is installed (scripts/install_deps.sh).
 with_mpi=0
-command -v mpirun >/dev/null && with_mpi=1 && asan_targets+=(kept_mpi_tests kept_mpi_dead_rank)
+command -v mpirun >/dev/null && with_mpi=1 && asan_targets+=(kept_mpi_tests kept_mpi_dead_rank kept_mpi_zero_tests)
 cmake --build build-asan -j "$jobs" --target "${asan_targets[@]}"
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1
 ./build-asan/tests/kept_tests
