@@ -62,7 +62,8 @@ class Run {
         output_(job.output),
         comm_(options.communicator ? options.communicator : &single_process_),
         writer_(comm_->rank() == 0) {
-    KEPT_CHECK(comm_->size() == 1 || Backend::space == MemorySpace::Host,
+    // MPI reads and writes the buffers directly: host memory, or the emulator's (run_training).
+    KEPT_CHECK(comm_->size() == 1 || Backend::space == MemorySpace::Host || cuda_emulated(),
                "data parallel over MPI needs host memory (device \"cpu\")");
     // run_training refused the rest (stage 3; stage 2 with a gradient buffer).
     KEPT_CHECK(zero_stage_ <= 1 || (zero_stage_ == 2 && !plan_.strategy.gradient_buffer),
