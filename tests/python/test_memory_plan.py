@@ -281,7 +281,7 @@ def test_plan_bad_flags(kept_bin, tmp_path):
                    needles=["--gpu h100-80g", "device is \"cpu\""])
     expect_failure(kept_bin, "plan", JOB_14B, "--gpu", "h100-94g",
                    needles=["unknown GPU", "h100-94g", "h200-141g"])
-    expect_failure(kept_bin, "plan", JOB_14B, "--gpus", 2, needles=["--gpus 2", "one GPU"])
+    expect_failure(kept_bin, "plan", JOB_14B, "--gpus", 0, needles=["--gpus", "0"])
 
 
 # ---------------------------------------------------------------------------------------------
