@@ -70,6 +70,9 @@ void register_train(CLI::App& app) {
           return std::string(error.what());
         }
       });
+  command->add_flag("--nccl", options->train.nccl,
+                    "On a GPU, run the collectives through NCCL even as one process (a check of "
+                    "the NCCL path; mpirun -np N on GPUs uses NCCL anyway)");
   command->add_flag("--synthetic", options->train.synthetic,
                     "Random weights and tokens of the job's shapes, no files: time --steps steps "
                     "(default 5) and project the job's hours");

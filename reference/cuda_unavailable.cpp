@@ -23,6 +23,10 @@ bool cuda_emulated() {
   return false;
 }
 
+std::string cuda_data_parallel_unavailable() {
+  return "this kept was built without the CUDA backend";
+}
+
 TrainResult run_training_cuda(const TrainJob& job, const TrainOptions&) {
   unavailable(job.file.string());
 }

@@ -20,11 +20,11 @@ TrainResult run_training(const TrainJob& job, const TrainOptions& options) {
     // On GPUs the ranks would talk through NCCL; the emulated CUDA backend keeps its "device"
     // memory on the host, so MPI stands in for NCCL there and the GPU path's host logic (bf16
     // weights, fp32 gradients, ZeRO over the device arena) runs in CI.
-    KEPT_CHECK(job.device == "cpu" || cuda_emulated(), job.file.string(), ": ", ranks,
-               " ranks on device \"", job.device,
-               "\": data parallel on GPUs needs the NCCL communicator "
-               "(include/kept/dist/nccl_communicator.cuh), which kept train does not use yet; "
-               "run the ranks on the CPU (device \"cpu\")");
+    if (job.device == "cuda")
+      if (const std::string why = cuda_data_parallel_unavailable(); !why.empty())
+        fail(job.file.string(), ": ", ranks, " ranks on device \"cuda\": data parallel on GPUs ",
+             "needs the NCCL communicator (include/kept/dist/nccl_communicator.cuh), and ", why,
+             "; run the ranks on the CPU (device \"cpu\")");
     KEPT_CHECK(job.grad_accum >= ranks, job.file.string(), ": grad_accum ", job.grad_accum,
                " is less than the ", ranks,
                " ranks; each rank runs whole micro-batches of a step (micro-batch m on rank m "

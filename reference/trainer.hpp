@@ -45,6 +45,13 @@ struct TrainOptions {
   // m mod N), the gradients are summed over the ranks in rank order before the update, and
   // rank 0 alone evaluates and writes (metrics, checkpoints, the final model).
   Communicator* communicator = nullptr;
+  // The communicator for the arena's buffers (gradients, weights) when they live on a GPU: NCCL,
+  // bootstrapped over `communicator` (run_training_cuda); null: `communicator` itself (CPU, or
+  // the CUDA emulator's host memory). When set, the collectives run even on one rank.
+  Communicator* buffer_communicator = nullptr;
+  // `--nccl`: on a GPU, run the collectives through NCCL even as one process (a check of the NCCL
+  // path on one GPU, scripts/device.sh); `mpirun -np N` on GPUs uses NCCL anyway.
+  bool nccl = false;
 };
 
 struct TrainResult {
@@ -63,6 +70,9 @@ TrainResult run_training(const TrainJob& job, const TrainOptions& options = {});
 
 // Whether "cuda" is the host emulation (a KEPT_CUDA_EMULATION build).
 bool cuda_emulated();
+// Whether `mpirun -np N kept train` can run on "cuda": the emulation (MPI stands in for NCCL),
+// or a GPU build with NCCL. Empty when it can; else why not.
+std::string cuda_data_parallel_unavailable();
 
 // The "cuda" device (trainer_cuda.cpp; without a CUDA build, a clear error).
 TrainResult run_training_cuda(const TrainJob& job, const TrainOptions& options);

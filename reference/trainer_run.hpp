@@ -61,10 +61,13 @@ class Run {
         tokenizer_(tokenizer),
         output_(job.output),
         comm_(options.communicator ? options.communicator : &single_process_),
+        buffers_(options.buffer_communicator ? options.buffer_communicator : comm_),
+        collectives_(comm_->size() > 1 || options.buffer_communicator != nullptr),
         writer_(comm_->rank() == 0) {
     // MPI reads and writes the buffers directly: host memory, or the emulator's (run_training).
-    KEPT_CHECK(comm_->size() == 1 || Backend::space == MemorySpace::Host || cuda_emulated(),
-               "data parallel over MPI needs host memory (device \"cpu\")");
+    KEPT_CHECK(comm_->size() == 1 || Backend::space == MemorySpace::Host || cuda_emulated() ||
+                   options.buffer_communicator,
+               "data parallel over MPI needs host memory (device \"cpu\"), or NCCL on GPUs");
     // run_training refused the rest (stage 3; stage 2 with a gradient buffer).
     KEPT_CHECK(zero_stage_ <= 1 || (zero_stage_ == 2 && !plan_.strategy.gradient_buffer),
                job_.file.string(), ": zero_stage ", zero_stage_, " with memory.gradients \"",
@@ -492,7 +495,7 @@ class Run {
     const double clip =
         job_.clip_grad_norm > 0 ? job_.clip_grad_norm : std::numeric_limits<double>::infinity();
     if (!layer_major && !shards_) {
-      if (ranks > 1) sum_gradients_over_ranks(arena.grads());
+      if (collectives_) sum_gradients_over_ranks(arena.grads());
       result.grad_norm = clip_grad_norm(backend_, params, clip);
       if (!std::isfinite(result.loss) || !std::isfinite(result.grad_norm)) return result;
       optimizer.step(backend_, params);
@@ -502,18 +505,19 @@ class Run {
     if (!layer_major) {
       // ZeRO with a gradient buffer: each rank receives the sum of its shard only, clips by the
       // norm summed from the shards, updates its shard and gathers everyone's.
-      if (ranks > 1)
-        comm_->reduce_scatter_sum(Tensor(arena.grads()).template data<float>(), shards_->layout());
+      if (collectives_)
+        buffers_->reduce_scatter_sum(Tensor(arena.grads()).template data<float>(),
+                                     shards_->layout());
       result.grad_norm = std::sqrt(comm_->sum_in_rank_order(owned_grad_squares(params)));
       if (!std::isfinite(result.loss) || !std::isfinite(result.grad_norm)) return result;
       if (const double coefficient = clip / (result.grad_norm + 1e-6); coefficient < 1.0)
         scale_owned_gradients(params, static_cast<float>(coefficient));
       optimizer.step(backend_, params);
-      gather_weights();
+      gather_all_weights();
       result.updated = true;
       return result;
     }
-    if (ranks > 1) reduce_gradients_over_ranks(outside_layers_);
+    if (collectives_) reduce_gradients_over_ranks(outside_layers_);
     double squares = layer_grad_squares_;  // the layers' (backward), then these
     if (shards_)
       squares = comm_->sum_in_rank_order(squares + owned_grad_squares(outside_layers_));
@@ -528,7 +532,7 @@ class Run {
       scale_gradients(backend_, std::span<Parameter* const>(outside_layers_),
                       static_cast<float>(clip_coefficient_));
     optimizer.step(backend_, outside_layers_);
-    if (shards_) gather_weights();
+    if (shards_) gather_weights(outside_layers_);
     clip_coefficient_ = std::min(1.0, clip / (result.grad_norm + 1e-6));
     result.updated = true;
     return result;
@@ -537,7 +541,7 @@ class Run {
   // Data parallel: a gradient buffer (host memory, fp32) summed over the ranks in rank order,
   // the same bits on every rank.
   void sum_gradients_over_ranks(Tensor grads) {  // a handle: the buffer itself is summed
-    comm_->all_reduce_sum(grads.template data<float>(), grads.numel());
+    buffers_->all_reduce_sum(grads.template data<float>(), grads.numel());
   }
   // The gradients of `params` (memory.gradients "none": a layer's, or those outside the layers)
   // summed over the ranks: all of each with replicated states, each rank's owned part with ZeRO
@@ -550,8 +554,8 @@ class Run {
         continue;
       }
       const ArenaSlot* slot = arena_->find(p->name);
-      comm_->reduce_scatter_sum(p->grad.template data<float>(),
-                                shards_->window(slot->offset, slot->count));
+      buffers_->reduce_scatter_sum(p->grad.template data<float>(),
+                                   shards_->window(slot->offset, slot->count));
     }
   }
   // ZeRO: the squares of this rank's owned part of each gradient, in parameter order (double).
@@ -577,11 +581,23 @@ class Run {
     }
   }
   // ZeRO: every rank's updated shard of the weights to every rank (bytes, exact).
-  void gather_weights() {
-    if (comm_->size() == 1) return;
+  void gather_all_weights() {
+    if (!collectives_) return;
     const Tensor& values = arena_->values();
-    comm_->all_gather_bytes(const_cast<void*>(values.raw()), shards_->layout(),
-                            dtype_size(values.dtype()));
+    buffers_->all_gather_bytes(const_cast<void*>(values.raw()), shards_->layout(),
+                               dtype_size(values.dtype()));
+  }
+  // The same for `params` only, each through the arena's cut seen through its slot: a layer's
+  // weights right after its update inside the layer-major backward (so that on a GPU the gather
+  // runs beside the next layer's backward), the rest after theirs. Frozen ones never change.
+  void gather_weights(std::span<Parameter* const> params) {
+    if (!collectives_) return;
+    for (Parameter* p : params) {
+      if (!p->has_grad()) continue;
+      const ArenaSlot* slot = arena_->find(p->name);
+      buffers_->all_gather_bytes(p->value.raw(), shards_->window(slot->offset, slot->count),
+                                 dtype_size(p->value.dtype()));
+    }
   }
 
   // The student's backward for micro-batches whose forward micro_forward kept: one at a time
@@ -616,7 +632,7 @@ class Run {
   void update_layer(std::size_t layer) {
     using Grad = typename Backend::Grad;
     std::vector<Parameter*>& layer_params = layer_params_[layer];
-    if (comm_->size() > 1) reduce_gradients_over_ranks(layer_params);
+    if (collectives_) reduce_gradients_over_ranks(layer_params);
     double squares = 0;
     if (shards_)
       squares = owned_grad_squares(layer_params);
@@ -633,6 +649,7 @@ class Run {
       scale_gradients(backend_, std::span<Parameter* const>(layer_params),
                       static_cast<float>(clip_coefficient_));
     optimizer_->step_parameters(backend_, std::span<Parameter* const>(layer_params));
+    if (shards_) gather_weights(layer_params);
     for (Parameter* p : layer_params)
       if (p->has_grad()) backend_.fill_zero(p->grad);  // the next layer's region
   }
@@ -786,8 +803,10 @@ class Run {
   const Tokenizer* tokenizer_;  // null in a synthetic run, which saves nothing
   fs::path output_;
   LocalCommunicator single_process_;
-  Communicator* comm_;  // options_.communicator, or single_process_
-  bool writer_;         // rank 0: evaluates and writes
+  Communicator* comm_;     // options_.communicator, or single_process_: scalars, checkpoints
+  Communicator* buffers_;  // the arena's gradients and weights: NCCL on GPUs, else comm_
+  bool collectives_;       // several ranks, or a buffer communicator (even on one rank)
+  bool writer_;            // rank 0: evaluates and writes
   std::vector<MicroBatch> micro_;
   typename Teacher::Activations teacher_acts_;
   xkd::OpmL2Workspace<Backend> opm_workspace_;
@@ -798,8 +817,9 @@ class Run {
   std::vector<Parameter*> outside_layers_;
   AdamW* optimizer_ = nullptr;
   ParameterArena* arena_ = nullptr;
-  // ZeRO stage (job field "zero_stage", kept/train/zero.hpp); shards_ is set from stage 1 on.
-  int zero_stage_ = static_cast<int>(job_.zero_stage.value_or(0));
+  // ZeRO stage (job field "zero_stage", else the planner's choice; kept/train/zero.hpp);
+  // shards_ is set from stage 1 on.
+  int zero_stage_ = plan_.strategy.zero_stage;
   std::optional<ZeroShards> shards_;
   double layer_grad_squares_ = 0;
   double clip_coefficient_ = 1.0;  // from the previous step's norm
@@ -821,7 +841,8 @@ inline Plan plan_training(const TrainJob& job, const TrainOptions& options, bool
   KEPT_CHECK(options.gpu.empty() || cuda, where, ": --gpu ", options.gpu,
              " plans and caps a cuda run, and this job's device is \"", job.device,
              "\" (pass --device cuda)");
-  const PlanJob input = plan_job(job, cuda && cuda_emulated());
+  PlanJob input = plan_job(job, cuda && cuda_emulated());
+  input.ranks = options.communicator ? options.communicator->size() : 1;
   TargetSpec target = cpu_spec();
   if (cuda) {
     target = gpu_spec(options.gpu.empty() ? "h100-80g" : options.gpu);

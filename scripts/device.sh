@@ -33,6 +33,8 @@
 #      when the build found it, the line "attention: ..." says), then XKD from it with the
 #      teacher resident vs streamed + host optimizer states: identical losses and weights
 #                                                                           -> train.txt
+#      then the XKD job as a 1-rank NCCL job (kept train --nccl, ZeRO stage 2) against the same
+#      job without collectives: identical losses and weights              -> train-nccl.txt
 #   9. a 1B-class `kept train --device cuda` run, 12 steps with the compact optimizer states:
 #      tokens/s and MFU                                                     -> train-1b.txt
 #  10. the 14B job (reference/jobs/orion14b-llamion.json) as `kept train --synthetic`: random
@@ -318,6 +320,39 @@ else
 fi
 grep -E "^device cuda|^attention:|^optimizer:|trained|^streamed teacher" "$OUT/train.txt" |
   tee -a "$SUMMARY" || true
+# One GPU, the collectives through NCCL (kept train --nccl: bootstrap over a local communicator,
+# ZeRO stage 2: each layer's gradients reduce-scattered inside backward, the weights all-gathered,
+# all on NCCL's own stream ordered against the compute stream by events) against the same job
+# without collectives: with clipping off the losses and final weights must be identical.
+nccl_run() {
+  local work="$OUT/train" name
+  for name in plain nccl; do
+    local flags=()
+    [[ $name == nccl ]] && flags=(--nccl)
+    "$BUILD/reference/kept" train "$work/xkd-resident.json" --output "$work/xkd-$name" \
+      --set zero_stage=2 --set memory.gradients=none --set clip_grad_norm=0 "${flags[@]}" ||
+      return 1
+  done
+  python3 - "$work" <<'PY'
+import json, sys
+from pathlib import Path
+work = Path(sys.argv[1])
+def trace(name):
+    lines = (work / name / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss_exact"]) for r in map(json.loads, lines) if r["type"] == "train"]
+same_loss = trace("xkd-plain") == trace("xkd-nccl")
+weights = [(work / n / "final" / "model.safetensors").read_bytes() for n in ("xkd-plain", "xkd-nccl")]
+print(f"1-rank NCCL job (ZeRO 2) vs no collectives: losses identical {same_loss}, "
+      f"final weights identical {weights[0] == weights[1]}")
+sys.exit(0 if same_loss and weights[0] == weights[1] else 1)
+PY
+}
+if [[ $REFERENCE == ON && -x "$BUILD/tests/cuda/kept_nccl_tests" && -f "$OUT/train/xkd-resident.json" ]]; then
+  step "kept train --device cuda --nccl (1-rank NCCL job, ZeRO 2)" "$OUT/train-nccl.txt" nccl_run
+  grep -E "^collectives:|^1-rank NCCL" "$OUT/train-nccl.txt" | tee -a "$SUMMARY" || true
+else
+  skip "kept train --nccl: no kept command, no NCCL at build time, or step 8 made no job"
+fi
 
 # ---- 9. a 1B-class training step: throughput and MFU ------------------------------------------------
 # hidden 2048, 22 layers, 16 heads x 128, intermediate 5504 (1.11e9 parameters outside the

@@ -235,14 +235,18 @@ def test_ranks_on_the_emulated_cuda_backend(world, kept_bin, tmp_path):
                                  "optimizer": {"min_8bit_size": 256},
                                  "memory": {"master_weights": "none", "optimizer_states": "int8"}})
     runs = {}
+    # "np1-collectives": one process with --nccl, which on the emulator runs every collective
+    # through the one-rank communicator (on a GPU through NCCL: scripts/device.sh).
     for name, ranks, stage, gradients in (("np1", 1, 0, "buffer"), ("np2-stage0", 2, 0, "buffer"),
-                                          ("np2-stage2", 2, 2, "none")):
+                                          ("np2-stage2", 2, 2, "none"),
+                                          ("np1-collectives", 1, 2, "none")):
         output = tmp_path / name
         job = write_job(tmp_path / f"{name}.json",
                         merge_all(base_job(world, output), changes,
                                   {"zero_stage": stage, "memory": {"gradients": gradients}}))
         if ranks == 1:
-            proc = run_kept(kept_bin, "train", job, check=False)
+            flags = ["--nccl"] if name == "np1-collectives" else []
+            proc = run_kept(kept_bin, "train", job, *flags, check=False)
             if proc.returncode != 0 and ("built without the CUDA backend" in proc.stderr
                                          or "no usable CUDA device" in proc.stderr):
                 pytest.skip("this kept has no emulated CUDA backend")
@@ -252,7 +256,7 @@ def test_ranks_on_the_emulated_cuda_backend(world, kept_bin, tmp_path):
         runs[name] = output
     # One micro-batch a rank: the rank-ordered sum adds the micro-batches' gradients in the
     # order one process accumulates them, so the runs agree bit for bit with one process.
-    for name in ("np2-stage0", "np2-stage2"):
+    for name in ("np2-stage0", "np2-stage2", "np1-collectives"):
         assert train_trace(runs[name]) == train_trace(runs["np1"]), name
         assert ((runs[name] / "final" / "model.safetensors").read_bytes()
                 == (runs["np1"] / "final" / "model.safetensors").read_bytes()), name
