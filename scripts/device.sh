@@ -257,6 +257,23 @@ else
 fi
 
 # ---- 8. kept train --device cuda -----------------------------------------------------------------
+# same_runs RUN_A RUN_B LABEL: whether two training runs logged the same losses (the exact
+# decimal of each step's loss) and wrote the same final weights, byte for byte; prints one line.
+same_runs() {
+  python3 - "$1" "$2" "$3" <<'PY'
+import json, sys
+from pathlib import Path
+runs, label = [Path(a) for a in sys.argv[1:3]], sys.argv[3]
+def trace(run):
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss_exact"]) for r in map(json.loads, lines) if r["type"] == "train"]
+same_loss = trace(runs[0]) == trace(runs[1])
+weights = [(run / "final" / "model.safetensors").read_bytes() for run in runs]
+print(f"{label}: losses identical {same_loss}, final weights identical {weights[0] == weights[1]}")
+sys.exit(0 if same_loss and weights[0] == weights[1] else 1)
+PY
+}
+
 train_run() {
   local work="$OUT/train"
   rm -rf "$work" && mkdir -p "$work"
@@ -299,19 +316,7 @@ JSON
 JSON
     "$BUILD/reference/kept" train "$work/xkd-$variant.json" || return 1
   done
-  python3 - "$work" <<'PY'
-import json, sys
-from pathlib import Path
-work = Path(sys.argv[1])
-def trace(name):
-    lines = (work / name / "metrics.jsonl").read_text().splitlines()
-    return [(r["step"], r["loss_exact"]) for r in map(json.loads, lines) if r["type"] == "train"]
-same_loss = trace("xkd-resident") == trace("xkd-streamed")
-weights = [(work / n / "final" / "model.safetensors").read_bytes() for n in ("xkd-resident", "xkd-streamed")]
-print(f"streamed teacher + host states vs resident: losses identical {same_loss}, "
-      f"final weights identical {weights[0] == weights[1]}")
-sys.exit(0 if same_loss and weights[0] == weights[1] else 1)
-PY
+  same_runs "$work/xkd-resident" "$work/xkd-streamed" "streamed teacher + host states vs resident"
 }
 if [[ $REFERENCE == ON ]]; then
   step "kept train --device cuda (tiny ce job)" "$OUT/train.txt" train_run
@@ -333,19 +338,7 @@ nccl_run() {
       --set zero_stage=2 --set memory.gradients=none --set clip_grad_norm=0 "${flags[@]}" ||
       return 1
   done
-  python3 - "$work" <<'PY'
-import json, sys
-from pathlib import Path
-work = Path(sys.argv[1])
-def trace(name):
-    lines = (work / name / "metrics.jsonl").read_text().splitlines()
-    return [(r["step"], r["loss_exact"]) for r in map(json.loads, lines) if r["type"] == "train"]
-same_loss = trace("xkd-plain") == trace("xkd-nccl")
-weights = [(work / n / "final" / "model.safetensors").read_bytes() for n in ("xkd-plain", "xkd-nccl")]
-print(f"1-rank NCCL job (ZeRO 2) vs no collectives: losses identical {same_loss}, "
-      f"final weights identical {weights[0] == weights[1]}")
-sys.exit(0 if same_loss and weights[0] == weights[1] else 1)
-PY
+  same_runs "$work/xkd-plain" "$work/xkd-nccl" "1-rank NCCL job (ZeRO 2) vs no collectives"
 }
 if [[ $REFERENCE == ON && -x "$BUILD/tests/cuda/kept_nccl_tests" && -f "$OUT/train/xkd-resident.json" ]]; then
   step "kept train --device cuda --nccl (1-rank NCCL job, ZeRO 2)" "$OUT/train-nccl.txt" nccl_run

@@ -5,11 +5,8 @@
 // result against a reference of its own: the rank-ordered fp32 sum (bit for bit) and the
 // float64 sum (within the fp32 rounding bound).
 //
-// A plain main rather than Catch2: every rank must make the same collective calls in the same
-// order, and a Catch2 REQUIRE that ends a test case on one rank would leave the others waiting
-// in its next collective. Here a failed check is printed and counted and the run goes on; at the
-// end the ranks add their failure counts with MPI_Allreduce itself (not the code under test) and
-// every rank exits non-zero if any check failed anywhere.
+// A plain main with counted checks (mpi_checks.hpp), so that every rank keeps making the same
+// collective calls.
 #include <bit>
 #include <chrono>
 #include <cmath>
@@ -25,24 +22,13 @@
 #include "kept/dist/communicator.hpp"
 #include "kept/dist/mpi_communicator.hpp"
 #include "kept/dist/shard_layout.hpp"
+#include "mpi_checks.hpp"
 
 namespace {
 
 constexpr std::int64_t kArena = 256;  // kArenaAlignment (kept/model/parameter_arena.hpp)
 
-struct Checks {
-  int rank = 0;
-  int checks = 0;
-  int failures = 0;
-  std::string context;  // the communicator under test, for messages
-
-  void expect(bool ok, const std::string& what) {
-    ++checks;
-    if (ok) return;
-    ++failures;
-    std::fprintf(stderr, "rank %d: FAILED [%s]: %s\n", rank, context.c_str(), what.c_str());
-  }
-};
+using Checks = kept::test::MpiChecks;
 
 std::uint64_t mix(std::uint64_t x) {  // splitmix64's finaliser
   x += 0x9e3779b97f4a7c15ull;
@@ -338,26 +324,11 @@ int run() {
     checks.context = kept::detail::concat(piece_bytes, "-byte pieces");
     test_communicator(comm, checks);
   }
-  int failures = 0;
-  MPI_Allreduce(&checks.failures, &failures, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
-  if (world_rank == 0) {
-    int ranks = 0;
-    MPI_Comm_size(MPI_COMM_WORLD, &ranks);
-    std::printf("test_communicator: %d ranks, %d checks on rank 0, %d failures on all ranks\n",
-                ranks, checks.checks, failures);
-  }
-  return failures == 0 ? 0 : 1;
+  return checks.finish("test_communicator");
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  kept::MpiSession session(&argc, &argv);
-  try {
-    return run();
-  } catch (const std::exception& error) {
-    // A rank-local surprise: end the job rather than leave the other ranks waiting.
-    std::fprintf(stderr, "test_communicator: unexpected error: %s\n", error.what());
-    kept::MpiSession::abort(1);
-  }
+  return kept::test::run_under_mpi(&argc, &argv, "test_communicator", run);
 }

@@ -11,8 +11,8 @@
 // as the reference does. bf16 weights with fp32 masters and 8-bit moments, so every kind of state
 // (codes, absmax, fp32 moments of the small ones, masters) is cut and gathered.
 //
-// A plain main, as in test_communicator.cpp: failures are counted, not thrown, so every rank
-// keeps making the same collective calls.
+// A plain main with counted checks (mpi_checks.hpp), so that every rank keeps making the same
+// collective calls.
 #include <cstdint>
 #include <cstdio>
 #include <exception>
@@ -26,6 +26,7 @@
 #include "kept/model/parameter_arena.hpp"
 #include "kept/train/adamw.hpp"
 #include "kept/train/zero.hpp"
+#include "mpi_checks.hpp"
 #include "support/tensors.hpp"
 
 namespace {
@@ -33,13 +34,10 @@ namespace {
 using kept::test::ParamList;
 using kept::test::same_bytes;
 
-int failures = 0, checks = 0, world_rank = 0;
+kept::test::MpiChecks checks;
 
 void expect(bool ok, const std::string& what) {
-  ++checks;
-  if (ok) return;
-  ++failures;
-  std::fprintf(stderr, "rank %d: FAILED: %s\n", world_rank, what.c_str());
+  checks.expect(ok, what);
 }
 
 // The same model on every rank: 300 + 64 + 1299 + 7 + 1300 elements in 16 blocks of 256: "w"
@@ -84,7 +82,8 @@ std::vector<kept::Parameter*> pointers(ParamList& model) {
 
 int run() {
   kept::MpiCommunicator comm;
-  world_rank = comm.rank();
+  checks.rank = comm.rank();
+  checks.context = "ZeRO over " + std::to_string(comm.size()) + " ranks";
   kept::CpuBf16 cpu;
   const kept::AdamWConfig config{.lr = 0.01,
                                  .weight_decay = 0.1,
@@ -140,22 +139,11 @@ int run() {
   resumed.load_state(cpu, gathered, params, "gathered");
   step(resumed, 3);
 
-  int total = 0;
-  MPI_Allreduce(&failures, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
-  if (comm.rank() == 0)
-    std::printf("test_zero: %d ranks, %d checks on rank 0, %d failures on all ranks\n", comm.size(),
-                checks, total);
-  return total == 0 ? 0 : 1;
+  return checks.finish("test_zero");
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  kept::MpiSession session(&argc, &argv);
-  try {
-    return run();
-  } catch (const std::exception& error) {
-    std::fprintf(stderr, "test_zero: unexpected error: %s\n", error.what());
-    kept::MpiSession::abort(1);
-  }
+  return kept::test::run_under_mpi(&argc, &argv, "test_zero", run);
 }

@@ -85,6 +85,19 @@ void random_grads(B& b, std::span<Parameter* const> params, Random& random) {
   }
 }
 
+// Two parameters drawn from `seed` into `ps`: "big" [3, 333] (999 elements: four quantisation
+// blocks, the last partial) and "small" [64] (a norm weight); pointers to them.
+template <class B>
+std::vector<Parameter*> big_and_small(B& b, std::vector<Parameter>& ps, std::uint64_t seed) {
+  Random random(seed);
+  ps.push_back(device_param(b, "big", ParamRole::Weight, {3, 333}, random, 0.3));
+  ps.push_back(device_param(b, "small", ParamRole::NormWeight, {64}, random, 1.0));
+  std::vector<Parameter*> ptrs;
+  for (auto& p : ps)
+    ptrs.push_back(&p);
+  return ptrs;
+}
+
 std::vector<float> floats(const Tensor& t) {
   const Tensor f = t.to(DType::F32);
   return {f.data<float>(), f.data<float>() + f.numel()};
@@ -329,15 +342,7 @@ TEST_CASE("compact states save, load and continue bit-identically; mismatched fo
                            .master_weights = false,
                            .moment_bits = 8,
                            .min_8bit_size = 300};
-  auto make = [&](std::vector<Parameter>& ps) {
-    Random random(21);
-    ps.push_back(device_param(cpu, "big", ParamRole::Weight, {3, 333}, random, 0.3));
-    ps.push_back(device_param(cpu, "small", ParamRole::NormWeight, {64}, random, 1.0));
-    std::vector<Parameter*> ptrs;
-    for (auto& p : ps)
-      ptrs.push_back(&p);
-    return ptrs;
-  };
+  auto make = [&](std::vector<Parameter>& ps) { return big_and_small(cpu, ps, 21); };
   auto steps = [&](std::vector<Parameter*>& ps, AdamW& opt, int from, int to) {
     for (int s = from; s < to; ++s) {
       Random random(100 + static_cast<std::uint64_t>(s));
@@ -464,15 +469,7 @@ TEST_CASE("sharded states: the owners' updates are one optimizer's, bit for bit"
                                .master_weights = master,
                                .moment_bits = bits,
                                .min_8bit_size = 300};
-      auto make = [&](std::vector<Parameter>& ps) {
-        Random random(33);
-        ps.push_back(device_param(cpu, "big", ParamRole::Weight, {3, 333}, random, 0.3));
-        ps.push_back(device_param(cpu, "small", ParamRole::NormWeight, {64}, random, 1.0));
-        std::vector<Parameter*> ptrs;
-        for (auto& p : ps)
-          ptrs.push_back(&p);
-        return ptrs;
-      };
+      auto make = [&](std::vector<Parameter>& ps) { return big_and_small(cpu, ps, 33); };
       std::vector<Parameter> whole_params, params0, params1;
       auto whole = make(whole_params);
       auto owner0 = make(params0);
