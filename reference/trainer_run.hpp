@@ -233,7 +233,8 @@ class Run {
         // ZeRO: every rank's pieces of the optimizer state, gathered whole (collective).
         std::optional<std::vector<NamedTensor>> whole_state;
         if (shards_)
-          whole_state = gather_optimizer_state(backend_, *comm_, arena, optimizer, params);
+          whole_state =
+              gather_optimizer_state(backend_, *comm_, arena, optimizer, params, /*root=*/0);
         if (!writer_) continue;
         state.loader = loader_.state();
         if (!plan_.strategy.gradient_buffer) state.extra["clip_coefficient"] = clip_coefficient_;

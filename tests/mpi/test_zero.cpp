@@ -13,6 +13,7 @@
 //
 // A plain main with counted checks (mpi_checks.hpp), so that every rank keeps making the same
 // collective calls.
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <exception>
@@ -131,6 +132,19 @@ int run() {
     auto found = got.find(named.name);
     expect(found != got.end() && same_bytes(*found->second, named.tensor),
            "gathered state tensor " + named.name + " differs from the unsharded one");
+  }
+
+  // Gathered to rank 0 only (what kept train writes): the same tensors there, none elsewhere.
+  const std::vector<kept::NamedTensor> to_root =
+      kept::gather_optimizer_state(cpu, comm, arena, sharded, params, /*root=*/0);
+  if (comm.rank() == 0) {
+    expect(to_root.size() == gathered.size(), "the state gathered to rank 0 has another count");
+    for (std::size_t i = 0; i < std::min(to_root.size(), gathered.size()); ++i)
+      expect(
+          to_root[i].name == gathered[i].name && same_bytes(to_root[i].tensor, gathered[i].tensor),
+          "the state gathered to rank 0 differs at " + gathered[i].name);
+  } else {
+    expect(to_root.empty(), "a rank other than the root received the gathered state");
   }
 
   // The whole state into a fresh sharded optimizer: it continues as the reference does.

@@ -25,9 +25,9 @@
 // in rank order) instead of parameter by parameter.
 //
 // Checkpoints hold the whole state in stage 0's format (AdamW::state_tensors), so a run resumes
-// on any rank count and any stage: gather_optimizer_state assembles it on every rank (a transient
-// of the whole state's size on each rank while rank 0 writes), and AdamW::load_state keeps each
-// rank's owned ranges.
+// on any rank count and any stage: gather_optimizer_state assembles it on the writing rank (the
+// others hold one parameter's pieces at a time), and AdamW::load_state keeps each rank's owned
+// ranges.
 #pragma once
 
 #include <algorithm>
@@ -88,13 +88,15 @@ class ZeroShards {
 };
 
 // The whole optimizer state, in AdamW::state_tensors' format, from every rank's owned pieces.
-// Collective: every rank calls it and every rank gets the result. Each state tensor travels in
-// arena coordinates (4-byte cells for the moments and masters, one fp32 per kQuantBlock for the
-// absmax), cut by the shards' layout, so one all-gather per kind moves every piece to every rank.
+// Collective: every rank calls it; rank `root` gets the result and the others an empty list, or
+// every rank gets it when root is -1. Each state tensor of each parameter travels as 4-byte cells
+// (the moments and masters; one fp32 per kQuantBlock for the absmax) in one all-gather over the
+// parameter's window of the shards' cut, so no rank ever holds more than one parameter's cells
+// besides what it keeps (a 14B model's whole state is about 145 GB: only the writer keeps it).
 template <class Backend>
 std::vector<NamedTensor> gather_optimizer_state(Backend& backend, Communicator& comm,
                                                 const ParameterArena& arena, const AdamW& optimizer,
-                                                std::span<Parameter* const> params) {
+                                                std::span<Parameter* const> params, int root = -1) {
   KEPT_CHECK(optimizer.sharded(), "gather_optimizer_state: the optimizer's states are not sharded");
   const ZeroShards shards(arena, comm.rank(), comm.size());
   std::map<std::string, NamedTensor, std::less<>> local;
@@ -124,41 +126,47 @@ std::vector<NamedTensor> gather_optimizer_state(Backend& backend, Communicator& 
 
   const std::int64_t elements = arena.elements();
   const ShardLayout block_layout(elements / kQuantBlock, ranks, 1);  // the same cut, in blocks
+  const bool keep = root < 0 || comm.rank() == root;
   std::vector<unsigned char> cells;
-  // One kind of state (`prefix`): this rank's pieces into the cells at their arena places, one
-  // all-gather, then each parameter's whole tensor of dtype dtype_of(p) (none: it has no such
-  // state) read back out.
+  // One kind of state (`prefix`), parameter by parameter: this rank's piece into 4-byte cells at
+  // its place in the parameter, one all-gather over the parameter's window of the cut, then, on
+  // a rank that keeps the result, the whole tensor of dtype dtype_of(p) read back out (none: the
+  // parameter has no such state; the same answer on every rank). The transient is one
+  // parameter's cells, not the arena's.
   auto gather = [&](const std::string& prefix, bool per_block, auto dtype_of) {
     const std::int64_t per = per_block ? kQuantBlock : 1;
-    cells.assign(static_cast<std::size_t>(elements / per) * 4, 0);
-    for (Parameter* p : params) {
-      auto found = local.find(prefix + p->name);
-      if (found == local.end()) continue;
-      const Tensor& piece = found->second.tensor;
-      const ArenaSlot* slot = arena.find(p->name);
-      KEPT_CHECK(slot, "gather_optimizer_state: ", p->name, " is not in the parameter arena");
-      const std::size_t size = dtype_size(piece.dtype());
-      KEPT_CHECK(size <= 4, "gather_optimizer_state: ", found->first, " is ",
-                 dtype_name(piece.dtype()), ", wider than the 4-byte cells");
-      const std::int64_t first = (slot->offset + shards.owned(*slot).first) / per;
-      const auto* bytes = static_cast<const unsigned char*>(piece.raw());
-      for (std::int64_t e = 0; e < piece.numel(); ++e)
-        std::memcpy(&cells[static_cast<std::size_t>(first + e) * 4],
-                    bytes + static_cast<std::size_t>(e) * size, size);
-    }
-    comm.all_gather_bytes(cells.data(), per_block ? block_layout : shards.layout(), 4);
     for (std::int64_t i = 0; i < count; ++i) {
       const Parameter& p = *params[static_cast<std::size_t>(i)];
       const std::optional<DType> dtype = dtype_of(p);
       if (step_of[static_cast<std::size_t>(i)] == 0 || !dtype) continue;
       const ArenaSlot* slot = arena.find(p.name);
+      KEPT_CHECK(slot, "gather_optimizer_state: ", p.name, " is not in the parameter arena");
+      const std::int64_t cell_count = per_block ? quant_blocks(slot->count) : slot->count;
+      const std::size_t size = dtype_size(*dtype);
+      KEPT_CHECK(size <= 4, "gather_optimizer_state: ", prefix, p.name, " is ", dtype_name(*dtype),
+                 ", wider than the 4-byte cells");
+      cells.assign(static_cast<std::size_t>(cell_count) * 4, 0);
+      if (auto found = local.find(prefix + p.name); found != local.end()) {
+        const Tensor& piece = found->second.tensor;
+        KEPT_CHECK(piece.dtype() == *dtype, "gather_optimizer_state: ", found->first, " is ",
+                   dtype_name(piece.dtype()), ", expected ", dtype_name(*dtype));
+        const std::int64_t first = shards.owned(*slot).first / per;
+        const auto* bytes = static_cast<const unsigned char*>(piece.raw());
+        for (std::int64_t e = 0; e < piece.numel(); ++e)
+          std::memcpy(&cells[static_cast<std::size_t>(first + e) * 4],
+                      bytes + static_cast<std::size_t>(e) * size, size);
+      }
+      comm.all_gather_bytes(cells.data(),
+                            per_block ? block_layout.window(slot->offset / per, cell_count)
+                                      : shards.window(slot->offset, slot->count),
+                            4);
+      if (!keep) continue;
       Tensor whole =
           Tensor::empty(*dtype, per_block ? Shape{quant_blocks(p.value.numel())} : p.value.shape());
-      const std::size_t size = dtype_size(*dtype);
       auto* bytes = static_cast<unsigned char*>(whole.raw());
       for (std::int64_t e = 0; e < whole.numel(); ++e)
         std::memcpy(bytes + static_cast<std::size_t>(e) * size,
-                    &cells[static_cast<std::size_t>(slot->offset / per + e) * 4], size);
+                    &cells[static_cast<std::size_t>(e) * 4], size);
       out.push_back({prefix + p.name, std::move(whole)});
     }
   };
@@ -180,6 +188,7 @@ std::vector<NamedTensor> gather_optimizer_state(Backend& backend, Communicator& 
   if (optimizer.template keeps_master<Backend>())
     gather("master/", false,
            [](const Parameter&) -> std::optional<DType> { return Backend::Precision::master; });
+  if (!keep) return {};
   for (std::int64_t i = 0; i < count; ++i)
     if (step_of[static_cast<std::size_t>(i)] > 0)
       out.push_back({"step/" + params[static_cast<std::size_t>(i)]->name,
