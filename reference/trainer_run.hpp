@@ -559,7 +559,8 @@ class Run {
                                    shards_->window(slot->offset, slot->count));
     }
   }
-  // ZeRO: the squares of this rank's owned part of each gradient, in parameter order (double).
+  // The squares of this rank's owned part of each gradient (all of it without ZeRO), in
+  // parameter order (double).
   double owned_grad_squares(std::span<Parameter* const> params) {
     using Grad = typename Backend::Grad;
     double squares = 0;
@@ -631,16 +632,9 @@ class Run {
   }
 
   void update_layer(std::size_t layer) {
-    using Grad = typename Backend::Grad;
     std::vector<Parameter*>& layer_params = layer_params_[layer];
     if (collectives_) reduce_gradients_over_ranks(layer_params);
-    double squares = 0;
-    if (shards_)
-      squares = owned_grad_squares(layer_params);
-    else
-      for (Parameter* p : layer_params)
-        if (p->has_grad())
-          squares += backend_.grad_sum_squares(p->grad.template data<Grad>(), p->grad.numel());
+    const double squares = owned_grad_squares(layer_params);
     KEPT_CHECK(std::isfinite(squares), "step ", current_step_ + 1, ": layer ", layer,
                "'s gradient is not finite. With memory.gradients \"none\" the layers above it "
                "were already updated in this step, so resume from the last checkpoint (--resume) "
