@@ -75,13 +75,6 @@ void register_plan(CLI::App& app) {
     if (!options->gpu.empty() && !json.contains("device")) json["device"] = "cuda";
     const TrainJob job = parse_job(json, options->job);
     validate_job(job);
-    // Stages 2 and 3 shard the gradients by reduce-scattering each layer's inside backward
-    // (validate_job refuses stage 2 with a buffer for kept train; stage 3 is kept plan's alone).
-    KEPT_CHECK(!job.zero_stage || *job.zero_stage < 2 || job.gradients != "buffer", options->job,
-               ": zero_stage ", job.zero_stage.value_or(0),
-               " reduce-scatters each layer's gradients inside backward and needs "
-               "memory.gradients \"none\", but the job sets memory.gradients \"buffer\" (use "
-               "zero_stage 1 to keep the buffer)");
     KEPT_CHECK(options->gpu.empty() || job.device == "cuda", options->job,
                ": --gpu plans a cuda job, and this job's device is \"", job.device,
                "\" (pass --device cuda)");
@@ -100,23 +93,10 @@ void register_plan(CLI::App& app) {
     plan_input.ranks = options->gpus;
     const std::vector<Plan> plans = all_plans(plan_input, target, host_memory);
     const Plan* chosen = choose_plan(plans, false);
-    if (chosen && chosen->strategy.zero_stage == 3) {
-      // ZeRO-3 is planned and shown (the stage table) but kept train cannot run it yet: the plan
-      // put forward is another stage's unless only stage 3 fits.
-      std::vector<Plan> others;
-      std::vector<std::size_t> where;
-      for (std::size_t index = 0; index < plans.size(); ++index) {
-        if (plans[index].strategy.zero_stage == 3) continue;
-        others.push_back(plans[index]);
-        where.push_back(index);
-      }
-      if (const Plan* other = choose_plan(others, false))
-        chosen = &plans[where[static_cast<std::size_t>(other - others.data())]];
-    }
     const Plan* runnable = choose_plan(plans, true);
     // The job's own memory fields or ZeRO stage, where it sets any: the best plan that keeps
-    // them, one kept train can run when there is one (what kept train would pick), else any (a
-    // stage 3 job: what it would cost).
+    // them, one kept train can run when there is one (what kept train would pick), else any
+    // (what it would cost).
     const bool job_sets = job.activation_checkpointing || !job.memory_teacher.empty() ||
                           !job.optimizer_states.empty() || !job.master_weights.empty() ||
                           !job.states_on.empty() || !job.gradients.empty() ||

@@ -281,8 +281,9 @@ void validate_job(const TrainJob& job) {
   one_of(job.gradients, "memory.gradients", {"buffer", "none"});
   KEPT_CHECK(!job.zero_stage || (*job.zero_stage >= 0 && *job.zero_stage <= 3), where,
              ": field \"zero_stage\" must be 0, 1, 2 or 3, got ", job.zero_stage.value_or(0));
-  KEPT_CHECK(job.zero_stage != 2 || job.gradients != "buffer", where,
-             ": zero_stage 2 shards the gradients by reducing each layer's as the backward leaves "
+  KEPT_CHECK(job.zero_stage.value_or(0) < 2 || job.gradients != "buffer", where, ": zero_stage ",
+             job.zero_stage.value_or(0),
+             " shards the gradients by reducing each layer's as the backward leaves "
              "it, which needs memory.gradients \"none\" (the job sets \"buffer\"); use "
              "zero_stage 1 to keep a gradient buffer");
   KEPT_CHECK(job.memory_teacher.empty() || needs_teacher(job.objective), where,

@@ -263,8 +263,11 @@ std::vector<std::string> Strategy::not_runnable(const PlanJob& job) const {
     missing.push_back("zero_stage " + std::to_string(zero_stage) +
                       " with a gradient buffer (it reduce-scatters each layer's gradients inside "
                       "backward: memory.gradients \"none\")");
-  if (zero_stage == 3)
-    missing.push_back("ZeRO-3 (weights sharded and gathered per layer; use zero_stage 2)");
+  if (zero_stage == 3 && job.ranks > 1 && job.grad_accum % job.ranks != 0)
+    missing.push_back("zero_stage 3 with grad_accum " + std::to_string(job.grad_accum) +
+                      " not a multiple of the " + std::to_string(job.ranks) +
+                      " ranks (every rank gathers each layer for each of its forwards, so all "
+                      "must run as many micro-batches)");
   if (job.grad_accum < job.ranks)
     missing.push_back("grad_accum " + std::to_string(job.grad_accum) + " below the " +
                       std::to_string(job.ranks) +
@@ -363,11 +366,22 @@ Plan estimate(const PlanJob& job, const Strategy& s, const TargetSpec& target,
   const std::string shard_text = std::to_string(static_cast<long long>(shard)) + " of " +
                                  std::to_string(static_cast<long long>(aligned)) + " elements";
   if (s.zero_stage == 3) {
-    // Stage 3: the rank's shard, the layer in use and the next one gathered, and the parameters
-    // outside the layers held whole (the embedding and head are used at both ends of the step).
-    add("student weights (shard)", b.param * (shard + outside + 2 * layer_span),
-        std::to_string(static_cast<long long>(n_student)) + " parameters: a " + shard_text +
-            " shard + two gathered layers + embedding, final norm and LM head");
+    // Stage 3: the rank's shard of the layers (the largest rank's part of their span, which
+    // starts after the embedding's slot), the layer in use and the other gathered one, and the
+    // parameters outside the layers held whole (the embedding and head are used at both ends of
+    // the step). kept/train/zero.hpp, ShardedLayerWeights.
+    const ShardLayout cut(static_cast<std::int64_t>(aligned), static_cast<int>(job.ranks),
+                          kArenaAlignment);
+    const double layers_first = slot(sizes.front());
+    const double layers_end = layers_first + layer_span * static_cast<double>(c.num_layers);
+    double layer_shard = 0;
+    for (int rank = 0; rank < static_cast<int>(job.ranks); ++rank)
+      layer_shard =
+          std::max(layer_shard, std::min(static_cast<double>(cut.end(rank)), layers_end) -
+                                    std::max(static_cast<double>(cut.offset(rank)), layers_first));
+    add("student weights (shard)", b.param * (layer_shard + outside + 2 * layer_span),
+        std::to_string(static_cast<long long>(n_student)) + " parameters: the layers' part of a " +
+            shard_text + " shard + two gathered layers + embedding, final norm and LM head");
   } else {
     add("student weights", b.param * aligned,
         std::to_string(static_cast<long long>(n_student)) + " parameters");
@@ -654,18 +668,13 @@ Plan estimate(const PlanJob& job, const Strategy& s, const TargetSpec& target,
     if (stage == 3) {
       // Each layer gathered before every forward of it (micro-batch by micro-batch) and once for
       // the layer-major backward, whose recompute (checkpointing) runs just before the layer's
-      // backward on the same gathered copy; the parts outside the layers, held whole, gathered
-      // after their update.
+      // backward on the same gathered copy, except the last two, still gathered from the last
+      // forward; the parts outside the layers, held whole, gathered after their update.
       const double gather = f * w * layer_span;
-      const double forwards = micro_per_rank * layers;
-      const std::size_t index = collective("per-layer weight all-gather",
-                                           (forwards + layers) * gather, forwards + layers, true);
-      backward_per_layer.push_back({index, seconds(gather, 1)});
-      if (overlap) {
-        // Layer l + 1 is gathered while layer l computes: all but the very first forward's hide.
-        plan.collectives[index].hidden_seconds +=
-            (forwards - 1) * std::min(seconds(gather, 1), layer_forward(tokens));
-      }
+      const double calls = micro_per_rank * layers + std::max(0.0, layers - 2);
+      collective("per-layer weight all-gather", calls * gather, calls, true);
+      // kept train gathers a layer when it is about to run, on the compute stream's order (no
+      // prefetch of the next layer yet, kept/train/zero.hpp): none of these gathers hides.
       collective("weight all-gather", f * w * outside, 1, false);
     }
     if (overlap && !backward_per_layer.empty()) {

@@ -15,7 +15,8 @@
 //   states_on                 device | host (the states streamed through the device each step)
 //   gradients                 buffer | none (each layer's update inside backward)
 //   zero_stage (N ranks)      0 replicated | 1 optimizer states sharded | 2 gradients too
-//                             (needs gradients none) | 3 weights too (planned, not run yet)
+//                             (needs gradients none) | 3 the layers' weights too (gradients
+//                             none, grad_accum a multiple of N)
 // clang-format on
 //
 // and picks, among the plans that fit and run within 25% of the fastest of them, the one with the
@@ -43,8 +44,10 @@
 //            end, or each layer's right after its update inside backward)
 //   stage 2  as stage 1 (it is stage 1 with gradients none: kept train runs them alike)
 //   stage 3  gradient reduce-scatter f 4 E, per-layer weight all-gather f w E_layer per layer per
-//            forward micro-batch and once per layer in backward, the parts outside the layers
-//            (embedding, final norm, LM head; held whole) all-gathered at the end
+//            forward micro-batch and once per layer in backward (but the last two, still there
+//            from the last forward), the parts outside the layers (embedding, final norm, LM
+//            head; held whole) all-gathered at the end. The per-layer gathers are not prefetched
+//            (kept/train/zero.hpp): they never hide
 // Time of a collective = calls x latency + bytes / bus bandwidth of the link (Interconnect).
 // Overlap, on a GPU (collectives on a second stream, kept/dist/nccl_communicator.cuh): a
 // collective issued inside the layer walk for layer l hides behind the compute on the next layer

@@ -7,10 +7,6 @@ namespace kept::cli {
 
 TrainResult run_training(const TrainJob& job, const TrainOptions& options) {
   validate_job(job);
-  KEPT_CHECK(job.zero_stage != 3, job.file.string(),
-             ": zero_stage 3 (the weights sharded and gathered per layer) is planned by kept "
-             "plan but kept train cannot run it yet; use zero_stage 2 (optimizer states and "
-             "gradients sharded)");
   Communicator* comm = options.communicator;
   const int ranks = comm ? comm->size() : 1;
   if (ranks > 1) {
@@ -32,6 +28,11 @@ TrainResult run_training(const TrainJob& job, const TrainOptions& options) {
                ranks, "), so set grad_accum >= ", ranks,
                " (the global batch is batch_size x "
                "grad_accum sequences whatever the rank count)");
+    KEPT_CHECK(job.zero_stage != 3 || job.grad_accum % ranks == 0, job.file.string(),
+               ": zero_stage 3 gathers each layer's weights from every rank whenever it runs, so "
+               "every rank must run as many micro-batches as the others, but grad_accum ",
+               job.grad_accum, " is not a multiple of the ", ranks, " ranks; set grad_accum to ",
+               (job.grad_accum + ranks - 1) / ranks * ranks, " or use zero_stage 2");
   }
   // Every rank checks the output directory before rank 0 creates or clears it.
   if (!options.synthetic) check_output(job.output, options);

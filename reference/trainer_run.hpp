@@ -68,11 +68,18 @@ class Run {
     KEPT_CHECK(comm_->size() == 1 || Backend::space == MemorySpace::Host || cuda_emulated() ||
                    options.buffer_communicator,
                "data parallel over MPI needs host memory (device \"cpu\"), or NCCL on GPUs");
-    // run_training refused the rest (stage 3; stage 2 with a gradient buffer).
-    KEPT_CHECK(zero_stage_ <= 1 || (zero_stage_ == 2 && !plan_.strategy.gradient_buffer),
-               job_.file.string(), ": zero_stage ", zero_stage_, " with memory.gradients \"",
-               plan_.strategy.gradient_buffer ? "buffer" : "none", "\" cannot run");
+    // validate_job and run_training refused the rest with their reasons (the same on every rank).
+    KEPT_CHECK(zero_stage_ <= 1 || !plan_.strategy.gradient_buffer, job_.file.string(),
+               ": zero_stage ", zero_stage_, " with memory.gradients \"buffer\" cannot run");
+    KEPT_CHECK(zero_stage_ != 3 || job_.grad_accum % comm_->size() == 0, job_.file.string(),
+               ": zero_stage 3 needs grad_accum (", job_.grad_accum, ") a multiple of the ",
+               comm_->size(), " ranks");
   }
+  ~Run() {
+    if (layer_weights_) student_.set_before_layer({});  // the hook points into this run
+  }
+  Run(const Run&) = delete;
+  Run& operator=(const Run&) = delete;
 
   TrainResult run() {
     configure_trainable();
@@ -103,8 +110,10 @@ class Run {
     AdamW optimizer(adam);
     ArenaLayout layout = optimizer.arena_layout();
     layout.gradient_buffer = strategy.gradient_buffer;
-    // ZeRO: the optimizer's state only for this rank's shard, outside the arena.
+    // ZeRO: the optimizer's state only for this rank's shard, outside the arena; at stage 3 the
+    // layers' weights as well (shard_layer_weights).
     if (zero_stage_ >= 1) layout.optimizer_state = false;
+    if (zero_stage_ == 3) layout.layer_values = false;
     ParameterArena arena(backend_, student_, layout);
     const std::vector<Parameter*> params = parameters_of(student_);
     arena_ = &arena;
@@ -116,7 +125,11 @@ class Run {
       state_elements = shards_->end() - shards_->first();
       if (!options_.quiet && comm_->size() > 1)
         std::fprintf(stderr, "ZeRO stage %d: optimizer states%s sharded over %d ranks\n",
-                     zero_stage_, zero_stage_ >= 2 ? " and gradients" : "", comm_->size());
+                     zero_stage_,
+                     zero_stage_ == 3   ? ", gradients and the layers' weights"
+                     : zero_stage_ == 2 ? " and gradients"
+                                        : "",
+                     comm_->size());
     } else {
       optimizer.use_arena(&arena);
     }
@@ -141,7 +154,10 @@ class Run {
     }
     CosineSchedule schedule{job_.lr, job_.warmup_steps, job_.steps, job_.min_lr, 0.0};
     schedule.validate();
-    if (options_.synthetic) return run_synthetic(optimizer, arena, params, schedule);
+    if (options_.synthetic) {
+      shard_layer_weights();
+      return run_synthetic(optimizer, arena, params, schedule);
+    }
 
     const std::string hash = config_hash(resume_identity(job_).dump());
     TrainerState state;
@@ -161,6 +177,7 @@ class Run {
         resumed_step = 0;
       }
     }
+    shard_layer_weights();  // after a checkpoint's weights were loaded whole
     // Rank 0 alone writes: the job, the metrics, checkpoints and the final model (the ranks'
     // weights and states are the same bits, kept/dist/communicator.hpp), and evaluates.
     std::optional<MetricsLog> metrics;
@@ -168,7 +185,10 @@ class Run {
       write_file_atomically(output_ / "job.json", job_.to_json().dump(2) + "\n");
       metrics.emplace(output_ / "metrics.jsonl", resumed_step, job_.steps);
     }
-    const std::vector<Batch> held_out = writer_ ? loader_.held_out_batches() : std::vector<Batch>{};
+    // At stage 3 every rank evaluates: the student's forward gathers each layer from all.
+    const bool evaluates = writer_ || layer_weights_;
+    const std::vector<Batch> held_out =
+        evaluates ? loader_.held_out_batches() : std::vector<Batch>{};
 
     ProgressLine progress(objective_name(job_.objective));
     MemoryMeter& meter =
@@ -228,14 +248,18 @@ class Run {
       }
       if (job_.eval_every > 0 && state.step % job_.eval_every == 0 && state.step < job_.steps &&
           !held_out.empty())
-        log_eval(*metrics, state.step, evaluate_now(held_out), /*print=*/!options_.quiet);
+        log_eval(metrics, state.step, evaluate_now(held_out), /*print=*/!options_.quiet);
       if (job_.checkpoint_every > 0 && state.step % job_.checkpoint_every == 0) {
         // ZeRO: every rank's pieces of the optimizer state, gathered whole (collective).
         std::optional<std::vector<NamedTensor>> whole_state;
         if (shards_)
           whole_state =
               gather_optimizer_state(backend_, *comm_, arena, optimizer, params, /*root=*/0);
-        if (!writer_) continue;
+        if (layer_weights_) layer_weights_->gather_whole(/*keep=*/writer_);
+        if (!writer_) {
+          if (layer_weights_) layer_weights_->release();
+          continue;
+        }
         state.loader = loader_.state();
         if (!plan_.strategy.gradient_buffer) state.extra["clip_coefficient"] = clip_coefficient_;
         try {
@@ -250,6 +274,7 @@ class Run {
                             "; make room and resume from it (--resume)"
                       : std::string("No complete checkpoint exists yet"));
         }
+        if (layer_weights_) layer_weights_->release();
       }
     }
     progress.finish();
@@ -264,11 +289,12 @@ class Run {
     result.tokens_per_second =
         static_cast<double>(tokens_this_session) / std::max(result.seconds, 1e-9);
     result.final_model = output_ / "final";
-    if (!writer_) return result;
     if (!held_out.empty()) {
       result.eval = evaluate_now(held_out);
-      log_eval(*metrics, state.step, result.eval, !options_.quiet);
+      log_eval(metrics, state.step, result.eval, !options_.quiet && writer_);
     }
+    if (layer_weights_) layer_weights_->gather_whole(/*keep=*/writer_);  // for save_pretrained
+    if (!writer_) return result;
     const ModelConfig final_config = output_config(student_config_, job_.output_dtype);
     save_pretrained(backend_, student_, final_config, result.final_model, /*force=*/true,
                     [&](const fs::path& directory) {
@@ -475,24 +501,33 @@ class Run {
     layer_grad_squares_ = 0;
     current_step_ = step;
     const bool layer_major = !plan_.strategy.gradient_buffer;
-    // Data parallel: micro-batch m runs on rank m mod N; every rank reads every batch, so the
-    // loader's position and the token counts are the same everywhere.
+    // Data parallel: micro-batch m runs on rank m mod N. A rank reads only its own micro-batches'
+    // windows and skips the others' (DataLoader::skip_batch), so every loader stands at the same
+    // place after the step; the targets are counted over the ranks.
     const std::int64_t ranks = comm_->size(), rank = comm_->rank();
     const std::int64_t mine = (job_.grad_accum - rank + ranks - 1) / ranks;
     micro_.resize(layer_major ? static_cast<std::size_t>(mine) : 1);
     std::size_t local = 0;
     for (std::int64_t micro = 0; micro < job_.grad_accum; ++micro) {
+      result.tokens += job_.batch_size * job_.seq_len;
+      if (micro % ranks != rank) {
+        loader_.skip_batch();
+        continue;
+      }
       const std::int64_t first = loader_.state().batches_served * job_.batch_size * job_.seq_len;
       const Batch batch = loader_.next_batch();
-      result.tokens += batch.batch * batch.seq;
       result.targets += batch.target_count();
-      if (micro % ranks != rank) continue;
       MicroBatch& slot = micro_[layer_major ? local++ : 0];
       result.loss += micro_forward(batch, first, slot);
       if (!layer_major) micro_backward(std::span<MicroBatch>(&slot, 1));
     }
     if (layer_major) micro_backward(micro_);
-    if (ranks > 1) result.loss = comm_->sum_in_rank_order(result.loss);
+    if (ranks > 1) {
+      result.loss = comm_->sum_in_rank_order(result.loss);
+      // Counts below 2^53 add exactly in double.
+      result.targets =
+          static_cast<std::int64_t>(comm_->sum_in_rank_order(static_cast<double>(result.targets)));
+    }
     const double clip =
         job_.clip_grad_norm > 0 ? job_.clip_grad_norm : std::numeric_limits<double>::infinity();
     if (!layer_major && !shards_) {
@@ -585,6 +620,7 @@ class Run {
   // ZeRO: every rank's updated shard of the weights to every rank (bytes, exact).
   void gather_all_weights() {
     if (!collectives_) return;
+    KEPT_CHECK(arena_->holds_layer_values(), "ZeRO: the whole-arena weight gather at stage 3");
     const Tensor& values = arena_->values();
     buffers_->all_gather_bytes(const_cast<void*>(values.raw()), shards_->layout(),
                                dtype_size(values.dtype()));
@@ -618,6 +654,19 @@ class Run {
     if (!acts.empty()) student_.backward(backend_, acts, d_hidden, d_states);
   }
 
+  // ZeRO stage 3: this rank keeps its shard of the layers' weights, and the student's forward and
+  // backward gather a layer whenever it runs (kept/train/zero.hpp).
+  void shard_layer_weights() {
+    if (zero_stage_ != 3) return;
+    layer_weights_.emplace(backend_, *buffers_, *arena_, student_);
+    student_.set_before_layer([this](std::size_t layer) { layer_weights_->bring(layer); });
+    if (!options_.quiet && comm_->size() > 1)
+      std::fprintf(stderr,
+                   "ZeRO stage 3: %lld of the layers' weights kept here, two layers "
+                   "gathered at a time\n",
+                   static_cast<long long>(layer_weights_->shard_elements()));
+  }
+
   // memory.gradients "none": the parameters of each layer and of the rest, and the hook that
   // updates a layer as soon as backward has finished it.
   void prepare_layer_updates() {
@@ -644,7 +693,10 @@ class Run {
       scale_gradients(backend_, std::span<Parameter* const>(layer_params),
                       static_cast<float>(clip_coefficient_));
     optimizer_->step_parameters(backend_, std::span<Parameter* const>(layer_params));
-    if (shards_) gather_weights(layer_params);
+    if (layer_weights_)
+      layer_weights_->store(layer);  // the next forward gathers it afresh
+    else if (shards_)
+      gather_weights(layer_params);
     for (Parameter* p : layer_params)
       if (p->has_grad()) backend_.fill_zero(p->grad);  // the next layer's region
   }
@@ -733,7 +785,11 @@ class Run {
     return evaluate(backend_, student_, teacher_, held_out, job_.eval_max_batches);
   }
 
-  void log_eval(MetricsLog& metrics, std::int64_t step, const EvalReport& report, bool print) {
+  // Rank 0 logs; at stage 3 the other ranks evaluated alongside it and log nothing.
+  void log_eval(std::optional<MetricsLog>& log, std::int64_t step, const EvalReport& report,
+                bool print) {
+    if (!log) return;
+    MetricsLog& metrics = *log;
     nlohmann::json record{{"type", "eval"},
                           {"step", step},
                           {"tokens", report.tokens},
@@ -816,6 +872,7 @@ class Run {
   // shards_ is set from stage 1 on.
   int zero_stage_ = plan_.strategy.zero_stage;
   std::optional<ZeroShards> shards_;
+  std::optional<ShardedLayerWeights<Backend>> layer_weights_;  // ZeRO stage 3
   double layer_grad_squares_ = 0;
   double clip_coefficient_ = 1.0;  // from the previous step's norm
   std::int64_t current_step_ = 0;

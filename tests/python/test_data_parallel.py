@@ -13,14 +13,18 @@ their partial sums), so the losses agree to rounding, not to the bit:
    for bit (clipping off); rank 0 alone writes (one metrics record per step).
 2. A checkpoint written by 2 ranks resumes on 3 ranks and on 1 process.
 3. ZeRO (include/kept/train/zero.hpp; job field "zero_stage"): stages 1 and 2 keep only the
-   rank's shard of the optimizer state, reduce-scatter the gradients and all-gather the weights.
-   With clipping off they give stage 0's losses and final weights bit for bit on 2 and 3 ranks
-   (8-bit states included), their checkpoints hold the same whole optimizer state as stage 0's,
-   and a 3-rank stage-2 checkpoint resumes bit for bit under stage 0 on 3 ranks, and within the
-   tolerances above on 2 ranks and on one process. Stage 3 is refused by kept train (kept plan
-   plans it), and so is stage 2 with a gradient buffer.
-4. On the emulated CUDA backend MPI stands in for NCCL: 2 ranks at stages 0 and 2 (bf16 weights
-   without masters, 8-bit states) give one process's run bit for bit (one micro-batch a rank).
+   rank's shard of the optimizer state, reduce-scatter the gradients and all-gather the weights;
+   stage 3 keeps only the rank's shard of the layers' weights too and gathers a layer whenever it
+   runs. With clipping off stages 1, 2 and 3 give stage 0's losses and final weights bit for bit
+   on 2 and 3 ranks (8-bit states included), their checkpoints hold the same weights and the
+   same whole optimizer state as stage 0's, and stage 3's measured peak memory is below stage
+   2's. A 3-rank stage-2 checkpoint resumes bit for bit under stage 0 on 3 ranks, and within
+   the tolerances above on 2 ranks (stages 1 and 3) and on one process. Stages 2 and 3 with a
+   gradient buffer are refused, and so is stage 3 when the ranks would run unequal numbers of
+   micro-batches.
+4. On the emulated CUDA backend MPI stands in for NCCL: 2 ranks at stages 0, 2 and 3 (bf16
+   weights without masters, 8-bit states) give one process's run bit for bit (one micro-batch a
+   rank).
 5. Bad input fails on every rank with a clear error and no hang: ranks given different jobs
    (MPMD launch), fewer micro-batches than ranks; a rank SIGKILLed mid-run ends the
    job within DEAD_RANK_S, leaving only complete checkpoints.
@@ -42,6 +46,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from test_memory_plan import PEAK_TOLERANCE, small_job
 from test_trainer import (  # noqa: F401  (world is a fixture)
     base_job,
     complete_checkpoints,
@@ -157,6 +162,15 @@ def optimizer_state(checkpoint: Path) -> dict:
     return load_file(str(checkpoint / "optimizer.safetensors"))
 
 
+def checkpoint_weights(checkpoint: Path) -> dict:
+    weights = {}
+    for path in sorted(checkpoint.glob("*.safetensors")):
+        if path.name != "optimizer.safetensors":
+            weights.update(load_file(str(path)))
+    assert weights, f"no weights in {checkpoint}"
+    return weights
+
+
 def assert_same_tensors(got: dict, want: dict, label: str) -> None:
     assert got.keys() == want.keys(), (label, sorted(set(got) ^ set(want)))
     for name, value in want.items():
@@ -170,11 +184,13 @@ def test_zero_stages_agree_bit_for_bit(world, kept_bin, tmp_path, ranks, states)
     # Clipping off: the clip coefficient is the one thing the stages may round differently
     # (the norm is summed from the shards). min_8bit_size 256 puts the tiny model's matrices
     # on 8-bit moments, so shards cut through quantisation blocks' parameters.
+    # Stage 3 needs as many micro-batches on every rank: one each on 3 ranks.
     changes = merge_all(COMMON, {"clip_grad_norm": 0, "checkpoint": {"every": 2, "keep": 2},
                                  "optimizer": {"min_8bit_size": 256},
-                                 "memory": {"optimizer_states": states}})
+                                 "memory": {"optimizer_states": states},
+                                 "grad_accum": 4 if ranks == 2 else 3})
     runs = {}
-    for stage, gradients in ((0, "buffer"), (1, "buffer"), (2, "none")):
+    for stage, gradients in ((0, "buffer"), (1, "buffer"), (2, "none"), (3, "none")):
         output = tmp_path / f"stage{stage}"
         job = merge_all(base_job(world, output), changes,
                         {"zero_stage": stage, "memory": {"gradients": gradients}})
@@ -182,19 +198,39 @@ def test_zero_stages_agree_bit_for_bit(world, kept_bin, tmp_path, ranks, states)
         if stage:
             assert f"ZeRO stage {stage}" in proc.stderr, proc.stderr
         runs[stage] = output
-    for stage in (1, 2):
+    for stage in (1, 2, 3):
         label = f"stage {stage} on {ranks} ranks, {states} states"
         assert train_trace(runs[stage]) == train_trace(runs[0]), label
         assert ((runs[stage] / "final" / "model.safetensors").read_bytes()
                 == (runs[0] / "final" / "model.safetensors").read_bytes()), label
-        # The gathered checkpoint state is the replicated one, tensor for tensor.
+        # The gathered checkpoint state is the replicated one, tensor for tensor, and so are the
+        # checkpoint's weights (at stage 3 gathered from the shards for the writer).
         for step in (2, 4):
-            assert_same_tensors(optimizer_state(complete_checkpoints(runs[stage])[step]),
-                                optimizer_state(complete_checkpoints(runs[0])[step]),
+            got, want = complete_checkpoints(runs[stage])[step], complete_checkpoints(runs[0])[step]
+            assert_same_tensors(optimizer_state(got), optimizer_state(want),
                                 f"{label}, checkpoint {step}")
+            assert_same_tensors(checkpoint_weights(got), checkpoint_weights(want),
+                                f"{label}, checkpoint {step} weights")
         norms = [r["grad_norm"] for r in read_metrics(runs[stage]) if r["type"] == "train"]
         want = [r["grad_norm"] for r in read_metrics(runs[0]) if r["type"] == "train"]
         assert norms == pytest.approx(want, rel=1e-12), label
+
+
+def test_zero3_memory_is_what_kept_plan_says(kept_bin, tmp_path):
+    # The 14B job scaled down to 8 layers, `--synthetic` on 2 ranks (no checkpoint, whose
+    # writer holds the layers whole while it writes): stage 3 keeps half of the layers' weights
+    # and two gathered layers instead of all eight, and each stage's measured peak is the plan's.
+    peaks = {}
+    for stage in (2, 3):
+        job = small_job(tmp_path / f"stage{stage}", grad_accum=2, zero_stage=stage,
+                        memory={"gradients": "none"}, layers=8)
+        proc = mpirun(kept_bin, 2, "train", job, "--synthetic", "--steps", 2)
+        measured, planned = (float(x) for x in re.search(
+            r"memory: +peak ([\d.]+) MiB measured, ([\d.]+) MiB planned", proc.stdout).groups())
+        assert f"ZeRO-{stage}" in proc.stdout, proc.stdout
+        assert abs(measured / planned - 1) <= PEAK_TOLERANCE, (stage, proc.stdout)
+        peaks[stage] = measured
+    assert peaks[3] < peaks[2], peaks
 
 
 def test_a_zero_checkpoint_resumes_on_other_ranks_and_stages(world, kept_bin, tmp_path):
@@ -205,7 +241,8 @@ def test_a_zero_checkpoint_resumes_on_other_ranks_and_stages(world, kept_bin, tm
     output = tmp_path / "np3-stage2"
     job = merge_all(base_job(world, output), changes, {"zero_stage": 2})
     mpirun(kept_bin, 3, "train", write_job(tmp_path / "np3-stage2.json", job))
-    for name, ranks, stage in (("np3-stage0", 3, 0), ("np2-stage1", 2, 1), ("np1-stage1", 1, 1)):
+    for name, ranks, stage in (("np3-stage0", 3, 0), ("np2-stage1", 2, 1), ("np2-stage3", 2, 3),
+                               ("np1-stage1", 1, 1)):
         resumed = tmp_path / name
         shutil.copytree(output, resumed)
         shutil.rmtree(complete_checkpoints(resumed)[4])
@@ -239,6 +276,7 @@ def test_ranks_on_the_emulated_cuda_backend(world, kept_bin, tmp_path):
     # through the one-rank communicator (on a GPU through NCCL: scripts/device.sh).
     for name, ranks, stage, gradients in (("np1", 1, 0, "buffer"), ("np2-stage0", 2, 0, "buffer"),
                                           ("np2-stage2", 2, 2, "none"),
+                                          ("np2-stage3", 2, 3, "none"),
                                           ("np1-collectives", 1, 2, "none")):
         output = tmp_path / name
         job = write_job(tmp_path / f"{name}.json",
@@ -256,16 +294,19 @@ def test_ranks_on_the_emulated_cuda_backend(world, kept_bin, tmp_path):
         runs[name] = output
     # One micro-batch a rank: the rank-ordered sum adds the micro-batches' gradients in the
     # order one process accumulates them, so the runs agree bit for bit with one process.
-    for name in ("np2-stage0", "np2-stage2", "np1-collectives"):
+    for name in ("np2-stage0", "np2-stage2", "np2-stage3", "np1-collectives"):
         assert train_trace(runs[name]) == train_trace(runs["np1"]), name
         assert ((runs[name] / "final" / "model.safetensors").read_bytes()
                 == (runs["np1"] / "final" / "model.safetensors").read_bytes()), name
 
 
 @pytest.mark.parametrize("case,changes,needles", [
-    ("stage3", {"zero_stage": 3}, ["zero_stage 3", "cannot run it yet", "zero_stage 2"]),
+    ("stage3-unequal", {"zero_stage": 3, "grad_accum": 3, "memory": {"gradients": "none"}},
+     ["zero_stage 3", "grad_accum 3 is not a multiple of the 2 ranks", "set grad_accum to 4"]),
     ("stage2-buffer", {"zero_stage": 2, "memory": {"gradients": "buffer"}},
      ["zero_stage 2", "memory.gradients \"none\"", "zero_stage 1"]),
+    ("stage3-buffer", {"zero_stage": 3, "memory": {"gradients": "buffer"}},
+     ["zero_stage 3", "memory.gradients \"none\"", "zero_stage 1"]),
     ("stage9", {"zero_stage": 9}, ["\"zero_stage\" must be 0, 1, 2 or 3, got 9"]),
 ])
 def test_zero_stages_kept_train_cannot_run_are_refused(world, kept_bin, tmp_path, case, changes,

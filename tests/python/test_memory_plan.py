@@ -215,10 +215,11 @@ def test_14b_job_on_a100_40g_is_planned_honestly(kept_bin):
     assert "fits the device but needs" in text and "more host memory" in text
 
 
-def small_job(tmp_path: Path, **changes) -> Path:
+def small_job(tmp_path: Path, layers: int = 2, **changes) -> Path:
     """The 14B job scaled down: the same fields, a tiny model_config, on the CPU."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     config = json.loads((REPO / "reference" / "jobs" / "orion14b-llama-config.json").read_text())
-    config.update(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+    config.update(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=4)
     (tmp_path / "small-config.json").write_text(json.dumps(config))
     job = json.loads(JOB_14B.read_text())

@@ -488,6 +488,34 @@ TEST_CASE("loader: resuming from any position gives the same subsequent batches"
   }
 }
 
+TEST_CASE("loader: skipping batches (a data-parallel rank) keeps the place of reading them",
+          "[data][loader]") {
+  std::vector<int> lengths;
+  for (int d = 0; d < 25; ++d)
+    lengths.push_back(1 + (d * 7) % 13);
+  const auto docs = numbered_documents(lengths);
+  const DataConfig config{
+      .seq_len = 5, .batch_size = 3, .eos_id = kEos, .seed = 4, .held_out_fraction = 0.1};
+  DataLoader reader(docs, config), rank1(docs, config), rank2(docs, config);
+  const std::int64_t total = 2 * reader.batches_per_epoch() + 3;  // crosses two epoch ends
+  for (std::int64_t i = 0; i < total; ++i) {
+    INFO("batch " << i);
+    const Batch batch = reader.next_batch();
+    // Rank 1 of 2 reads the odd batches, rank 2 of 3 every third; each skips the rest.
+    if (i % 2 == 1)
+      REQUIRE(same_batch(rank1.next_batch(), batch));
+    else
+      rank1.skip_batch();
+    if (i % 3 == 2)
+      REQUIRE(same_batch(rank2.next_batch(), batch));
+    else
+      rank2.skip_batch();
+    REQUIRE(rank1.state() == reader.state());
+    REQUIRE(rank2.state() == reader.state());
+  }
+  CHECK(reader.state().epoch == 2);
+}
+
 TEST_CASE("loader: configuration and corpus errors", "[data][loader]") {
   const auto docs = numbered_documents({3, 4, 5});
   CHECK_THAT(

@@ -96,8 +96,9 @@ class Decoder {
 
   const ModelConfig& config() const { return config_; }
   void set_activation_checkpointing(bool on) { checkpointing_ = on; }
-  // Called with l before layer l runs forward: where a streamed model brings the layer's
-  // weights in (kept/model/streamed_layers.hpp).
+  // Called with l before layer l runs forward, and before its backward (once for all
+  // micro-batches, before any recompute): where a streamed model (kept/model/streamed_layers.hpp)
+  // or a ZeRO stage 3 trainer (kept/train/zero.hpp) brings the layer's weights in.
   void set_before_layer(std::function<void(std::size_t)> hook) { before_layer_ = std::move(hook); }
   // Called with l once backward has finished layer l (its parameters' gradients are complete):
   // where a trainer without a whole-model gradient buffer updates the layer and frees the
@@ -200,6 +201,7 @@ class Decoder {
     }
     Tensor& spare = residual_grads_[micro];
     for (std::size_t l = num_layers + 1; l-- > 0;) {
+      if (l > 0 && before_layer_) before_layer_(l - 1);
       for (std::size_t m = 0; m < micro; ++m) {
         Tensor& grad = residual_grads_[m];
         if (d_states[m] && (*d_states[m])[l].defined())
@@ -209,7 +211,6 @@ class Decoder {
         const Activations& a = *acts[m];
         const auto input = as_matrix<const Act>(a.states[l - 1]);
         if (a.recompute) {
-          if (before_layer_) before_layer_(l - 1);
           backend.ensure(recomputed_, kAct, {count, hidden});
           layers[l - 1].forward(backend, input, a.batch, a.seq, rope_, as_matrix<Act>(recomputed_),
                                 recompute_cache_);

@@ -49,6 +49,12 @@ struct ArenaLayout {
   // layer-sized region, which the trainer consumes (updates, then zeroes) after each layer's
   // backward. Needs a model with `layers`.
   bool gradient_buffer = true;
+  // false: the arena does not take in the values of the decoder layers' parameters (ZeRO stage
+  // 3, kept/train/zero.hpp: each rank keeps its shard of them and gathers a layer when it runs).
+  // Their slots keep their offsets, so every other buffer and the shards' cut are as before;
+  // values() then holds only the parameters outside the layers, at value offsets of their own,
+  // and the layers' parameters keep whatever value they had. Needs a model with `layers`.
+  bool layer_values = true;
 };
 
 struct ArenaSlot {
@@ -73,55 +79,74 @@ class ParameterArena {
       KEPT_CHECK(index_.emplace(p->name, slots_.size()).second,
                  "parameter arena: two parameters are named ", p->name);
       slots_.push_back({p->name, p->value.shape(), total_, p->value.numel()});
-      total_ += (p->value.numel() + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;
+      total_ += aligned(p->value.numel());
     }
-    // The values first, each parameter's own allocation released as it moves in, so that
-    // setting up holds at most the weights twice, not the weights twice plus every other buffer.
-    values_ = backend.zeros(Precision::param, {total_});
-    for (std::size_t i = 0; i < params.size(); ++i) {
-      Parameter& p = *params[i];
-      KEPT_CHECK(p.value.dtype() == Precision::param, "parameter arena: ", p.name, " is ",
-                 dtype_name(p.value.dtype()), ", the backend's parameters are ",
-                 dtype_name(Precision::param));
-      Tensor value = view(values_, slots_[i]);
-      backend.upload(backend.download(p.value), value);
-      p.value = value;
-    }
-    grad_offsets_.resize(slots_.size());
-    std::int64_t grad_total = total_;
-    if (layout.gradient_buffer) {
-      for (std::size_t i = 0; i < slots_.size(); ++i)
-        grad_offsets_[i] = slots_[i].offset;
-    } else {
-      // Which slots belong to a layer, and each layer's span from its first slot.
-      std::map<std::string, std::pair<std::size_t, std::int64_t>, std::less<>> in_layer;
-      std::int64_t span = 0;
+    // Which slots belong to a layer, each one's place from its layer's first slot, and the
+    // widest layer's span (for per-layer gradients and for values left to the layers).
+    std::map<std::string, std::int64_t, std::less<>> in_layer;
+    std::int64_t span = 0;
+    if (!layout.gradient_buffer || !layout.layer_values) {
       if constexpr (!requires { model.layers.size(); })
-        KEPT_CHECK(false, "parameter arena: per-layer gradients need a model with layers");
+        KEPT_CHECK(false,
+                   "parameter arena: per-layer gradients or values need a model with layers");
       else
         for (std::size_t l = 0; l < model.layers.size(); ++l) {
           std::int64_t first = -1;
           model.layers[l].visit([&](Parameter& p) {
             const ArenaSlot& slot = slots_[index_.at(p.name)];
             if (first < 0) first = slot.offset;
-            const std::int64_t end = slot.offset + (slot.count + kArenaAlignment - 1) /
-                                                       kArenaAlignment * kArenaAlignment;
-            span = std::max(span, end - first);
-            in_layer[p.name] = {l, slot.offset - first};
+            span = std::max(span, slot.offset + aligned(slot.count) - first);
+            in_layer[p.name] = slot.offset - first;
           });
         }
-      grad_total = 0;
+    }
+    // The parameters outside the layers one after another from 0; returns the elements taken.
+    auto pack_outside = [&](std::vector<std::int64_t>& offsets) {
+      std::int64_t total = 0;
+      offsets.assign(slots_.size(), -1);
       for (std::size_t i = 0; i < slots_.size(); ++i) {
         if (in_layer.count(slots_[i].name)) continue;
-        grad_offsets_[i] = grad_total;
-        grad_total += (slots_[i].count + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;
+        offsets[i] = total;
+        total += aligned(slots_[i].count);
       }
+      return total;
+    };
+    // The values first, each parameter's own allocation released as it moves in, so that
+    // setting up holds at most the weights twice, not the weights twice plus every other buffer.
+    std::int64_t value_total = total_;
+    if (layout.layer_values) {
+      value_offsets_.resize(slots_.size());
+      for (std::size_t i = 0; i < slots_.size(); ++i)
+        value_offsets_[i] = slots_[i].offset;
+    } else {
+      value_total = pack_outside(value_offsets_);
+    }
+    values_ = backend.zeros(Precision::param, {value_total});
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      Parameter& p = *params[i];
+      KEPT_CHECK(p.value.dtype() == Precision::param, "parameter arena: ", p.name, " is ",
+                 dtype_name(p.value.dtype()), ", the backend's parameters are ",
+                 dtype_name(Precision::param));
+      if (value_offsets_[i] < 0) continue;  // a layer's, left where it is
+      Tensor value = value_view(i);
+      backend.upload(backend.download(p.value), value);
+      p.value = value;
+    }
+    std::int64_t grad_total = total_;
+    if (layout.gradient_buffer) {
+      grad_offsets_.resize(slots_.size());
+      for (std::size_t i = 0; i < slots_.size(); ++i)
+        grad_offsets_[i] = slots_[i].offset;
+    } else {
+      // Every layer's gradients in one shared span after the rest.
+      grad_total = pack_outside(grad_offsets_);
       for (std::size_t i = 0; i < slots_.size(); ++i)
         if (auto found = in_layer.find(slots_[i].name); found != in_layer.end())
-          grad_offsets_[i] = grad_total + found->second.second;
+          grad_offsets_[i] = grad_total + found->second;
       grad_total += span;
       shared_layer_grads_ = true;
     }
+    holds_layer_values_ = layout.layer_values;
     grads_ = backend.zeros(Precision::grad, {grad_total});
     if (layout.optimizer_state) {
       if (Precision::separate_master && layout.master_weights)
@@ -148,7 +173,10 @@ class ParameterArena {
     return found == index_.end() ? nullptr : &slots_[found->second];
   }
 
+  // Every value in the slots' layout; without the layers' values (ArenaLayout::layer_values
+  // false) only those outside the layers, packed: then not indexed by slot offsets.
   const Tensor& values() const { return values_; }
+  bool holds_layer_values() const { return holds_layer_values_; }
   const Tensor& grads() const { return grads_; }
   bool has_optimizer_state() const { return exp_avg_.defined(); }
   bool has_master() const { return master_.defined(); }
@@ -203,6 +231,14 @@ class ParameterArena {
         static_cast<std::size_t>(slot.offset / kQuantBlock) * sizeof(float));
   }
 
+  static std::int64_t aligned(std::int64_t count) {
+    return (count + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;
+  }
+  Tensor value_view(std::size_t i) const {
+    ArenaSlot slot = slots_[i];
+    slot.offset = value_offsets_[i];
+    return view(values_, slot);
+  }
   Tensor grad_view(std::size_t i) const {
     ArenaSlot slot = slots_[i];
     slot.offset = grad_offsets_[i];
@@ -210,8 +246,10 @@ class ParameterArena {
   }
 
   std::vector<ArenaSlot> slots_;
-  std::vector<std::int64_t> grad_offsets_;  // each slot's place in the gradient buffer
+  std::vector<std::int64_t> value_offsets_;  // each slot's place in values_ (-1: not there)
+  std::vector<std::int64_t> grad_offsets_;   // each slot's place in the gradient buffer
   bool shared_layer_grads_ = false;
+  bool holds_layer_values_ = true;
   std::map<std::string, std::size_t, std::less<>> index_;
   std::int64_t total_ = 0;
   Tensor values_, grads_, master_, exp_avg_, exp_avg_sq_, exp_avg_absmax_, exp_avg_sq_absmax_;

@@ -238,10 +238,7 @@ class DataLoader {
 
   // The next training batch; moves to the next epoch when fewer than a batch of windows is left.
   Batch next_batch() {
-    if (state_.position + config_.batch_size > sequences_per_epoch_) {
-      state_.epoch += 1;
-      state_.position = 0;
-    }
+    turn_epoch_if_done();
     prepare_epoch(state_.epoch);
     Batch batch = make_batch(cached_stream_, cached_order_, state_.position, config_.batch_size,
                              config_.seq_len);
@@ -249,6 +246,14 @@ class DataLoader {
     state_.position += config_.batch_size;
     state_.batches_served += 1;
     return batch;
+  }
+
+  // Moves past the batch next_batch() would give without reading its windows (a data-parallel
+  // rank skipping the other ranks' micro-batches): the state afterwards is the same.
+  void skip_batch() {
+    turn_epoch_if_done();
+    state_.position += config_.batch_size;
+    state_.batches_served += 1;
   }
 
   LoaderState state() const { return state_; }
@@ -286,6 +291,13 @@ class DataLoader {
  private:
   std::uint64_t epoch_seed(std::int64_t epoch, std::string_view what) const {
     return Random::derive(config_.seed, "epoch/" + std::to_string(epoch) + "/" + std::string(what));
+  }
+
+  void turn_epoch_if_done() {
+    if (state_.position + config_.batch_size > sequences_per_epoch_) {
+      state_.epoch += 1;
+      state_.position = 0;
+    }
   }
 
   void prepare_epoch(std::int64_t epoch) {
