@@ -23,6 +23,7 @@
 #include "calibration.hpp"
 #include "commands.hpp"
 #include "corpus.hpp"
+#include "demo.hpp"
 #include "kept/convert/convert.hpp"
 #include "kept/io/atomic_file.hpp"
 #include "kept/io/hf_config.hpp"
@@ -36,13 +37,6 @@ namespace kept::cli {
 namespace {
 
 namespace fs = std::filesystem;
-
-struct Options {
-  std::string output = "runs/demo";
-  std::string corpus;  // default: built from Debian packages
-  double scale = 1.0;  // multiplies every step count
-  bool force = false;
-};
 
 // ---- corpus ------------------------------------------------------------------------------------
 
@@ -118,6 +112,8 @@ std::vector<std::string> fortunes() {
   return documents;
 }
 
+}  // namespace
+
 fs::path build_corpus(const fs::path& output) {
   std::vector<std::string> documents = bible_chapters();
   const std::size_t bible = documents.size();
@@ -137,6 +133,43 @@ fs::path build_corpus(const fs::path& output) {
   return path;
 }
 
+void prepare_demo_output(const fs::path& out, bool force) {
+  std::error_code error;
+  if (fs::exists(out, error) && !fs::is_empty(out, error)) {
+    KEPT_CHECK(force, out.string(),
+               ": exists and is not empty; pass --force to replace the demo's outputs");
+    fs::remove_all(out, error);
+    KEPT_CHECK(!error, out.string(), ": cannot remove: ", error.message());
+  }
+  fs::create_directories(out, error);
+  KEPT_CHECK(!error, out.string(), ": cannot create: ", error.message());
+}
+
+DemoEvaluator::DemoEvaluator(const fs::path& corpus, const fs::path& tokenizer, const TrainJob& job,
+                             const fs::path& teacher)
+    : teacher_(load_model(cpu_, teacher)) {
+  const Tokenizer tokens(tokenizer);
+  auto documents = std::make_shared<std::vector<TokenDocument>>();
+  for (const std::string& text : read_documents(corpus)) {
+    TokenDocument ids = tokens.encode(text);
+    if (!ids.empty()) documents->push_back(std::move(ids));
+  }
+  const DocumentSplit split =
+      split_documents(documents->size(), job.held_out_fraction, job.data_seed);
+  held_out_ =
+      evaluation_batches(documents, split.held_out, tokens.eos_id(), job.seq_len, job.batch_size);
+}
+
+EvalReport DemoEvaluator::score(const fs::path& model_dir) {
+  LoadedModel model = load_model(cpu_, model_dir);
+  return with_decoder(model.model, [&](auto& student) {
+    return with_decoder(teacher_.model,
+                        [&](auto& t) { return evaluate(cpu_, student, &t, held_out_, 16); });
+  });
+}
+
+namespace {
+
 // ---- the pipeline ------------------------------------------------------------------------------
 
 struct Row {
@@ -144,18 +177,10 @@ struct Row {
   EvalReport report;
 };
 
-void run(const Options& options) {
+void run(const DemoOptions& options) {
   const auto start = std::chrono::steady_clock::now();
   const fs::path out(options.output);
-  std::error_code error;
-  if (fs::exists(out, error) && !fs::is_empty(out, error)) {
-    KEPT_CHECK(options.force, out.string(),
-               ": exists and is not empty; pass --force to replace the demo's outputs");
-    fs::remove_all(out, error);
-    KEPT_CHECK(!error, out.string(), ": cannot remove: ", error.message());
-  }
-  fs::create_directories(out, error);
-  KEPT_CHECK(!error, out.string(), ": cannot create: ", error.message());
+  prepare_demo_output(out, options.force);
 
   auto steps = [&](std::int64_t base) {
     return std::max<std::int64_t>(1, static_cast<std::int64_t>(base * options.scale));
@@ -266,28 +291,10 @@ void run(const Options& options) {
   const fs::path xkd_logit = train_student(Objective::XkdLogit, "paper+xkd-logit");
 
   stage("6/6 held-out evaluation");
-  Cpu cpu;
-  const Tokenizer tokens(tokenizer);
-  auto documents = std::make_shared<std::vector<TokenDocument>>();
-  // The same held-out documents the trainer set aside: the same documents (empty ones dropped,
-  // as the trainer does), seed and fraction.
-  for (const std::string& text : read_documents(corpus)) {
-    TokenDocument ids = tokens.encode(text);
-    if (!ids.empty()) documents->push_back(std::move(ids));
-  }
-  const DocumentSplit split =
-      split_documents(documents->size(), base.held_out_fraction, base.data_seed);
-  const std::vector<Batch> held_out =
-      evaluation_batches(documents, split.held_out, tokens.eos_id(), seq_len, batch);
-  LoadedModel teacher_model = load_model(cpu, teacher);
+  DemoEvaluator evaluator(corpus, tokenizer, base, teacher);
   std::vector<Row> rows;
   auto score = [&](const std::string& label, const fs::path& model_dir) {
-    LoadedModel model = load_model(cpu, model_dir);
-    EvalReport report = with_decoder(model.model, [&](auto& student) {
-      return with_decoder(teacher_model.model,
-                          [&](auto& t) { return evaluate(cpu, student, &t, held_out, 16); });
-    });
-    rows.push_back({label, report});
+    rows.push_back({label, evaluator.score(model_dir)});
   };
   score("Orion teacher (LayerNorm)", teacher);
   score("OPM only, paper (w = g)", paper);
@@ -332,15 +339,27 @@ void run(const Options& options) {
 }  // namespace
 
 void register_demo(CLI::App& app) {
-  auto [command, options] = add_command<Options>(
+  auto [command, options] = add_command<DemoOptions>(
       app, "demo", "The whole KEPT pipeline on a toy model, from Debian's own text");
-  command->add_option("--output", options->output, "Where everything goes")->capture_default_str();
+  command->add_option("--output", options->output,
+                      "Where everything goes (default: runs/demo, with --cbd runs/demo-cbd)");
   add_existing_file(command, "--corpus", options->corpus,
                     "Use this text instead of the Debian corpora", Need::Optional);
   add_positive(command, "--scale", options->scale,
                "Multiply every step count (0.1 for a quick look)");
   command->add_flag("--force", options->force, "Replace an existing output directory");
-  command->callback([options] { run(*options); });
+  command->add_flag("--cbd", options->cbd,
+                    "Chain-based Distillation instead: anchors, interpolated initialisation of "
+                    "two sizes between them, against nearest-anchor, random and teacher-mapped "
+                    "starts");
+  command->callback([options] {
+    DemoOptions chosen = *options;
+    if (chosen.output.empty()) chosen.output = chosen.cbd ? "runs/demo-cbd" : "runs/demo";
+    if (chosen.cbd)
+      run_cbd_demo(chosen);
+    else
+      run(chosen);
+  });
 }
 
 }  // namespace kept::cli

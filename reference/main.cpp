@@ -28,6 +28,8 @@ int main(int argc, char** argv) {
   kept::cli::register_plan(app);
   kept::cli::register_teacher_logits(app);
   kept::cli::register_compare(app);
+  kept::cli::register_interpolate(app);
+  kept::cli::register_chain(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& error) {
