@@ -133,16 +133,101 @@ fs::path build_corpus(const fs::path& output) {
   return path;
 }
 
-void prepare_demo_output(const fs::path& out, bool force) {
+DemoRun::DemoRun(const DemoOptions& options)
+    : out_(options.output), scale_(options.scale), start_(std::chrono::steady_clock::now()) {
   std::error_code error;
-  if (fs::exists(out, error) && !fs::is_empty(out, error)) {
-    KEPT_CHECK(force, out.string(),
+  if (fs::exists(out_, error) && !fs::is_empty(out_, error)) {
+    KEPT_CHECK(options.force, out_.string(),
                ": exists and is not empty; pass --force to replace the demo's outputs");
-    fs::remove_all(out, error);
-    KEPT_CHECK(!error, out.string(), ": cannot remove: ", error.message());
+    fs::remove_all(out_, error);
+    KEPT_CHECK(!error, out_.string(), ": cannot remove: ", error.message());
   }
-  fs::create_directories(out, error);
-  KEPT_CHECK(!error, out.string(), ": cannot create: ", error.message());
+  fs::create_directories(out_, error);
+  KEPT_CHECK(!error, out_.string(), ": cannot create: ", error.message());
+}
+
+std::int64_t DemoRun::steps(std::int64_t base) const {
+  return std::max<std::int64_t>(1, static_cast<std::int64_t>(static_cast<double>(base) * scale_));
+}
+
+double DemoRun::elapsed_seconds() const {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+}
+
+void DemoRun::stage(const std::string& what) const {
+  std::printf("\n[%s] %s\n", format_duration(elapsed_seconds()).c_str(), what.c_str());
+  std::fflush(stdout);
+}
+
+TrainJob demo_base_job(const fs::path& corpus, const fs::path& tokenizer) {
+  TrainJob base;
+  base.tokenizer = tokenizer.string();
+  base.train_data = corpus.string();
+  base.held_out_fraction = 0.02;
+  base.seq_len = 128;
+  base.batch_size = 16;
+  base.eval_max_batches = 8;
+  base.log_every = 10;
+  base.output_dtype = "f32";
+  return base;
+}
+
+fs::path demo_tokenizer(const fs::path& corpus, const fs::path& out, std::int64_t vocab) {
+  // The rarest 2% of character occurrences (mostly rare Chinese characters) fall back to
+  // bytes, so the pieces go to frequent characters and merges.
+  train_tokenizer(corpus, vocab, out / "tokenizer", 0.98);
+  return out / "tokenizer" / "tokenizer.model";
+}
+
+ModelConfig demo_orion_config(std::int64_t vocab) {
+  // Orion's architecture (LayerNorm with bias everywhere, no attention or MLP biases, untied
+  // head), at toy size.
+  ModelConfig config = ModelConfig::decoder(Architecture::Orion, vocab, 128, 352, 4, 4);
+  config.max_position_embeddings = 512;
+  config.rope_theta = 10000;
+  config.norm_eps = 1e-5;
+  config.dtype = DType::F32;
+  return config;
+}
+
+TrainResult pretrain_demo_teacher(const TrainJob& base, const ModelConfig& config,
+                                  const fs::path& directory, std::int64_t steps,
+                                  double weight_decay, bool quiet) {
+  fs::create_directories(directory);
+  write_hf_config(directory / "config-init.json", config);
+  TrainJob pretrain = base;
+  pretrain.file = directory / "pretrain.job";
+  pretrain.objective = Objective::CrossEntropy;
+  pretrain.init_config = (directory / "config-init.json").string();
+  pretrain.init_seed = 1;
+  pretrain.steps = steps;
+  pretrain.lr = 3e-3;
+  pretrain.min_lr = 3e-4;
+  pretrain.warmup_steps = std::min<std::int64_t>(50, pretrain.steps);
+  pretrain.weight_decay = weight_decay;
+  pretrain.output = directory.string();
+  TrainOptions options;
+  options.quiet = quiet;
+  return run_training(pretrain, options);
+}
+
+fs::path convert_demo_teacher(const fs::path& teacher, const ModelConfig& teacher_config,
+                              const fs::path& tokenizer, OpmMode mode,
+                              const CalibrationData* calibration, const fs::path& destination) {
+  const CheckpointReader teacher_reader = CheckpointReader::open(teacher);
+  ConversionOptions conversion;
+  conversion.mode = mode;
+  if (mode == OpmMode::Calibrated) {
+    KEPT_CHECK(calibration, "demo: calibrated conversion without calibration data");
+    conversion.calibrated_norm_weights =
+        calibrated_weights(calibrate_source(teacher_reader, teacher_config, *calibration));
+  }
+  AtomicDirectory directory(destination, true);
+  convert_checkpoint(teacher_reader, teacher_config, directory.path(), conversion);
+  write_hf_tokenizer(read_tokenizer_source(tokenizer), directory.path(),
+                     tokenizer_options_for(llama_config_for(teacher_config, conversion)));
+  directory.commit();
+  return destination;
 }
 
 DemoEvaluator::DemoEvaluator(const fs::path& corpus, const fs::path& tokenizer, const TrainJob& job,
@@ -178,88 +263,37 @@ struct Row {
 };
 
 void run(const DemoOptions& options) {
-  const auto start = std::chrono::steady_clock::now();
-  const fs::path out(options.output);
-  prepare_demo_output(out, options.force);
-
-  auto steps = [&](std::int64_t base) {
-    return std::max<std::int64_t>(1, static_cast<std::int64_t>(base * options.scale));
-  };
-  auto stage = [&](const std::string& what) {
-    const double elapsed =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    std::printf("\n[%s] %s\n", format_duration(elapsed).c_str(), what.c_str());
-    std::fflush(stdout);
-  };
+  const DemoRun demo(options);
+  const fs::path& out = demo.out();
+  auto steps = [&](std::int64_t base) { return demo.steps(base); };
+  auto stage = [&](const std::string& what) { demo.stage(what); };
 
   stage("1/6 corpus");
   const fs::path corpus = options.corpus.empty() ? build_corpus(out) : fs::path(options.corpus);
 
   stage("2/6 tokenizer (SentencePiece BPE, byte fallback, 2000 pieces)");
-  const fs::path tokenizer_dir = out / "tokenizer";
-  // The rarest 2% of character occurrences (mostly rare Chinese characters) fall back to
-  // bytes, so the 2000 pieces go to frequent characters and merges.
-  train_tokenizer(corpus, 2000, tokenizer_dir, 0.98);
-  const fs::path tokenizer = tokenizer_dir / "tokenizer.model";
+  const fs::path tokenizer = demo_tokenizer(corpus, out, 2000);
+  const ModelConfig teacher_config = demo_orion_config(2000);
 
-  // The teacher: Orion's architecture (LayerNorm with bias everywhere, no attention or MLP
-  // biases, untied head), at toy size.
-  ModelConfig teacher_config = ModelConfig::decoder(Architecture::Orion, 2000, 128, 352, 4, 4);
-  teacher_config.max_position_embeddings = 512;
-  teacher_config.rope_theta = 10000;
-  teacher_config.norm_eps = 1e-5;
-  teacher_config.dtype = DType::F32;
-  write_hf_config(out / "teacher-config.json", teacher_config);
-
-  const std::int64_t seq_len = 128, batch = 16;
-  TrainJob base;
-  base.tokenizer = tokenizer.string();
-  base.train_data = corpus.string();
-  base.held_out_fraction = 0.02;
-  base.seq_len = seq_len;
-  base.batch_size = batch;
-  base.eval_max_batches = 8;
-  base.log_every = 10;
-  base.output_dtype = "f32";
+  const TrainJob base = demo_base_job(corpus, tokenizer);
+  const std::int64_t seq_len = base.seq_len, batch = base.batch_size;
 
   stage("3/6 teacher: pretraining a " + std::to_string(teacher_config.num_layers) +
         "-layer Orion (LayerNorm) model");
-  TrainJob pretrain = base;
-  pretrain.file = out / "teacher.job";
-  pretrain.objective = Objective::CrossEntropy;
-  pretrain.init_config = (out / "teacher-config.json").string();
-  pretrain.init_seed = 1;
-  pretrain.steps = steps(1500);
-  pretrain.lr = 3e-3;
-  pretrain.min_lr = 3e-4;
-  pretrain.warmup_steps = std::min<std::int64_t>(50, pretrain.steps);
-  pretrain.weight_decay = 0.1;
-  pretrain.output = (out / "teacher").string();
-  const TrainResult teacher_run = run_training(pretrain);
+  const TrainResult teacher_run =
+      pretrain_demo_teacher(base, teacher_config, out / "teacher", steps(1500), 0.1, false);
   const fs::path teacher = teacher_run.final_model;
   std::printf("teacher: %lld steps, %lld tokens, %.0f tokens/s, held-out perplexity %.2f\n",
               static_cast<long long>(teacher_run.steps), static_cast<long long>(teacher_run.tokens),
               teacher_run.tokens_per_second, teacher_run.eval.student_perplexity);
 
   stage("4/6 conversion to Llama: OPM paper, calibrated, exact");
-  const CheckpointReader teacher_reader = CheckpointReader::open(teacher);
   const CalibrationData calibration = load_calibration(
       corpus, teacher, teacher_config, {.max_tokens = 16384, .seq_len = seq_len, .batch = 8});
   auto convert = [&](OpmMode mode, const std::string& name) {
-    ConversionOptions conversion;
-    conversion.mode = mode;
-    if (mode == OpmMode::Calibrated)
-      conversion.calibrated_norm_weights =
-          calibrated_weights(calibrate_source(teacher_reader, teacher_config, calibration));
-    const fs::path destination = out / name;
-    AtomicDirectory directory(destination, true);
-    const ConversionReport report =
-        convert_checkpoint(teacher_reader, teacher_config, directory.path(), conversion);
-    write_hf_tokenizer(read_tokenizer_source(tokenizer), directory.path(),
-                       tokenizer_options_for(llama_config_for(teacher_config, conversion)));
-    directory.commit();
-    std::printf("  %-10s -> %s (%zu tensors, %zu copied bit-exact)\n", opm_mode_name(mode),
-                destination.c_str(), report.tensors, report.copied);
+    const fs::path destination =
+        convert_demo_teacher(teacher, teacher_config, tokenizer, mode, &calibration, out / name);
+    std::printf("  %-10s -> %s\n", opm_mode_name(mode), destination.c_str());
     return destination;
   };
   const fs::path paper = convert(OpmMode::Paper, "llama-paper");
@@ -304,8 +338,7 @@ void run(const DemoOptions& options) {
   score("OPM + XKD-hidden (Eq. 1)", xkd_hidden);
   score("OPM + XKD-logit (KL)", xkd_logit);
 
-  const double elapsed =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const double elapsed = demo.elapsed_seconds();
   std::printf(
       "\nKEPT on a toy Orion: held-out text, %lld tokens (uniform guess: perplexity 2000)\n",
       static_cast<long long>(rows.front().report.tokens));

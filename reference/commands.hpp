@@ -68,6 +68,7 @@ void register_teacher_logits(CLI::App& app);
 void register_compare(CLI::App& app);
 void register_interpolate(CLI::App& app);
 void register_chain(CLI::App& app);
+void register_experiments(CLI::App& app);
 
 // Trains a byte-fallback SentencePiece BPE tokenizer on `corpus` into `output`/tokenizer.model.
 void train_tokenizer(const std::filesystem::path& corpus, std::int64_t vocab_size,

@@ -1,14 +1,19 @@
 // reference/demo.hpp: what `kept demo` and `kept demo --cbd` (reference/demo_cbd.cpp) share.
 #pragma once
 
+#include <chrono>
+#include <cstdint>
 #include <filesystem>
 #include <string>
 #include <vector>
 
+#include "calibration.hpp"
 #include "evaluate.hpp"
 #include "job.hpp"
+#include "kept/convert/convert.hpp"
 #include "kept/train/loader.hpp"
 #include "models.hpp"
+#include "trainer.hpp"
 
 namespace kept::cli {
 
@@ -20,11 +25,48 @@ struct DemoOptions {
   bool cbd = false;  // Chain-based Distillation instead of KEPT
 };
 
+// A demo's output directory (emptied with --force, else refused when not empty), its clock and
+// its step counts.
+class DemoRun {
+ public:
+  explicit DemoRun(const DemoOptions& options);
+  const std::filesystem::path& out() const { return out_; }
+  // `base` steps times --scale, at least 1.
+  std::int64_t steps(std::int64_t base) const;
+  // Prints "[elapsed] what" as a stage heading.
+  void stage(const std::string& what) const;
+  double elapsed_seconds() const;
+
+ private:
+  std::filesystem::path out_;
+  double scale_;
+  std::chrono::steady_clock::time_point start_;
+};
+
+// The training settings every demo run shares: the corpus and tokenizer, 2% held out, 16
+// sequences of 128 tokens a step, evaluation on 8 batches, float32 outputs.
+TrainJob demo_base_job(const std::filesystem::path& corpus, const std::filesystem::path& tokenizer);
+
+// A byte-fallback SentencePiece tokenizer of `vocab` pieces on `corpus`, in `out`/tokenizer.
+std::filesystem::path demo_tokenizer(const std::filesystem::path& corpus,
+                                     const std::filesystem::path& out, std::int64_t vocab);
+// The demo's toy Orion (LayerNorm) teacher: 4 layers, hidden 128, 4 heads, intermediate 352.
+ModelConfig demo_orion_config(std::int64_t vocab);
+// Pretrains a model of `config` from random weights with cross-entropy on `base`'s data into
+// `directory` (its final model in `directory`/final).
+TrainResult pretrain_demo_teacher(const TrainJob& base, const ModelConfig& config,
+                                  const std::filesystem::path& directory, std::int64_t steps,
+                                  double weight_decay, bool quiet);
+// The Orion `teacher` converted to Llama with OPM `mode` into `destination` with the tokenizer
+// (calibrated mode: w* solved on `calibration`).
+std::filesystem::path convert_demo_teacher(const std::filesystem::path& teacher,
+                                           const ModelConfig& teacher_config,
+                                           const std::filesystem::path& tokenizer, OpmMode mode,
+                                           const CalibrationData* calibration,
+                                           const std::filesystem::path& destination);
+
 // corpus.txt in `output` from the Debian corpora (one document per Bible chapter and fortune).
 std::filesystem::path build_corpus(const std::filesystem::path& output);
-
-// Empties `output` (with --force) or refuses a non-empty one, and creates it.
-void prepare_demo_output(const std::filesystem::path& output, bool force);
 
 // Held-out scores against a teacher on the documents a demo's training runs set aside (the same
 // corpus, tokenizer, seed and fraction as `job`; empty documents dropped, as the trainer does).

@@ -113,54 +113,23 @@ struct Start {
 }  // namespace
 
 void run_cbd_demo(const DemoOptions& options) {
-  const auto start_time = std::chrono::steady_clock::now();
-  const fs::path out(options.output);
-  prepare_demo_output(out, options.force);
-  auto steps = [&](std::int64_t base) {
-    return std::max<std::int64_t>(1, static_cast<std::int64_t>(base * options.scale));
-  };
-  auto stage = [&](const std::string& what) {
-    const double elapsed =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start_time).count();
-    std::printf("\n[%s] %s\n", format_duration(elapsed).c_str(), what.c_str());
-    std::fflush(stdout);
-  };
+  const DemoRun demo(options);
+  const fs::path& out = demo.out();
+  auto steps = [&](std::int64_t base) { return demo.steps(base); };
+  auto stage = [&](const std::string& what) { demo.stage(what); };
 
   stage("1/6 corpus and tokenizer");
   const fs::path corpus = options.corpus.empty() ? build_corpus(out) : fs::path(options.corpus);
-  train_tokenizer(corpus, 2000, out / "tokenizer", 0.98);
-  const fs::path tokenizer = out / "tokenizer" / "tokenizer.model";
+  const fs::path tokenizer = demo_tokenizer(corpus, out, 2000);
 
-  const std::int64_t seq_len = 128, batch = 16;
-  TrainJob base;
-  base.tokenizer = tokenizer.string();
-  base.train_data = corpus.string();
-  base.held_out_fraction = 0.02;
-  base.seq_len = seq_len;
-  base.batch_size = batch;
-  base.eval_max_batches = 8;
-  base.log_every = 10;
-  base.output_dtype = "f32";
+  TrainJob base = demo_base_job(corpus, tokenizer);
   base.lr = 1e-3;
   base.min_lr = 1e-4;
   base.weight_decay = 0.0;
 
   stage("2/6 teacher: pretraining a 4-layer Llama (hidden 128)");
-  write_hf_config(out / "teacher-config.json", llama_config(kTeacher));
-  TrainJob pretrain = base;
-  pretrain.file = out / "teacher.job";
-  pretrain.objective = Objective::CrossEntropy;
-  pretrain.init_config = (out / "teacher-config.json").string();
-  pretrain.init_seed = 1;
-  pretrain.steps = steps(800);
-  pretrain.lr = 3e-3;
-  pretrain.min_lr = 3e-4;
-  pretrain.warmup_steps = std::min<std::int64_t>(50, pretrain.steps);
-  pretrain.weight_decay = 0.1;
-  pretrain.output = (out / "teacher").string();
-  TrainOptions quiet;
-  quiet.quiet = true;
-  const TrainResult teacher_run = run_training(pretrain, quiet);
+  const TrainResult teacher_run =
+      pretrain_demo_teacher(base, llama_config(kTeacher), out / "teacher", steps(800), 0.1, true);
   const fs::path teacher = teacher_run.final_model;
   std::printf("teacher: %lld steps, held-out perplexity %.2f\n",
               static_cast<long long>(teacher_run.steps), teacher_run.eval.student_perplexity);
@@ -227,6 +196,8 @@ void run_cbd_demo(const DemoOptions& options) {
   }
 
   stage("5/6 each start distilled from the teacher for " + std::to_string(target_steps) + " steps");
+  TrainOptions quiet;
+  quiet.quiet = true;
   for (const Target& target : kTargets)
     for (Start& start : starts[target.shape.name]) {
       TrainJob job = base;
@@ -315,8 +286,7 @@ void run_cbd_demo(const DemoOptions& options) {
                   interpolated < mapped ? "better than" : "not better than", mapped);
     verdict += line;
   }
-  const double elapsed =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start_time).count();
+  const double elapsed = demo.elapsed_seconds();
   const std::string header =
       "Chain-based Distillation at demo scale (kept demo --cbd" +
       (options.scale != 1.0 ? " --scale " + fixed(options.scale, 2) : std::string()) +

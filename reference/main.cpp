@@ -30,6 +30,7 @@ int main(int argc, char** argv) {
   kept::cli::register_compare(app);
   kept::cli::register_interpolate(app);
   kept::cli::register_chain(app);
+  kept::cli::register_experiments(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& error) {

@@ -163,21 +163,16 @@ inline IndexMap choose(const std::vector<double>& score, std::int64_t count) {
   return map;
 }
 
-// Adds the squares of row r (rows_axis) or column c of a [rows, cols] matrix into score.
-inline void add_row_squares(const std::vector<double>& m, std::int64_t rows, std::int64_t cols,
-                            std::vector<double>& score, std::int64_t group = 1) {
+enum class Along { Rows, Columns };
+
+// Adds the squares of a [rows, cols] matrix into score[row / group] (Along::Rows) or
+// score[column / group] (Along::Columns).
+inline void add_squares(Along along, const std::vector<double>& m, std::int64_t rows,
+                        std::int64_t cols, std::vector<double>& score, std::int64_t group = 1) {
   for (std::int64_t r = 0; r < rows; ++r)
     for (std::int64_t c = 0; c < cols; ++c) {
       const double x = m[static_cast<std::size_t>(r * cols + c)];
-      score[static_cast<std::size_t>(r / group)] += x * x;
-    }
-}
-inline void add_column_squares(const std::vector<double>& m, std::int64_t rows, std::int64_t cols,
-                               std::vector<double>& score, std::int64_t group = 1) {
-  for (std::int64_t r = 0; r < rows; ++r)
-    for (std::int64_t c = 0; c < cols; ++c) {
-      const double x = m[static_cast<std::size_t>(r * cols + c)];
-      score[static_cast<std::size_t>(c / group)] += x * x;
+      score[static_cast<std::size_t>((along == Along::Rows ? r : c) / group)] += x * x;
     }
 }
 
@@ -215,17 +210,20 @@ inline ResizeMaps plan_resize(const NamedWeights& source, const ModelConfig& fro
   std::vector<double> hidden_score(static_cast<std::size_t>(h), 0.0);
   if (to.hidden_size < h) {
     for (const char* name : {"model.embed_tokens.weight", "lm_head.weight"})
-      detail::add_column_squares(read(name, {v, h}), v, h, hidden_score);
+      detail::add_squares(detail::Along::Columns, read(name, {v, h}), v, h, hidden_score);
     for (std::int64_t l = 0; l < ls; ++l) {
       for (const char* in :
            {"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"})
-        detail::add_column_squares(read(layer_name(l, in), {a, h}), a, h, hidden_score);
+        detail::add_squares(detail::Along::Columns, read(layer_name(l, in), {a, h}), a, h,
+                            hidden_score);
       for (const char* in : {"mlp.gate_proj.weight", "mlp.up_proj.weight"})
-        detail::add_column_squares(read(layer_name(l, in), {i, h}), i, h, hidden_score);
-      detail::add_row_squares(read(layer_name(l, "self_attn.o_proj.weight"), {h, a}), h, a,
-                              hidden_score);
-      detail::add_row_squares(read(layer_name(l, "mlp.down_proj.weight"), {h, i}), h, i,
-                              hidden_score);
+        detail::add_squares(detail::Along::Columns, read(layer_name(l, in), {i, h}), i, h,
+                            hidden_score);
+      detail::add_squares(detail::Along::Rows,
+                          read(layer_name(l, "self_attn.o_proj.weight"), {h, a}), h, a,
+                          hidden_score);
+      detail::add_squares(detail::Along::Rows, read(layer_name(l, "mlp.down_proj.weight"), {h, i}),
+                          h, i, hidden_score);
     }
   }
   maps.hidden = detail::choose(hidden_score, to.hidden_size);
@@ -253,17 +251,19 @@ inline ResizeMaps plan_resize(const NamedWeights& source, const ModelConfig& fro
     if (to.num_heads < heads) {
       for (const char* in :
            {"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"})
-        detail::add_row_squares(read(layer_name(l, in), {a, h}), a, h, head_score, d);
-      detail::add_column_squares(read(layer_name(l, "self_attn.o_proj.weight"), {h, a}), h, a,
-                                 head_score, d);
+        detail::add_squares(detail::Along::Rows, read(layer_name(l, in), {a, h}), a, h, head_score,
+                            d);
+      detail::add_squares(detail::Along::Columns,
+                          read(layer_name(l, "self_attn.o_proj.weight"), {h, a}), h, a, head_score,
+                          d);
     }
     maps.heads.push_back(detail::choose(head_score, to.num_heads));
     std::vector<double> unit_score(static_cast<std::size_t>(i), 0.0);
     if (to.intermediate_size < i) {
       for (const char* in : {"mlp.gate_proj.weight", "mlp.up_proj.weight"})
-        detail::add_row_squares(read(layer_name(l, in), {i, h}), i, h, unit_score);
-      detail::add_column_squares(read(layer_name(l, "mlp.down_proj.weight"), {h, i}), h, i,
-                                 unit_score);
+        detail::add_squares(detail::Along::Rows, read(layer_name(l, in), {i, h}), i, h, unit_score);
+      detail::add_squares(detail::Along::Columns,
+                          read(layer_name(l, "mlp.down_proj.weight"), {h, i}), h, i, unit_score);
     }
     maps.units.push_back(detail::choose(unit_score, to.intermediate_size));
   }
