@@ -60,6 +60,7 @@ asan_targets=(kept_tests kept_ops kept_emulation_tests kept_dist_tests)
 with_mpi=0
 command -v mpirun >/dev/null && with_mpi=1 && asan_targets+=(kept_mpi_tests kept_mpi_dead_rank kept_mpi_zero_tests)
 cmake --build build-asan -j "$jobs" --target "${asan_targets[@]}"
+stage "running them under AddressSanitizer + UBSan"
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1
 ./build-asan/tests/kept_tests
 ./build-asan/tests/kept_ops
