@@ -38,8 +38,8 @@
 #include "kept/layers/linear.hpp"
 #include "kept/xkd/logit_kl.hpp"
 
-// kept::cuda::choose_attention_engine (cudnn_engine.cpp): cuDNN's engine, or null and why.
-std::shared_ptr<kept::cuda::AttentionEngine> attention_engine_for_bench(std::string& said);
+// kept::cuda::choose_attention_engine (tests/cuda/cudnn_engine.cpp): cuDNN's engine, or null and why.
+std::shared_ptr<kept::cuda::AttentionEngine> attention_engine_compiled_once(std::string& said);
 
 namespace {
 
@@ -266,7 +266,7 @@ int run(int iters) {
   };
   std::vector<Engine> engines{{"kept kernels", nullptr}};
   std::string said;
-  if (auto cudnn = attention_engine_for_bench(said))
+  if (auto cudnn = attention_engine_compiled_once(said))
     engines.push_back({"cuDNN SDPA", std::move(cudnn)});
   std::printf("(%s)\n", said.c_str());
   for (const kept::AttentionShape shape :

@@ -22,7 +22,7 @@
 #include "kept/core/random.hpp"
 
 // kept::cuda::choose_attention_engine (cudnn_engine.cpp): cuDNN's engine, or null and why.
-std::shared_ptr<kept::cuda::AttentionEngine> attention_engine_for_test(std::string& said);
+std::shared_ptr<kept::cuda::AttentionEngine> attention_engine_compiled_once(std::string& said);
 
 namespace {
 
@@ -89,7 +89,7 @@ TEST_CASE("cuDNN attention agrees with kept's attention kernels", "[cuda][cudnn]
     INFO("batch " << shape.batch << ", seq " << shape.seq << ", heads " << shape.heads
                   << ", head_dim " << shape.head_dim);
     std::string said;
-    auto engine = attention_engine_for_test(said);
+    auto engine = attention_engine_compiled_once(said);
     if (!engine) {
       // Built without cuDNN, or KEPT_ATTENTION=kept: nothing to compare. cuDNN failing to
       // start on a GPU is a failure.
