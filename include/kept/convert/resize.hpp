@@ -339,35 +339,38 @@ inline NamedWeights apply_resize(const NamedWeights& source, const ModelConfig& 
     const bool identity = placed < 0;
     const IndexMap rows = head_rows(maps.heads[static_cast<std::size_t>(j)]);
     const IndexMap& units = maps.units[static_cast<std::size_t>(j)];
-    auto name = [&](std::int64_t layer, const char* rest) { return layer_name(layer, rest); };
+    auto name = [](std::int64_t layer, std::string_view rest) { return layer_name(layer, rest); };
     norm(name(j, "input_layernorm.weight"), name(l, "input_layernorm.weight"));
     norm(name(j, "post_attention_layernorm.weight"), name(l, "post_attention_layernorm.weight"));
-    for (const char* in : {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}) {
-      const std::string base(in);
-      matrix(name(j, (base + ".weight").c_str()), name(l, (base + ".weight").c_str()), {as, hs},
-             rows, maps.hidden);
-      if (from.attention_bias)
-        matrix(name(j, (base + ".bias").c_str()), name(l, (base + ".bias").c_str()), {as}, rows,
-               one);
+    // Each projection maps its inner axis (heads widened to rows, or FFN units) and the hidden
+    // one. The input side reads the stream, [inner, hidden]; the output side writes it,
+    // [hidden, inner], and is zero in an identity layer.
+    struct Projection {
+      const char* name;
+      const IndexMap& inner;
+      std::int64_t inner_size;  // in the source
+      bool output_side, bias;
+    };
+    const Projection projections[] = {
+        {"self_attn.q_proj", rows, as, false, from.attention_bias},
+        {"self_attn.k_proj", rows, as, false, from.attention_bias},
+        {"self_attn.v_proj", rows, as, false, from.attention_bias},
+        {"self_attn.o_proj", rows, as, true, from.attention_bias},
+        {"mlp.gate_proj", units, is, false, from.mlp_bias},
+        {"mlp.up_proj", units, is, false, from.mlp_bias},
+        {"mlp.down_proj", units, is, true, from.mlp_bias}};
+    for (const Projection& p : projections) {
+      const std::string weight = std::string(p.name) + ".weight";
+      const std::string bias = std::string(p.name) + ".bias";
+      if (p.output_side) {
+        matrix(name(j, weight), name(l, weight), {hs, p.inner_size}, maps.hidden, p.inner,
+               identity);
+        if (p.bias) matrix(name(j, bias), name(l, bias), {hs}, maps.hidden, one, identity);
+      } else {
+        matrix(name(j, weight), name(l, weight), {p.inner_size, hs}, p.inner, maps.hidden);
+        if (p.bias) matrix(name(j, bias), name(l, bias), {p.inner_size}, p.inner, one);
+      }
     }
-    matrix(name(j, "self_attn.o_proj.weight"), name(l, "self_attn.o_proj.weight"), {hs, as},
-           maps.hidden, rows, identity);
-    if (from.attention_bias)
-      matrix(name(j, "self_attn.o_proj.bias"), name(l, "self_attn.o_proj.bias"), {hs}, maps.hidden,
-             one, identity);
-    for (const char* in : {"mlp.gate_proj", "mlp.up_proj"}) {
-      const std::string base(in);
-      matrix(name(j, (base + ".weight").c_str()), name(l, (base + ".weight").c_str()), {is, hs},
-             units, maps.hidden);
-      if (from.mlp_bias)
-        matrix(name(j, (base + ".bias").c_str()), name(l, (base + ".bias").c_str()), {is}, units,
-               one);
-    }
-    matrix(name(j, "mlp.down_proj.weight"), name(l, "mlp.down_proj.weight"), {hs, is}, maps.hidden,
-           units, identity);
-    if (from.mlp_bias)
-      matrix(name(j, "mlp.down_proj.bias"), name(l, "mlp.down_proj.bias"), {hs}, maps.hidden, one,
-             identity);
   }
   return out;
 }

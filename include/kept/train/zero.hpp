@@ -272,7 +272,7 @@ class ShardedLayerWeights {
     for (Tensor& region : regions_)
       region = backend.zeros(dtype_of_v<Param>, {widest});
     for (std::size_t l = 0; l < layers_.size(); ++l) {
-      Window& window = layers_[l];
+      const Window& window = layers_[l];
       for (std::size_t k = 0; k < window.params.size(); ++k) {
         Parameter& p = *window.params[k];
         const ArenaSlot& slot = *window.slots[k];
@@ -280,10 +280,8 @@ class ShardedLayerWeights {
         if (owned.count > 0)
           backend.copy(p.value.template data<Param>() + owned.first,
                        shard_data() + (slot.offset + owned.first - shard_first_), owned.count);
-        p.value = Tensor::from_storage(
-            dtype_of_v<Param>, slot.shape, regions_[l % 2].storage(),
-            static_cast<std::size_t>(slot.offset - window.first) * sizeof(Param));
       }
+      bind(l);
     }
   }
 
@@ -336,13 +334,8 @@ class ShardedLayerWeights {
   }
   // The layers' parameters back to views of their regions (after gather_whole).
   void release() {
-    for (std::size_t l = 0; l < layers_.size(); ++l) {
-      const Window& window = layers_[l];
-      for (std::size_t k = 0; k < window.params.size(); ++k)
-        window.params[k]->value = Tensor::from_storage(
-            dtype_of_v<Param>, window.slots[k]->shape, regions_[l % 2].storage(),
-            static_cast<std::size_t>(window.slots[k]->offset - window.first) * sizeof(Param));
-    }
+    for (std::size_t l = 0; l < layers_.size(); ++l)
+      bind(l);
   }
 
  private:
@@ -356,6 +349,14 @@ class ShardedLayerWeights {
     return (count + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;
   }
   Param* shard_data() { return shard_.template data<Param>(); }
+  // Layer l's parameters as views of its region (l % 2), each at its offset in the layer's window.
+  void bind(std::size_t l) {
+    const Window& window = layers_[l];
+    for (std::size_t k = 0; k < window.params.size(); ++k)
+      window.params[k]->value = Tensor::from_storage(
+          dtype_of_v<Param>, window.slots[k]->shape, regions_[l % 2].storage(),
+          static_cast<std::size_t>(window.slots[k]->offset - window.first) * sizeof(Param));
+  }
   // This rank's owned elements of `window`: f(offset in the window, offset in the shard, count).
   template <class F>
   void own_part(const Window& window, F&& f) const {
