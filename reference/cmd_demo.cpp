@@ -192,7 +192,7 @@ ModelConfig demo_orion_config(std::int64_t vocab) {
 
 TrainResult pretrain_demo_teacher(const TrainJob& base, const ModelConfig& config,
                                   const fs::path& directory, std::int64_t steps,
-                                  double weight_decay, bool quiet) {
+                                  double weight_decay, bool quiet, bool decay_everything) {
   fs::create_directories(directory);
   write_hf_config(directory / "config-init.json", config);
   TrainJob pretrain = base;
@@ -205,6 +205,7 @@ TrainResult pretrain_demo_teacher(const TrainJob& base, const ModelConfig& confi
   pretrain.min_lr = 3e-4;
   pretrain.warmup_steps = std::min<std::int64_t>(50, pretrain.steps);
   pretrain.weight_decay = weight_decay;
+  pretrain.decay_norms = pretrain.decay_biases = decay_everything;
   pretrain.output = directory.string();
   TrainOptions options;
   options.quiet = quiet;
@@ -230,19 +231,42 @@ fs::path convert_demo_teacher(const fs::path& teacher, const ModelConfig& teache
   return destination;
 }
 
+namespace {
+
+// The non-empty documents, tokenized (the trainer drops empty ones too).
+std::shared_ptr<std::vector<TokenDocument>> tokenize_nonempty(
+    const std::vector<std::string>& texts, const Tokenizer& tokens) {
+  auto documents = std::make_shared<std::vector<TokenDocument>>();
+  for (const std::string& text : texts) {
+    TokenDocument ids = tokens.encode(text);
+    if (!ids.empty()) documents->push_back(std::move(ids));
+  }
+  return documents;
+}
+
+}  // namespace
+
 DemoEvaluator::DemoEvaluator(const fs::path& corpus, const fs::path& tokenizer, const TrainJob& job,
                              const fs::path& teacher)
     : teacher_(load_model(cpu_, teacher)) {
   const Tokenizer tokens(tokenizer);
-  auto documents = std::make_shared<std::vector<TokenDocument>>();
-  for (const std::string& text : read_documents(corpus)) {
-    TokenDocument ids = tokens.encode(text);
-    if (!ids.empty()) documents->push_back(std::move(ids));
-  }
+  const auto documents = tokenize_nonempty(read_documents(corpus), tokens);
   const DocumentSplit split =
       split_documents(documents->size(), job.held_out_fraction, job.data_seed);
   held_out_ =
       evaluation_batches(documents, split.held_out, tokens.eos_id(), job.seq_len, job.batch_size);
+}
+
+DemoEvaluator::DemoEvaluator(const std::vector<std::string>& texts, const fs::path& tokenizer,
+                             std::int64_t seq_len, std::int64_t batch, const fs::path& teacher)
+    : teacher_(load_model(cpu_, teacher)) {
+  const Tokenizer tokens(tokenizer);
+  const auto documents = tokenize_nonempty(texts, tokens);
+  std::vector<std::size_t> all(documents->size());
+  for (std::size_t i = 0; i < all.size(); ++i)
+    all[i] = i;
+  held_out_ = evaluation_batches(documents, all, tokens.eos_id(), seq_len, batch);
+  KEPT_CHECK(!held_out_.empty(), "demo: no evaluation text (", texts.size(), " documents)");
 }
 
 EvalReport DemoEvaluator::score(const fs::path& model_dir) {
@@ -251,6 +275,25 @@ EvalReport DemoEvaluator::score(const fs::path& model_dir) {
     return with_decoder(teacher_.model,
                         [&](auto& t) { return evaluate(cpu_, student, &t, held_out_, 16); });
   });
+}
+
+std::string fixed(double value, int digits) {
+  char text[64];
+  std::snprintf(text, sizeof text, "%.*f", digits, value);
+  return text;
+}
+
+std::vector<EvalPoint> eval_curve(const fs::path& run) {
+  std::vector<EvalPoint> curve;
+  std::ifstream in(run / "metrics.jsonl");
+  std::string line;
+  while (std::getline(in, line)) {
+    const nlohmann::json record = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (record.is_object() && record.value("type", "") == "eval" && record.contains("kl") &&
+        record.contains("step"))
+      curve.push_back({record["step"].get<double>(), record["kl"].get<double>()});
+  }
+  return curve;
 }
 
 namespace {

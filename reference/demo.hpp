@@ -54,9 +54,11 @@ std::filesystem::path demo_tokenizer(const std::filesystem::path& corpus,
 ModelConfig demo_orion_config(std::int64_t vocab);
 // Pretrains a model of `config` from random weights with cross-entropy on `base`'s data into
 // `directory` (its final model in `directory`/final).
+// `decay_everything` decays the norms' gains and biases too (by default only the matrices and
+// the embedding decay).
 TrainResult pretrain_demo_teacher(const TrainJob& base, const ModelConfig& config,
                                   const std::filesystem::path& directory, std::int64_t steps,
-                                  double weight_decay, bool quiet);
+                                  double weight_decay, bool quiet, bool decay_everything = false);
 // The Orion `teacher` converted to Llama with OPM `mode` into `destination` with the tokenizer
 // (calibrated mode: w* solved on `calibration`).
 std::filesystem::path convert_demo_teacher(const std::filesystem::path& teacher,
@@ -74,7 +76,12 @@ class DemoEvaluator {
  public:
   DemoEvaluator(const std::filesystem::path& corpus, const std::filesystem::path& tokenizer,
                 const TrainJob& job, const std::filesystem::path& teacher);
-  // Perplexity, KL to the teacher and top-1 agreement of the checkpoint in `model`.
+  // On every one of `documents` (another domain, say), packed into `seq_len` tokens, `batch`
+  // sequences at a time.
+  DemoEvaluator(const std::vector<std::string>& documents, const std::filesystem::path& tokenizer,
+                std::int64_t seq_len, std::int64_t batch, const std::filesystem::path& teacher);
+  // Perplexity (overall and by context length), KL to the teacher and top-1 agreement of the
+  // checkpoint in `model`, on at most 16 batches.
   EvalReport score(const std::filesystem::path& model);
 
  private:
@@ -82,6 +89,15 @@ class DemoEvaluator {
   std::vector<Batch> held_out_;
   LoadedModel teacher_;
 };
+
+// `value` with `digits` decimals.
+std::string fixed(double value, int digits);
+
+// A run's held-out evaluations from its metrics.jsonl (lines that do not parse are skipped).
+struct EvalPoint {
+  double step = 0, kl = 0;
+};
+std::vector<EvalPoint> eval_curve(const std::filesystem::path& run);
 
 // Chain-based Distillation at demo scale: a Llama teacher, three anchors, two targets between
 // them, four initialisations each, the same training budget (reference/demo_cbd.cpp).

@@ -84,25 +84,6 @@ nlohmann::json config_fields(const Shape& shape) {
           {"num_hidden_layers", shape.layers}};
 }
 
-std::string fixed(double value, int digits) {
-  char text[64];
-  std::snprintf(text, sizeof text, "%.*f", digits, value);
-  return text;
-}
-
-// The evaluation records of a run's metrics.jsonl (lines that do not parse are skipped).
-std::vector<nlohmann::json> eval_records(const fs::path& metrics) {
-  std::vector<nlohmann::json> records;
-  std::ifstream in(metrics);
-  std::string line;
-  while (std::getline(in, line)) {
-    nlohmann::json record = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
-    if (record.is_object() && record.value("type", "") == "eval" && record.contains("kl"))
-      records.push_back(std::move(record));
-  }
-  return records;
-}
-
 struct Start {
   std::string label;
   fs::path init;  // checkpoint
@@ -213,9 +194,9 @@ void run_cbd_demo(const DemoOptions& options) {
       std::printf("  %s, %s\n", target.shape.name, start.label.c_str());
       std::fflush(stdout);
       run_training(job, quiet);
-      for (const nlohmann::json& record : eval_records(fs::path(job.output) / "metrics.jsonl")) {
-        start.steps.push_back(record["step"].get<double>());
-        start.kl.push_back(record["kl"].get<double>());
+      for (const EvalPoint& point : eval_curve(job.output)) {
+        start.steps.push_back(point.step);
+        start.kl.push_back(point.kl);
       }
     }
 
