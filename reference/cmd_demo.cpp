@@ -234,8 +234,8 @@ fs::path convert_demo_teacher(const fs::path& teacher, const ModelConfig& teache
 namespace {
 
 // The non-empty documents, tokenized (the trainer drops empty ones too).
-std::shared_ptr<std::vector<TokenDocument>> tokenize_nonempty(
-    const std::vector<std::string>& texts, const Tokenizer& tokens) {
+std::shared_ptr<std::vector<TokenDocument>> tokenize_nonempty(const std::vector<std::string>& texts,
+                                                              const Tokenizer& tokens) {
   auto documents = std::make_shared<std::vector<TokenDocument>>();
   for (const std::string& text : texts) {
     TokenDocument ids = tokens.encode(text);

@@ -329,22 +329,23 @@ struct Regime {
 }  // namespace
 
 void weight_decay(const Shared& shared, const DemoRun& demo, const fs::path& dir) {
-  std::vector<Regime> regimes{{"0", 0.0, true, {}, {}, 0, 0, 0},
-                              {"0.1", 0.1, true, {}, {}, 0, 0, 0},
-                              {"0.3", 0.3, true, {}, {}, 0, 0, 0},
-                              {"0.1, matrices only (the shared teacher)", 0.1, false,
-                               shared.teacher, {}, 0, 0, 0}};
+  std::vector<Regime> regimes{
+      {"0", 0.0, true, {}, {}, 0, 0, 0},
+      {"0.1", 0.1, true, {}, {}, 0, 0, 0},
+      {"0.3", 0.3, true, {}, {}, 0, 0, 0},
+      {"0.1, matrices only (the shared teacher)", 0.1, false, shared.teacher, {}, 0, 0, 0}};
   const std::int64_t steps = demo.steps(1000);
   const fs::path text = in_domain_text(shared, dir / "calibration.txt");
   for (Regime& regime : regimes) {
-    const std::string name = "wd" + fixed(regime.weight_decay, 1) + (regime.everything ? "" : "-matrices");
+    const std::string name =
+        "wd" + fixed(regime.weight_decay, 1) + (regime.everything ? "" : "-matrices");
     if (regime.teacher.empty()) {
       demo.stage("weight-decay: pretraining a teacher with weight decay " + regime.label +
                  " on every parameter, " + std::to_string(steps) + " steps");
-      regime.teacher = pretrain_demo_teacher(shared.base, shared.teacher_config,
-                                             dir / ("teacher-" + name), steps,
-                                             regime.weight_decay, true, regime.everything)
-                           .final_model;
+      regime.teacher =
+          pretrain_demo_teacher(shared.base, shared.teacher_config, dir / ("teacher-" + name),
+                                steps, regime.weight_decay, true, regime.everything)
+              .final_model;
     }
     const CalibrationData data =
         load_calibration(text, regime.teacher, shared.teacher_config,
@@ -353,10 +354,9 @@ void weight_decay(const Shared& shared, const DemoRun& demo, const fs::path& dir
     const NormCalibration calibration = calibrate_source(reader, shared.teacher_config, data);
     for (const std::string& site : calibration.sites) {
       const OpmSolution& s = calibration.solutions.at(site);
-      regime.sites.push_back({site, s.abs_mu_over_s_p50, s.abs_mu_over_s_p99,
-                              mean_abs(reader.tensor(site + ".bias")),
-                              mean_abs(reader.tensor(site + ".weight")),
-                              s.gap / std::max(s.output_energy, 1e-300)});
+      regime.sites.push_back(
+          {site, s.abs_mu_over_s_p50, s.abs_mu_over_s_p99, mean_abs(reader.tensor(site + ".bias")),
+           mean_abs(reader.tensor(site + ".weight")), s.gap / std::max(s.output_energy, 1e-300)});
     }
     DemoEvaluator evaluator(shared.corpus, shared.tokenizer, shared.base, regime.teacher);
     regime.teacher_perplexity = evaluator.score(regime.teacher).student_perplexity;
@@ -391,7 +391,8 @@ void weight_decay(const Shared& shared, const DemoRun& demo, const fs::path& dir
       std::to_string(regimes.front().sites.size()) +
       " LayerNorm sites on 16384 tokens of training text; KL held out:\n\n"
       "| weight decay | teacher perplexity | \\|mu\\|/s median (mean over sites) | \\|mu\\|/s p99 "
-      "(max over sites) | mean \\|b\\| | mean \\|b\\| / mean \\|g\\| | OPM gap (L(g) - L(w*)) / L(0) | "
+      "(max over sites) | mean \\|b\\| | mean \\|b\\| / mean \\|g\\| | OPM gap (L(g) - L(w*)) / "
+      "L(0) | "
       "paper KL | calibrated KL |\n|---|---|---|---|---|---|---|---|---|\n";
   nlohmann::json json{{"teachers", nlohmann::json::array()}};
   for (const Regime& r : regimes) {
@@ -433,8 +434,8 @@ void weight_decay(const Shared& shared, const DemoRun& demo, const fs::path& dir
   std::string falls, rises;
   int falling = 0;
   for (const Measure& m : measures) {
-    const bool down = m.value(regimes[1]) < m.value(regimes[0]) &&
-                      m.value(regimes[2]) < m.value(regimes[1]);
+    const bool down =
+        m.value(regimes[1]) < m.value(regimes[0]) && m.value(regimes[2]) < m.value(regimes[1]);
     falling += down;
     (down ? falls : rises) += std::string((down ? falls : rises).empty() ? "" : ", ") + m.name;
   }
@@ -454,8 +455,11 @@ void weight_decay(const Shared& shared, const DemoRun& demo, const fs::path& dir
                                                     : "holds only in part at this scale") +
       ".\n";
   write_tables(dir, md, json, verdict);
-  Chart mu{"Median |mu|/s per token at each LayerNorm site", "site (layer 0 input, ..., final)",
-           "|mu| / s", true, {}};
+  Chart mu{"Median |mu|/s per token at each LayerNorm site",
+           "site (layer 0 input, ..., final)",
+           "|mu| / s",
+           true,
+           {}};
   Chart bias{"Mean |b| at each LayerNorm site", "site", "mean |b_i|", true, {}};
   Chart gap{"OPM gap (L(g) - L(w*)) / L(0) at each site", "site", "relative gap", true, {}};
   for (const Regime& r : regimes) {
@@ -504,8 +508,7 @@ constexpr Experiment kExperiments[] = {
     {"estimator", "a corpus-based norm-weight estimator is unnecessary and strictly worse",
      estimator},
     {"two-domains", "capabilities absent from the transfer corpus survive", two_domains},
-    {"context-length", "context handling beyond the distillation length survives",
-     context_length},
+    {"context-length", "context handling beyond the distillation length survives", context_length},
     {"objectives", "the logit objective converges faster than the hidden one", objectives},
 };
 
@@ -555,7 +558,9 @@ void register_experiments(CLI::App& app) {
   auto [command, options] = add_command<ExperimentOptions>(
       app, "experiments", "The report's claims tested at demo scale: tables, plots, verdicts");
   command->add_option("--output", options->output, "Where everything goes")->capture_default_str();
-  command->add_option("--only", options->only, "Run one experiment: weight-decay, estimator, two-domains, context-length, objectives");
+  command->add_option(
+      "--only", options->only,
+      "Run one experiment: weight-decay, estimator, two-domains, context-length, objectives");
   add_positive(command, "--scale", options->scale, "Multiply every step count");
   add_existing_file(command, "--corpus", options->corpus,
                     "Use this text instead of the Debian corpora", Need::Optional);

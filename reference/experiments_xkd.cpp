@@ -85,8 +85,8 @@ void two_domains(const Shared& shared, const DemoRun& demo, const fs::path& dir)
   const std::int64_t vocab = std::max<std::int64_t>(shared.vocab, 512);
   const fs::path tokenizer = demo_tokenizer(corpus, dir, vocab);
   const ModelConfig config = demo_orion_config(vocab);
-  const TrainResult teacher_run = pretrain_demo_teacher(
-      demo_base_job(corpus, tokenizer), config, dir / "teacher", teacher_steps, 0.1, true);
+  const TrainResult teacher_run = pretrain_demo_teacher(demo_base_job(corpus, tokenizer), config,
+                                                        dir / "teacher", teacher_steps, 0.1, true);
   const fs::path teacher = teacher_run.final_model;
   const fs::path paper = convert_demo_teacher(teacher, config, tokenizer, OpmMode::Paper, nullptr,
                                               dir / "llama-paper");
@@ -119,8 +119,9 @@ void two_domains(const Shared& shared, const DemoRun& demo, const fs::path& dir)
     for (std::int64_t seed = 1; seed <= shared.seeds; ++seed) {
       const fs::path run = dir / ((objective == Objective::XkdLogit ? "xkd-logit" : "ut") +
                                   std::string("-seed") + std::to_string(seed));
-      const TrainResult result = distil(shared, objective, paper, steps,
-                                        static_cast<std::uint64_t>(seed), 0, run, &transfer, teacher);
+      const TrainResult result =
+          distil(shared, objective, paper, steps, static_cast<std::uint64_t>(seed), 0, run,
+                 &transfer, teacher);
       score(rows.back(), result.final_model);
     }
   }
@@ -137,8 +138,8 @@ void two_domains(const Shared& shared, const DemoRun& demo, const fs::path& dir)
       "and uptrained (cross-entropy) for " +
       std::to_string(steps) +
       " steps on the prose alone from its paper conversion. Held out: prose documents, and " +
-      std::to_string(code_eval.size()) +
-      " C headers no model saw (mean ± sample sd over " + std::to_string(shared.seeds) +
+      std::to_string(code_eval.size()) + " C headers no model saw (mean ± sample sd over " +
+      std::to_string(shared.seeds) +
       " data seeds after training):\n\n"
       "| model | prose perplexity | prose KL | C perplexity | C KL |\n|---|---|---|---|---|\n";
   nlohmann::json json{{"rows", nlohmann::json::array()},
@@ -159,7 +160,8 @@ void two_domains(const Shared& shared, const DemoRun& demo, const fs::path& dir)
     json["rows"].push_back(entry);
   }
   const double before = rows[1].code.front().kl;
-  const Spread xkd = column(rows[2].code, &EvalReport::kl), ut = column(rows[3].code, &EvalReport::kl);
+  const Spread xkd = column(rows[2].code, &EvalReport::kl),
+               ut = column(rows[3].code, &EvalReport::kl);
   const Spread xkd_prose = column(rows[2].prose, &EvalReport::kl);
   const bool closer = xkd.mean + xkd.sd < before;
   const bool further = xkd.mean - xkd.sd > before;
@@ -175,17 +177,20 @@ void two_domains(const Shared& shared, const DemoRun& demo, const fs::path& dir)
   write_tables(dir, md, json, verdict);
 
   Chart chart{"KL to the teacher before and after training on prose alone (mean over seeds)",
-              "0 = before, 1 = after", "KL(teacher || student), held out", true, {}};
+              "0 = before, 1 = after",
+              "KL(teacher || student), held out",
+              true,
+              {}};
   for (std::size_t r = 2; r < rows.size(); ++r)
     for (const auto& [domain, reports] : {std::pair{std::string("prose"), &rows[r].prose},
                                           std::pair{std::string("C"), &rows[r].code}}) {
       const Spread after = column(*reports, &EvalReport::kl);
       const double start = domain == "prose" ? rows[1].prose.front().kl : before;
-      chart.series.push_back({rows[r].model.substr(0, rows[r].model.find(' ')) + ", " + domain +
-                                  " text",
-                              {0.0, 1.0},
-                              {start, after.mean},
-                              true});
+      chart.series.push_back(
+          {rows[r].model.substr(0, rows[r].model.find(' ')) + ", " + domain + " text",
+           {0.0, 1.0},
+           {start, after.mean},
+           true});
     }
   write_png(dir / "two-domains.png", {chart});
 }
@@ -215,8 +220,8 @@ void context_length(const Shared& shared, const DemoRun& demo, const fs::path& d
                                 {"XKD-logit at " + std::to_string(long_len), long_len, {}}};
   for (Student& student : students)
     for (std::int64_t seed = 1; seed <= shared.seeds; ++seed) {
-      const fs::path run = dir / ("xkd-logit-" + std::to_string(student.seq_len) + "-seed" +
-                                  std::to_string(seed));
+      const fs::path run =
+          dir / ("xkd-logit-" + std::to_string(student.seq_len) + "-seed" + std::to_string(seed));
       const TrainResult result =
           distil(shared, Objective::XkdLogit, shared.paper, steps, static_cast<std::uint64_t>(seed),
                  0, run, student.seq_len == short_len ? &short_job : nullptr);
@@ -254,9 +259,8 @@ void context_length(const Shared& shared, const DemoRun& demo, const fs::path& d
         bucket_end(k) - 1 == starts[k]
             ? std::to_string(starts[k])
             : std::to_string(starts[k]) + "-" + std::to_string(bucket_end(k) - 1);
-    md += "| " + positions + " | " +
-          fixed(teacher.teacher_perplexity_by_context[k], 2) + " | " + fixed(ppl(paper, k), 2) +
-          " |";
+    md += "| " + positions + " | " + fixed(teacher.teacher_perplexity_by_context[k], 2) + " | " +
+          fixed(ppl(paper, k), 2) + " |";
     for (const Student& s : students) {
       std::vector<double> values;
       for (const EvalReport& r : s.reports)
@@ -303,25 +307,26 @@ void context_length(const Shared& shared, const DemoRun& demo, const fs::path& d
   if (!std::isfinite(short_excess.mean) || !std::isfinite(long_excess.mean)) {
     verdict = "Verdict: inconclusive: the held-out text is too short to fill the buckets.\n";
   } else {
-    const bool holds =
-        short_excess.mean <= long_excess.mean + std::max(0.02, 2 * short_excess.sd);
-    verdict = "Verdict: past its " + std::to_string(short_len) +
-              "-token training length (positions " + std::to_string(short_len) + "-" +
-              std::to_string(long_len - 1) +
-              "), the short student's perplexity over the teacher's changes by " +
-              with_spread({100 * short_excess.mean, 100 * short_excess.sd}, 1) +
-              "% against within it (positions 8-" + std::to_string(short_len - 1) +
-              "); the control's by " +
-              with_spread({100 * long_excess.mean, 100 * long_excess.sd}, 1) +
-              "% (positive: worse relative to the teacher). The claim " +
-              (holds ? "holds at this scale" : "does not hold at this scale") + ".\n";
+    const bool holds = short_excess.mean <= long_excess.mean + std::max(0.02, 2 * short_excess.sd);
+    verdict =
+        "Verdict: past its " + std::to_string(short_len) + "-token training length (positions " +
+        std::to_string(short_len) + "-" + std::to_string(long_len - 1) +
+        "), the short student's perplexity over the teacher's changes by " +
+        with_spread({100 * short_excess.mean, 100 * short_excess.sd}, 1) +
+        "% against within it (positions 8-" + std::to_string(short_len - 1) +
+        "); the control's by " + with_spread({100 * long_excess.mean, 100 * long_excess.sd}, 1) +
+        "% (positive: worse relative to the teacher). The claim " +
+        (holds ? "holds at this scale" : "does not hold at this scale") + ".\n";
   }
   write_tables(dir, md, json, verdict);
 
   Chart chart{"Held-out perplexity by position (distilled at " + std::to_string(short_len) +
                   " and " + std::to_string(long_len) + "; teacher trained at " +
                   std::to_string(long_len) + ")",
-              "log2 of the bucket's first position (5 = positions 32-63)", "perplexity", true, {}};
+              "log2 of the bucket's first position (5 = positions 32-63)",
+              "perplexity",
+              true,
+              {}};
   auto series = [&](const std::string& name, const std::vector<double>& y) {
     Series s{name, {}, {}, true};
     for (std::size_t k = 0; k < starts.size() && k < y.size(); ++k)
@@ -366,7 +371,8 @@ void objectives(const Shared& shared, const DemoRun& demo, const fs::path& dir) 
       distil(shared, objective, shared.paper, steps, static_cast<std::uint64_t>(seed), eval_every,
              run);
       curves[name].push_back(eval_curve(run));
-      json["runs"].push_back({{"objective", name}, {"seed", seed}, {"curve", curve_json(curves[name].back())}});
+      json["runs"].push_back(
+          {{"objective", name}, {"seed", seed}, {"curve", curve_json(curves[name].back())}});
       std::printf("  %s seed %lld: final KL %.4f\n", name.c_str(), static_cast<long long>(seed),
                   curves[name].back().empty() ? NAN : curves[name].back().back().kl);
       std::fflush(stdout);

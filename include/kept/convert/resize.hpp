@@ -358,7 +358,8 @@ inline NamedWeights apply_resize(const NamedWeights& source, const ModelConfig& 
         {"self_attn.o_proj", rows, as, true, from.attention_bias},
         {"mlp.gate_proj", units, is, false, from.mlp_bias},
         {"mlp.up_proj", units, is, false, from.mlp_bias},
-        {"mlp.down_proj", units, is, true, from.mlp_bias}};
+        {"mlp.down_proj", units, is, true, from.mlp_bias},
+    };
     for (const Projection& p : projections) {
       const std::string weight = std::string(p.name) + ".weight";
       const std::string bias = std::string(p.name) + ".bias";
