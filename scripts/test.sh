@@ -52,10 +52,12 @@ stage "ctest (Release)"
 ctest --test-dir build --output-on-failure -j "$jobs"
 
 stage "unit tests under AddressSanitizer + UBSan"
-# -O0 -g1: building these template-heavy tests at -O1 -g took 900 s of a 50-minute CI run
-# (2026-12-04). Line tables (-g1) are enough for ASan's file:line stacks. test_backend_contract.cpp
-# compiled in 62 s at -O0 -g1 against 129 s at -O1 -g1, side by side (169 s at -O1 -g in CI).
-cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=None -DCMAKE_CXX_FLAGS="-O0 -g1" -DKEPT_CUDA=OFF \
+# -O1 -g1: line tables are enough for ASan's file:line stacks, and building these template-heavy
+# tests with full debug info (-g) took 900 s of a 50-minute CI run (2026-12-04);
+# test_backend_contract.cpp compiles in 129 s at -O1 -g1 against 169 s at -O1 -g. -O0 halves that
+# again but fails: ASan reports the emulator's fibre start (emulation/emulator.hpp,
+# start_context) as a stack-buffer-overflow at -O0 (CI, 2026-12-04); not yet looked into.
+cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=None -DCMAKE_CXX_FLAGS="-O1 -g1" -DKEPT_CUDA=OFF \
   -DKEPT_CUDA_EMULATION=ON -DKEPT_SANITIZE=address,undefined -DKEPT_BUILD_REFERENCE=OFF \
   -DKEPT_BUILD_BENCH=OFF >/dev/null
 asan_targets=(kept_tests kept_ops kept_emulation_tests kept_dist_tests)
